@@ -1,0 +1,69 @@
+"""Write an MNIST corpus (corpus.csv + .npy batches) from the IDX files.
+
+Usage::
+
+    python examples/mnist/make_corpus.py IMAGES.gz LABELS.gz OUT_DIR [--limit N] [--batch 500]
+
+Images become float32 in [0, 1], shaped (n, 28, 28, 1); one group per digit,
+with the digit as target. Each digit's samples are split into batch files of
+at most ``--batch`` samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not): magic, dims, then big-endian data."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if raw[:2] != b"\0\0":
+        raise ValueError(f"{path} is not an IDX file (bad magic {raw[:4]!r}).")
+    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[raw[2]]
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
+    return data.reshape(shape)
+
+
+def write_corpus(images, labels, out: str | Path, limit: int | None = None, batch: int = 500) -> Path:
+    """Write ``out/corpus.csv`` and ``out/<digit>_<k>.npy``; return the csv path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    x = read_idx(images) if not isinstance(images, np.ndarray) else images
+    y = read_idx(labels) if not isinstance(labels, np.ndarray) else labels
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    x = (x.astype(np.float32) / 255.0)[..., None]
+    rows = []
+    for digit in np.unique(y):
+        idx = np.flatnonzero(y == digit)
+        for k, lo in enumerate(range(0, len(idx), batch)):
+            name = f"{digit}_{k}.npy"
+            np.save(out / name, x[idx[lo : lo + batch]])
+            rows.append(f"{name},{digit},{digit}")
+    csv = out / "corpus.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("images")
+    p.add_argument("labels")
+    p.add_argument("out")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--batch", type=int, default=500, help="samples per batch file")
+    a = p.parse_args(argv)
+    csv = write_corpus(a.images, a.labels, a.out, a.limit, a.batch)
+    print(f"wrote {csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Read and validate a corpus: ``corpus.csv`` plus ``.npy`` batch files.
+
+``corpus.csv`` has no header and one row per batch file: ``file,group[,target]``
+(``REFERENCE.md`` §1). Sample order is row order, then order inside each file.
+Everything is checked before any work starts; each problem raises one
+:class:`~inntrospect.errors.CorpusError` naming the row, the file and the fix.
+Batch files are only opened memory-mapped: validating a corpus reads headers,
+never data.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import CorpusError
+
+__all__ = ["Corpus", "read_corpus"]
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    """One row of ``corpus.csv``: a batch file and its samples' labels."""
+
+    row: int  # 1-based line number in corpus.csv
+    file: str  # as written in corpus.csv
+    path: Path
+    group: str
+    target: int | None
+    n: int
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A validated corpus. Cheap to hold: data stay in the memory-mapped files."""
+
+    csv_path: Path
+    files: tuple[BatchFile, ...]
+    sample_shape: tuple[int, ...]
+    dtype: np.dtype
+    has_target: bool
+    offsets: np.ndarray = field(repr=False)  # start sample of each file, plus total
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def groups(self) -> list[str]:
+        """Sorted unique group names (the group order used everywhere)."""
+        return sorted({f.group for f in self.files})
+
+    @cached_property
+    def sample_table(self) -> dict[str, np.ndarray]:
+        """Per-sample labels: ``group``, ``file``, ``index_in_file``, ``target``.
+
+        ``target`` is -1 where the corpus has no target column. Computed once.
+        """
+        counts = [f.n for f in self.files]
+        group = np.repeat(np.array([f.group for f in self.files], dtype=object), counts)
+        file = np.repeat(np.array([f.file for f in self.files], dtype=object), counts)
+        index = np.concatenate([np.arange(f.n, dtype=np.int64) for f in self.files])
+        target = np.repeat(
+            np.array([-1 if f.target is None else f.target for f in self.files], np.int64),
+            counts,
+        )
+        return {"group": group, "file": file, "index_in_file": index, "target": target}
+
+    def targets(self, start: int, stop: int) -> np.ndarray:
+        """Targets of samples ``start:stop`` (-1 where absent)."""
+        return self.sample_table["target"][start:stop]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``start:stop`` as one array (only those files are touched)."""
+        if not 0 <= start <= stop <= self.n_samples:
+            raise IndexError(f"samples {start}:{stop} outside 0:{self.n_samples}")
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        parts = []
+        i = max(first, 0)
+        while start < stop:
+            f, lo = self.files[i], int(self.offsets[i])
+            hi = lo + f.n
+            take_stop = min(stop, hi)
+            if take_stop > start:
+                data = np.load(f.path, mmap_mode="r")
+                parts.append(data[start - lo : take_stop - lo])
+                start = take_stop
+            i += 1
+        if len(parts) == 1:
+            return np.array(parts[0])
+        return np.concatenate(parts) if parts else np.empty((0, *self.sample_shape), self.dtype)
+
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_sample, array)`` for consecutive batches of ``start:stop``."""
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            yield lo, self.read(lo, hi)
+
+    def identity(self) -> dict:
+        """What makes this corpus this corpus: hashes of the csv and of the files' layout."""
+        layout = [[f.file, f.n, list(self.sample_shape), str(self.dtype)] for f in self.files]
+        return {
+            "path": str(self.csv_path),
+            "csv_sha256": hashlib.sha256(self.csv_path.read_bytes()).hexdigest(),
+            "files_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
+            "n_samples": self.n_samples,
+            "n_files": len(self.files),
+            "sample_shape": list(self.sample_shape),
+            "dtype": str(self.dtype),
+            "groups": self.groups,
+            "has_target": self.has_target,
+        }
+
+    def check_input_shape(self, input_shape: tuple[int | None, ...], model_name: str = "the model") -> None:
+        """Raise if samples do not fit a model input of shape ``input_shape`` (no batch axis)."""
+        fits = len(input_shape) == len(self.sample_shape) and all(
+            m is None or m == s for m, s in zip(input_shape, self.sample_shape)
+        )
+        if not fits:
+            want = "(" + ", ".join("any" if m is None else str(m) for m in input_shape) + ")"
+            raise CorpusError(
+                f"samples in {self.csv_path} have shape {self.sample_shape}, but {model_name} "
+                f"expects inputs of shape {want} (without the batch axis). Reshape the batch "
+                f"files to (n, {want[1:]} or use the model they were made for."
+            )
+
+
+def _header_hint(row: list[str]) -> str:
+    if [c.strip().lower() for c in row[:2]] == ["file", "group"]:
+        return " It looks like a header row; corpus.csv has no header, remove that line."
+    return ""
+
+
+def read_corpus(path: str | os.PathLike) -> Corpus:
+    """Read and validate ``corpus.csv`` and the header of every batch file it names.
+
+    Raises
+    ------
+    CorpusError
+        One specific error per problem: missing csv, malformed row, non-integer
+        target, rows mixing with and without target, missing, unreadable or
+        empty batch file, sample shapes or dtypes that differ between files.
+    """
+    csv_path = Path(path)
+    if csv_path.is_dir():
+        csv_path = csv_path / "corpus.csv"
+    if not csv_path.is_file():
+        raise CorpusError(
+            f"corpus file {csv_path} does not exist. Give the path of a corpus.csv "
+            "(rows 'file,group[,target]', no header) or of the folder that holds it."
+        )
+    root = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            rows = [(i, r) for i, r in enumerate(csv.reader(fh), start=1)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise CorpusError(f"{csv_path} is not a readable CSV file: {err}") from err
+
+    files: list[BatchFile] = []
+    with_target: int | None = None  # row number of the first row, to name it
+    first_with: bool | None = None
+    ref: BatchFile | None = None
+    ref_shape: tuple[int, ...] = ()
+    ref_dtype: np.dtype | None = None
+    for lineno, row in rows:
+        if not row or all(not c.strip() for c in row):
+            continue  # blank lines are allowed
+        cells = [c.strip() for c in row]
+        where = f"{csv_path}, line {lineno}"
+        if len(cells) not in (2, 3) or not cells[0] or not cells[1]:
+            raise CorpusError(
+                f"{where}: expected 'file,group' or 'file,group,target', got {row!r}."
+                + _header_hint(cells)
+            )
+        target: int | None = None
+        if len(cells) == 3:
+            try:
+                target = int(cells[2])
+            except ValueError:
+                raise CorpusError(
+                    f"{where}: target {cells[2]!r} is not an integer; the target column "
+                    "holds the output index to take gradients for (for example the class id)."
+                    + _header_hint(cells)
+                ) from None
+            if target < 0:
+                raise CorpusError(f"{where}: target {target} is negative; use an output index >= 0.")
+        has = target is not None
+        if first_with is None:
+            first_with, with_target = has, lineno
+        elif has != first_with:
+            raise CorpusError(
+                f"{where}: this row {'has' if has else 'has no'} target, but line {with_target} "
+                f"{'has' if first_with else 'has no'} target. Give a target on every row or on none."
+            )
+        fpath = (root / cells[0]).resolve()
+        if not fpath.is_file():
+            raise CorpusError(
+                f"{where}: batch file {cells[0]!r} not found (looked for {fpath}). Paths in "
+                "corpus.csv are relative to its folder." + _header_hint(cells)
+            )
+        try:
+            data = np.load(fpath, mmap_mode="r", allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 - any failure means unreadable
+            raise CorpusError(
+                f"{where}: batch file {fpath} is not a readable .npy array ({err}). Save each "
+                "batch with numpy.save as one array shaped (n, *input_shape)."
+            ) from err
+        if not isinstance(data, np.ndarray) or data.ndim < 1:
+            raise CorpusError(f"{where}: {fpath} holds a scalar; expected an array (n, *input_shape).")
+        if data.dtype.kind not in "fiub":
+            raise CorpusError(
+                f"{where}: {fpath} has dtype {data.dtype}; expected numbers (float, int or bool)."
+            )
+        if data.shape[0] == 0:
+            raise CorpusError(f"{where}: batch file {fpath} is empty (0 samples). Remove the row.")
+        bf = BatchFile(lineno, cells[0], fpath, cells[1], target, int(data.shape[0]))
+        if ref is None:
+            ref, ref_shape, ref_dtype = bf, tuple(data.shape[1:]), data.dtype
+        elif tuple(data.shape[1:]) != ref_shape:
+            raise CorpusError(
+                f"{where}: samples in {bf.file} have shape {tuple(data.shape[1:])}, but samples "
+                f"in {ref.file} (line {ref.row}) have shape {ref_shape}. All batch files must "
+                "hold samples of one shape."
+            )
+        elif data.dtype != ref_dtype:
+            raise CorpusError(
+                f"{where}: {bf.file} has dtype {data.dtype}, but {ref.file} (line {ref.row}) has "
+                f"{ref_dtype}. Save all batch files with one dtype."
+            )
+        del data
+        files.append(bf)
+    if not files:
+        raise CorpusError(f"{csv_path} lists no batch files; add rows 'file,group[,target]'.")
+    offsets = np.concatenate([[0], np.cumsum([f.n for f in files])]).astype(np.int64)
+    return Corpus(csv_path.resolve(), tuple(files), ref_shape, np.dtype(ref_dtype), bool(first_with), offsets)

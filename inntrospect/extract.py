@@ -1,0 +1,399 @@
+"""Stream a corpus through a model into the store, resumably.
+
+The corpus is cut into extraction blocks of ``plan.block`` samples. Inside a
+block, inference batches go through the model; each layer's activations and
+gradients collect in one chunk-sized buffer per array and are written as
+whole, chunk-aligned regions by a small writer pool while the model computes
+the next batch. A block is recorded in ``extraction_block_done`` only after
+every write of it has finished, so a run killed at any point resumes at the
+first unrecorded block and recomputes nothing that was recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+from . import store as st
+from .corpus import Corpus, read_corpus
+from .errors import CorpusError, NonFiniteError
+from .models.source import ModelSource, model_source
+
+__all__ = ["extract", "prepare_extraction", "Extraction", "default_compressor", "CODEC"]
+
+#: The codec of activation and gradient chunks (see benchmarks/bench_codecs.py).
+CODEC = {"name": "zstd", "level": 1}
+
+
+def default_compressor():
+    """The codec measured to suit activations: fast to write, high ratio on sparse data."""
+    import zarr
+
+    return zarr.codecs.ZstdCodec(level=CODEC["level"])
+
+
+GradientTarget = Literal["predicted", "target"]
+
+
+@dataclass
+class Extraction:
+    """Everything an extraction needs, validated; nothing written yet."""
+
+    corpus: Corpus
+    model: object  # KerasModel; typed loosely so this module imports without TensorFlow
+    path: Path
+    plan: st.ChunkPlan
+    gradient_target: str
+    batch_size: int
+    attrs: dict
+
+    @property
+    def n_blocks(self) -> int:
+        return self.plan.n_blocks(self.corpus.n_samples)
+
+    def arrays(self):
+        """``(layer, variable, index into model outputs)`` for every array written."""
+        for i, info in enumerate(self.model.layers):
+            yield info, "acts", i
+            if info.has_grads:
+                yield info, "grads", i
+
+    def summary(self, estimate_ratio: float | None = None) -> str:
+        """What ``--dry-run`` prints: samples, layers, shapes, sizes."""
+        n = self.corpus.n_samples
+        lines = [
+            f"model:   {self.model.source.describe()} ({self.model.framework})",
+            f"corpus:  {self.corpus.csv_path}: {n} samples in {len(self.corpus.files)} files, "
+            f"groups {', '.join(self.corpus.groups)}",
+            f"store:   {self.path}",
+            f"gradient target: {self.gradient_target}; batch {self.batch_size}; "
+            f"block {self.plan.block} samples ({self.n_blocks} blocks)",
+            f"{'layer':<24} {'shape per sample':<20} {'arrays':<11} {'chunk':>7} {'size':>10}",
+        ]
+        total = 0
+        for info in self.model.layers:
+            k = 2 if info.has_grads else 1
+            size = k * info.bytes_per_sample * n
+            total += size
+            lines.append(
+                f"{info.name:<24} {str(info.shape):<20} {'acts+grads' if k == 2 else 'acts':<11} "
+                f"{self.plan.chunks[info.name]:>7} {_fmt_bytes(size):>10}"
+            )
+        lines.append(f"uncompressed: {_fmt_bytes(total)}")
+        if estimate_ratio:
+            lines.append(
+                f"estimated on disk: {_fmt_bytes(total / estimate_ratio)} "
+                f"(compression {estimate_ratio:.1f}x measured on the first batch)"
+            )
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def prepare_extraction(
+    model: str | os.PathLike | ModelSource,
+    corpus: str | os.PathLike | Corpus,
+    store: str | os.PathLike,
+    layers: Sequence[str] | None = None,
+    gradient_target: GradientTarget = "predicted",
+    chunk_mib: float | None = None,
+    batch_size: int = 128,
+    weights: str | os.PathLike | None = None,
+) -> Extraction:
+    """Validate corpus, model, layers and settings; load the model. Writes nothing."""
+    from .models.keras import KerasModel
+
+    if gradient_target not in ("predicted", "target"):
+        raise ValueError(
+            f"gradient_target must be 'predicted' or 'target', got {gradient_target!r}."
+        )
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    corp = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
+    if gradient_target == "target" and not corp.has_target:
+        raise CorpusError(
+            f"gradient_target='target' needs a target column in {corp.csv_path} "
+            "(rows 'file,group,target'); add it or use gradient_target='predicted'."
+        )
+    source = model_source(model, weights)
+    km = KerasModel(source, layers)
+    corp.check_input_shape(km.input_shape, source.describe())
+    if gradient_target == "target":
+        top = int(corp.sample_table["target"].max())
+        if top >= km.n_outputs:
+            raise CorpusError(
+                f"{corp.csv_path} has target {top}, but the model has only {km.n_outputs} "
+                f"outputs (targets 0..{km.n_outputs - 1})."
+            )
+    path = Path(store).expanduser().resolve()
+    if chunk_mib is None and st.is_store(path):  # resuming: keep the store's chunking
+        chunk_mib = st.store_attrs(path).get("chunk_mib")
+    plan = st.plan_chunks({i.name: i.bytes_per_sample for i in km.layers}, chunk_mib)
+    attrs = {
+        "format": st.FORMAT,
+        "format_version": st.FORMAT_VERSION,
+        "model": km.identity(),
+        "corpus": corp.identity(),
+        "layers": [i.name for i in km.layers],
+        "chunk_mib": plan.chunk_mib,
+        "chunks": plan.chunks,
+        "codec": dict(CODEC),
+        "extraction": {
+            "gradient_target": gradient_target,
+            "block": plan.block,
+            "n_blocks": plan.n_blocks(corp.n_samples),
+        },
+    }
+    return Extraction(corp, km, path, plan, gradient_target, batch_size, attrs)
+
+
+def estimate_ratio(ex: Extraction, n: int = 64) -> float:
+    """Compression ratio of the store's codec on the first ``n`` samples' arrays."""
+    import numcodecs
+
+    codec = numcodecs.Zstd(level=CODEC["level"])
+    x = ex.corpus.read(0, min(n, ex.corpus.n_samples))
+    acts, grads, _ = ex.model.compute(x, _targets(ex, 0, len(x)))
+    raw = comp = 0
+    for info, var, i in ex.arrays():
+        a = np.ascontiguousarray((acts if var == "acts" else grads)[i], dtype=np.float32)
+        raw += a.nbytes
+        comp += len(codec.encode(a))
+    return raw / max(comp, 1)
+
+
+def _targets(ex: Extraction, lo: int, hi: int) -> np.ndarray | None:
+    return ex.corpus.targets(lo, hi) if ex.gradient_target == "target" else None
+
+
+class _ArrayStream:
+    """Collects one array's rows into chunk-aligned region writes."""
+
+    def __init__(self, array, chunk: int, row_shape: tuple[int, ...], pool: ThreadPoolExecutor):
+        self.array, self.chunk, self.row_shape, self.pool = array, chunk, row_shape, pool
+        self.free: list[np.ndarray] = []
+        self.buf: np.ndarray | None = None
+        self.fill = 0
+        self.pos = 0  # sample index of buf[0], or of the next row
+
+    def start(self, pos: int) -> None:
+        assert self.fill == 0
+        self.pos = pos
+
+    def _submit(self, lo: int, data: np.ndarray, buffer: np.ndarray | None) -> Future:
+        def write():
+            self.array[lo : lo + len(data)] = data
+            if buffer is not None:
+                self.free.append(buffer)
+
+        return self.pool.submit(write)
+
+    def push(self, data: np.ndarray, futures: list[Future]) -> None:
+        i, n, c = 0, len(data), self.chunk
+        while i < n:
+            if self.fill == 0 and n - i >= c:  # whole chunks straight from the batch
+                k = (n - i) // c * c
+                futures.append(self._submit(self.pos, data[i : i + k], None))
+                self.pos += k
+                i += k
+                continue
+            if self.buf is None:
+                self.buf = self.free.pop() if self.free else np.empty((c, *self.row_shape), np.float32)
+            take = min(c - self.fill, n - i)
+            self.buf[self.fill : self.fill + take] = data[i : i + take]
+            self.fill += take
+            i += take
+            if self.fill == c:
+                self.flush(futures)
+
+    def flush(self, futures: list[Future]) -> None:
+        """Write what is buffered (a whole chunk, or the corpus's last partial one)."""
+        if self.fill:
+            futures.append(self._submit(self.pos, self.buf[: self.fill], self.buf))
+            self.pos += self.fill
+            self.buf, self.fill = None, 0
+
+
+def run_extraction(
+    ex: Extraction,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_block: Callable[[int, int], None] | None = None,
+) -> list[int]:
+    """Write (or resume) the extraction; return the blocks computed by this call."""
+    import zarr
+
+    with st.writer_lock(ex.path):
+        fresh = overwrite or not ex.path.exists() or not (ex.path / "zarr.json").is_file()
+        if not fresh:
+            attrs = st.store_attrs(ex.path)
+            if "extraction" not in attrs:  # interrupted while being created: nothing to keep
+                fresh = True
+            else:
+                st.check_same(attrs, ex.attrs, ex.path)
+        if fresh:
+            st.remove_store(ex.path)
+            attrs = dict(ex.attrs)
+            attrs["extraction"] = {
+                **ex.attrs["extraction"],
+                "id": uuid.uuid4().hex,
+                "state": "incomplete",
+                "started": _now(),
+            }
+            st.create_store(
+                ex.path, attrs, ex.model.layers, ex.plan, ex.corpus.sample_table, default_compressor()
+            )
+        root = zarr.open_group(str(ex.path), mode="r+")
+        done_arr = root[st.BLOCKS_DONE]
+        done = np.asarray(done_arr[:], dtype=bool)
+        todo = [b for b in range(ex.n_blocks) if not done[b]]
+        computed = _write_blocks(ex, root, todo, done, progress, on_block)
+        if np.asarray(done_arr[:], dtype=bool).all():
+            extraction = dict(st.store_attrs(ex.path)["extraction"])
+            if extraction.get("state") != "complete":
+                extraction.update(state="complete", finished=_now())
+                st.update_attrs(ex.path, extraction=extraction)
+    return computed
+
+
+def _write_blocks(ex, root, todo, done, progress, on_block) -> list[int]:
+    n, B = ex.corpus.n_samples, ex.plan.block
+    layer_nodes = {info.name: root[f"layers/{info.name}"] for info in ex.model.layers}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        already = sum(min(B, n - b * B) for b in range(ex.n_blocks) if done[b])
+        bar = tqdm(total=n, initial=already, unit="sample", desc="extract", smoothing=0.1)
+    computed = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="inntrospect-write") as pool:
+        streams = [
+            (_ArrayStream(layer_nodes[info.name][var], ex.plan.chunks[info.name], info.shape, pool), var, i)
+            for info, var, i in ex.arrays()
+        ]
+        try:
+            for b in todo:
+                lo, hi = b * B, min(n, (b + 1) * B)
+                for s, _, _ in streams:
+                    s.start(lo)
+                preds = np.empty(hi - lo, np.int64)
+                previous: list[Future] = []
+                for start, x in ex.corpus.batches(lo, hi, ex.batch_size):
+                    _check_finite(ex, x, start, "input")
+                    acts, grads, pred = ex.model.compute(x, _targets(ex, start, start + len(x)))
+                    _check_finite(ex, acts[-1], start, "output")
+                    preds[start - lo : start - lo + len(x)] = pred
+                    current: list[Future] = []
+                    for s, var, i in streams:
+                        s.push((acts if var == "acts" else grads)[i], current)
+                    _finish(previous)  # overlap: the model ran while these were written
+                    previous = current
+                    if bar is not None:
+                        bar.update(len(x))
+                for s, _, _ in streams:
+                    s.flush(previous)
+                _finish(previous)
+                for node in layer_nodes.values():
+                    node["prediction"][lo:hi] = preds
+                root[st.BLOCKS_DONE][b] = 1  # recorded only once all of the block is written
+                computed.append(b)
+                if on_block is not None:
+                    on_block(b, ex.n_blocks)
+        finally:
+            if bar is not None:
+                bar.close()
+    return computed
+
+
+def _finish(futures: list[Future]) -> None:
+    wait(futures)
+    for f in futures:
+        f.result()  # re-raise a failed write
+
+
+def _check_finite(ex: Extraction, a: np.ndarray, start: int, what: str) -> None:
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        bad = start + int(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0])
+        f = int(np.searchsorted(ex.corpus.offsets, bad, side="right")) - 1
+        bf = ex.corpus.files[f]
+        raise NonFiniteError(
+            f"the {what} of sample {bad} ({bf.file}, index {bad - int(ex.corpus.offsets[f])}) "
+            "contains NaN or infinity. Clean the batch file (or check the model) and run again; "
+            "the store resumes from the block that failed."
+        )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def extract(
+    model: str | os.PathLike | ModelSource,
+    corpus: str | os.PathLike | Corpus,
+    store: str | os.PathLike,
+    layers: Sequence[str] | None = None,
+    gradient_target: GradientTarget = "predicted",
+    chunk_mib: float | None = None,
+    *,
+    batch_size: int = 128,
+    weights: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_block: Callable[[int, int], None] | None = None,
+):
+    """Stream a corpus through a model into a Zarr store; resume if it was interrupted.
+
+    Parameters
+    ----------
+    model
+        A ``.keras``/``.h5`` file, a TensorFlow SavedModel folder, or a
+        ``keras.applications`` name (with ``weights``, a local file, or random weights).
+    corpus
+        ``corpus.csv`` (or its folder): rows ``file,group[,target]``.
+    store
+        Path of the Zarr store to write. An existing store of the same
+        extraction is resumed; one of another model or corpus is refused.
+    layers
+        Layer names of interest; the input and output layers are always added.
+    gradient_target
+        ``"predicted"`` (argmax of the output) or ``"target"`` (the corpus column).
+    chunk_mib
+        Target chunk size in MiB (default 32; on resume, the store's own).
+    batch_size
+        Inference batch size.
+    overwrite
+        Start over, deleting an existing store at ``store``.
+    progress
+        Show a progress bar.
+    on_block
+        Called as ``on_block(block, n_blocks)`` after each block is recorded.
+
+    Returns
+    -------
+    xarray.DataTree
+        The store, opened lazily.
+
+    Examples
+    --------
+    >>> tree = inntrospect.extract("model.keras", "corpus/corpus.csv", "run.zarr",
+    ...                            layers=["conv2d"])  # doctest: +SKIP
+    >>> tree["layers/conv2d"].acts.groupby("group").mean()  # doctest: +SKIP
+    """
+    ex = prepare_extraction(model, corpus, store, layers, gradient_target, chunk_mib, batch_size, weights)
+    run_extraction(ex, overwrite=overwrite, progress=progress, on_block=on_block)
+    return st.open_store(ex.path)
+
+

@@ -1,0 +1,301 @@
+"""The Zarr v3 store: layout, creation, chunk plan, block records, lock, opening.
+
+The format is specified in ``storage/README.md`` (format version 1); this
+module is the only code that knows it. Reading needs nothing but
+``xarray.open_datatree(path, engine="zarr")``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from .errors import IncompleteStoreError, StoreError, StoreLockedError, StoreMismatchError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DEFAULT_CHUNK_MIB",
+    "spatial_dims",
+    "plan_chunks",
+    "ChunkPlan",
+    "open_store",
+    "store_attrs",
+    "writer_lock",
+]
+
+FORMAT = "inntrospect"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_MIB = 32.0
+#: Longest chunk (in samples) of any layer, and so the extraction block length cap:
+#: it bounds how much work a crash can lose and keeps narrow layers' chunks sensible.
+MAX_CHUNK_SAMPLES = 8192
+BLOCKS_DONE = "extraction_block_done"
+
+
+def spatial_dims(rank: int) -> tuple[str, ...]:
+    """Names of a layer's spatial dims by their number: ``t``; ``y, x``; ``z, y, x``."""
+    named = {0: (), 1: ("t",), 2: ("y", "x"), 3: ("z", "y", "x")}
+    return named.get(rank, tuple(f"s{i}" for i in range(rank)))
+
+
+def layer_dims(shape: tuple[int, ...]) -> tuple[str, ...]:
+    """Dims of a per-sample layer array: spatial dims by rank, then ``unit``."""
+    return (*spatial_dims(len(shape) - 1), "unit")
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Chunk length along ``sample`` per layer, and the extraction block length.
+
+    Every chunk length is a power of two dividing ``block``, so each block of
+    ``block`` samples writes whole chunks of every layer.
+    """
+
+    chunks: dict[str, int]
+    block: int
+    chunk_mib: float
+
+    def n_blocks(self, n_samples: int) -> int:
+        return -(-n_samples // self.block)
+
+
+def plan_chunks(
+    bytes_per_sample: Mapping[str, int], chunk_mib: float | None = None, max_samples: int = MAX_CHUNK_SAMPLES
+) -> ChunkPlan:
+    """Choose per-layer chunk lengths so one chunk is about ``chunk_mib`` MiB.
+
+    A layer's chunk length is the largest power of two whose chunk stays within
+    ``chunk_mib`` (at least 1 sample, at most ``max_samples``); the block length
+    is the longest of them, which every other one divides.
+    """
+    mib = DEFAULT_CHUNK_MIB if chunk_mib is None else float(chunk_mib)
+    if not mib > 0:
+        raise StoreError(f"chunk_mib must be positive, got {chunk_mib!r}.")
+    target = mib * 2**20
+    cap = 1 << int(np.log2(max(1, max_samples)))
+    chunks = {}
+    for name, nbytes in bytes_per_sample.items():
+        fit = int(target // max(1, nbytes))
+        chunks[name] = 1 if fit < 1 else min(cap, 1 << int(np.log2(fit)))
+    return ChunkPlan(chunks, max(chunks.values()), mib)
+
+
+# -- lock --------------------------------------------------------------------
+@contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the store's writer lock (``<store>.lock`` beside it) or raise StoreLockedError.
+
+    The lock is an ``flock`` on that file, so the operating system releases it
+    when the holder dies, even by ``kill -9``: a crashed run never blocks its resume.
+    """
+    lock = Path(str(path).rstrip("/") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            try:
+                holder = lock.read_text().strip()
+            except OSError:
+                holder = "unknown"
+            raise StoreLockedError(
+                f"{path} is being written by another process ({holder}). Wait for it to "
+                "finish, or stop it; a stopped run resumes where it left off."
+            ) from None
+        try:  # the file may have been removed by a holder that just finished
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield lock
+    finally:
+        try:
+            os.unlink(lock)
+        finally:
+            os.close(fd)
+
+
+# -- reading -----------------------------------------------------------------
+def is_store(path: str | os.PathLike) -> bool:
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text()).get("attributes", {}).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def store_attrs(path: str | os.PathLike) -> dict:
+    """The root attributes of a store (its provenance and extraction state)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        raise StoreError(f"{path} is not a Zarr store (no zarr.json); run inntrospect extract first.")
+    attrs = json.loads(meta.read_text()).get("attributes", {})
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{path} is a Zarr store but not an inntrospect store (no format attribute).")
+    if attrs.get("format_version", 0) > FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has store format version {attrs['format_version']}, newer than this "
+            f"inntrospect understands ({FORMAT_VERSION}); upgrade inntrospect."
+        )
+    return attrs
+
+
+def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False):
+    """Open a store lazily as an :class:`xarray.DataTree` (dask arrays in the stored chunks).
+
+    Raises
+    ------
+    IncompleteStoreError
+        If extraction has not finished, unless ``allow_incomplete``: unwritten
+        chunks read as NaN.
+    """
+    import xarray as xr
+
+    attrs = store_attrs(path)
+    state = attrs.get("extraction", {}).get("state")
+    if state != "complete" and not allow_incomplete:
+        raise IncompleteStoreError(
+            f"the extraction into {path} has not finished (state: {state}). Run the same "
+            "extraction again to resume it, or pass allow_incomplete=True to look at it anyway."
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        return xr.open_datatree(str(path), engine="zarr", chunks={})
+
+
+# -- writing -----------------------------------------------------------------
+def consolidate(path: str | os.PathLike) -> None:
+    """Refresh consolidated metadata so plain xarray opens the store quickly and silently."""
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        zarr.consolidate_metadata(str(path))
+
+
+def update_attrs(path: str | os.PathLike, **changes) -> None:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs.update(changes)
+    consolidate(path)
+
+
+def remove_store(path: Path) -> None:
+    """Delete an existing store, refusing to touch a folder that is not one."""
+    if not path.exists():
+        return
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
+        raise StoreError(
+            f"{path} exists and is not a Zarr store; refusing to overwrite it. Choose another path."
+        )
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def create_store(
+    path: Path,
+    attrs: dict,
+    layers: list,  # list of LayerInfo
+    plan: ChunkPlan,
+    sample_table: Mapping[str, np.ndarray],
+    compressor,
+) -> None:
+    """Write an empty store: root attrs, one node per layer, block records.
+
+    Array metadata and coordinates are written through xarray (so plain xarray
+    reads them back as labelled data); activation chunks are written later by
+    region writes. The ``extraction`` attribute goes in last: a store without
+    it was interrupted while being created and is simply created again.
+    """
+    import dask.array as da
+    import xarray as xr
+    import zarr
+
+    n = len(sample_table["group"])
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.update({k: v for k, v in attrs.items() if k != "extraction"})
+    n_blocks = plan.n_blocks(n)
+    root.create_array(
+        BLOCKS_DONE, shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0,
+        dimension_names=("block",), compressors=None,
+    )
+    coords = {
+        "sample": np.arange(n, dtype=np.int64),
+        "group": ("sample", np.asarray(sample_table["group"], dtype=object)),
+        "file": ("sample", np.asarray(sample_table["file"], dtype=object)),
+        "index_in_file": ("sample", np.asarray(sample_table["index_in_file"], dtype=np.int64)),
+        "target": ("sample", np.asarray(sample_table["target"], dtype=np.int64)),
+        "prediction": ("sample", np.full(n, -1, dtype=np.int64)),
+    }
+    for info in layers:
+        c = plan.chunks[info.name]
+        dims = ("sample", *layer_dims(info.shape))
+        lazy = da.zeros((n, *info.shape), dtype=np.float32, chunks=(c, *info.shape))
+        data = {"acts": (dims, lazy)}
+        if info.has_grads:
+            data["grads"] = (dims, lazy)
+        ds = xr.Dataset(data, coords=coords)
+        ds.attrs = {"layer": info.name}
+        enc = {v: {"chunks": (c, *info.shape), "compressors": [compressor]} for v in data}
+        enc["prediction"] = {"chunks": (plan.block,)}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            ds.to_zarr(
+                str(path), group=f"layers/{info.name}", mode="w", compute=False,
+                zarr_format=3, consolidated=False, encoding=enc,
+            )
+    root.attrs["extraction"] = attrs["extraction"]
+    consolidate(path)
+
+
+def check_same(stored: dict, wanted: dict, path: Path) -> None:
+    """Refuse to resume when model, corpus or settings differ; name what differs."""
+    diffs = []
+    sm, wm = stored.get("model", {}), wanted["model"]
+    if sm.get("sha256") != wm.get("sha256"):
+        was = sm.get("path") or sm.get("name")
+        now = wm.get("path") or wm.get("name")
+        diffs.append(
+            f"model: the store was made from {was} (sha256 {str(sm.get('sha256'))[:12]}), "
+            f"now {now} (sha256 {str(wm.get('sha256'))[:12]})"
+        )
+    sc, wc = stored.get("corpus", {}), wanted["corpus"]
+    if sc.get("csv_sha256") != wc["csv_sha256"]:
+        diffs.append(f"corpus: corpus.csv differs (store: {sc.get('path')}, now: {wc['path']})")
+    elif sc.get("files_sha256") != wc["files_sha256"]:
+        diffs.append("corpus: the batch files' names or shapes differ")
+    if stored.get("layers") != wanted["layers"]:
+        diffs.append(f"layers: store has {stored.get('layers')}, now {wanted['layers']}")
+    se, we = stored.get("extraction", {}), wanted["extraction"]
+    for key in ("gradient_target", "block"):
+        if se.get(key) != we.get(key):
+            diffs.append(f"extraction.{key}: store has {se.get(key)!r}, now {we.get(key)!r}")
+    if stored.get("chunks") != wanted["chunks"]:
+        diffs.append(f"chunks: store has {stored.get('chunks')}, now {wanted['chunks']}")
+    if diffs:
+        raise StoreMismatchError(
+            f"{path} holds another extraction, so it cannot be resumed:\n  - "
+            + "\n  - ".join(diffs)
+            + "\nUse another store path, or overwrite=True (--overwrite) to start over."
+        )
