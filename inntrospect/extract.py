@@ -141,7 +141,11 @@ def prepare_extraction(
     path = Path(store).expanduser().resolve()
     if chunk_mib is None and st.is_store(path):  # resuming: keep the store's chunking
         chunk_mib = st.store_attrs(path).get("chunk_mib")
-    plan = st.plan_chunks({i.name: i.bytes_per_sample for i in km.layers}, chunk_mib)
+    plan = st.plan_chunks(
+        {i.name: i.bytes_per_sample for i in km.layers},
+        chunk_mib,
+        sum(i.bytes_per_sample * (2 if i.has_grads else 1) for i in km.layers),
+    )
     attrs = {
         "format": st.FORMAT,
         "format_version": st.FORMAT_VERSION,

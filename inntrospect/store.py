@@ -37,9 +37,11 @@ __all__ = [
 FORMAT = "inntrospect"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_MIB = 32.0
-#: Longest chunk (in samples) of any layer, and so the extraction block length cap:
-#: it bounds how much work a crash can lose and keeps narrow layers' chunks sensible.
+#: Longest chunk (in samples) of any layer: keeps narrow layers' chunk counts sensible.
 MAX_CHUNK_SAMPLES = 8192
+#: An extraction block holds at most this many target chunks' worth of all arrays:
+#: it bounds the work a crash can lose (the block is the unit of resume).
+BLOCK_CHUNKS = 16
 BLOCKS_DONE = "extraction_block_done"
 
 
@@ -70,25 +72,46 @@ class ChunkPlan:
         return -(-n_samples // self.block)
 
 
+def _pow2_floor(x: float) -> int:
+    return 1 if x < 2 else 1 << int(np.floor(np.log2(x)))
+
+
 def plan_chunks(
-    bytes_per_sample: Mapping[str, int], chunk_mib: float | None = None, max_samples: int = MAX_CHUNK_SAMPLES
+    bytes_per_sample: Mapping[str, int],
+    chunk_mib: float | None = None,
+    total_bytes_per_sample: int | None = None,
+    max_samples: int = MAX_CHUNK_SAMPLES,
 ) -> ChunkPlan:
     """Choose per-layer chunk lengths so one chunk is about ``chunk_mib`` MiB.
 
-    A layer's chunk length is the largest power of two whose chunk stays within
-    ``chunk_mib`` (at least 1 sample, at most ``max_samples``); the block length
-    is the longest of them, which every other one divides.
+    Parameters
+    ----------
+    bytes_per_sample
+        Bytes of one sample of each layer's array (one array: acts or grads).
+    chunk_mib
+        Target chunk size (default :data:`DEFAULT_CHUNK_MIB`).
+    total_bytes_per_sample
+        Bytes per sample of every array written (default: twice the sum, acts
+        and grads); sets the block length, which holds about
+        :data:`BLOCK_CHUNKS` target chunks of all arrays together.
+
+    A layer's ideal chunk length is the largest power of two whose chunk stays
+    within ``chunk_mib`` (at least 1 sample, at most ``max_samples``). The
+    block length is a power of two too, no longer than the longest ideal
+    chunk; every chunk length is its layer's ideal capped at the block length,
+    so every chunk length divides the block length.
     """
     mib = DEFAULT_CHUNK_MIB if chunk_mib is None else float(chunk_mib)
     if not mib > 0:
         raise StoreError(f"chunk_mib must be positive, got {chunk_mib!r}.")
+    if not bytes_per_sample:
+        raise StoreError("no layers to plan chunks for.")
     target = mib * 2**20
-    cap = 1 << int(np.log2(max(1, max_samples)))
-    chunks = {}
-    for name, nbytes in bytes_per_sample.items():
-        fit = int(target // max(1, nbytes))
-        chunks[name] = 1 if fit < 1 else min(cap, 1 << int(np.log2(fit)))
-    return ChunkPlan(chunks, max(chunks.values()), mib)
+    cap = _pow2_floor(max_samples)
+    ideal = {n: min(cap, _pow2_floor(target / max(1, b))) for n, b in bytes_per_sample.items()}
+    total = total_bytes_per_sample or 2 * sum(bytes_per_sample.values())
+    block = min(max(ideal.values()), _pow2_floor(BLOCK_CHUNKS * target / max(1, total)))
+    return ChunkPlan({n: min(c, block) for n, c in ideal.items()}, block, mib)
 
 
 # -- lock --------------------------------------------------------------------
@@ -132,6 +155,22 @@ def writer_lock(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(lock)
         finally:
             os.close(fd)
+
+
+def is_locked(path: str | os.PathLike) -> bool:
+    """Whether a writer holds the store's lock now (checks without taking it for long)."""
+    lock = Path(str(path).rstrip("/") + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 # -- reading -----------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""The ``inntrospect`` command. Imports stay inside the subcommands, so ``--help`` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import InntrospectError
+
+
+def _cmd_extract(args) -> int:
+    from .config import load_config
+    from .extract import estimate_ratio, prepare_extraction, run_extraction
+
+    kwargs = load_config(args.config).extract_kwargs()
+    ex = prepare_extraction(**kwargs)
+    if args.dry_run:
+        print(ex.summary(estimate_ratio(ex)))
+        print("dry run: nothing written.")
+        return 0
+    print(ex.summary())
+    computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress)
+    skipped = ex.n_blocks - len(computed)
+    note = f" ({skipped} finished blocks kept from an earlier run)" if skipped else ""
+    print(f"extracted {len(computed)} of {ex.n_blocks} blocks into {ex.path}{note}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .info import describe_store
+
+    print(describe_store(args.store))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inntrospect",
+        description="What a deep network has learned, per layer and group of inputs, out of core.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("extract", help="stream a corpus through a model into a Zarr store (resumes)")
+    e.add_argument("config", help="TOML config with [model], [corpus], [store], [extract]")
+    e.add_argument("--dry-run", action="store_true",
+                   help="print samples, layers, shapes and sizes, write nothing")
+    e.add_argument("--overwrite", action="store_true", help="delete an existing store and start over")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_extract)
+
+    i = sub.add_parser("info", help="what a store holds: layers, shapes, groups, sizes, steps, state")
+    i.add_argument("store", help="path of the Zarr store")
+    i.set_defaults(func=_cmd_info)
+
+    d = sub.add_parser("demo", help="train a small CNN on scikit-learn's digits and run every step")
+    d.add_argument("--out", default="storage/demo", help="output folder (default: storage/demo)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InntrospectError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

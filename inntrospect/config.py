@@ -1,0 +1,112 @@
+"""TOML configuration: sections, keys, and paths relative to the config file.
+
+::
+
+    [model]   path = "model.keras" | name = "VGG16", weights = "vgg16.h5", layers = ["conv2d"]
+    [corpus]  path = "corpus/corpus.csv"
+    [store]   path = "run.zarr", chunk_mib = 32
+    [extract] gradient_target = "predicted" | "target", batch_size = 128
+
+Unknown sections and keys are errors (a typo should not be ignored silently).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Config", "load_config", "SCHEMA"]
+
+#: section -> key -> accepted types
+SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    "model": {"path": (str,), "name": (str,), "weights": (str,), "layers": (list,)},
+    "corpus": {"path": (str,)},
+    "store": {"path": (str,), "chunk_mib": (int, float)},
+    "extract": {"gradient_target": (str,), "batch_size": (int,)},
+}
+#: keys holding paths, resolved against the config file's folder
+PATHS = {("model", "path"), ("model", "weights"), ("corpus", "path"), ("store", "path")}
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration; :meth:`get` returns values with paths resolved."""
+
+    path: Path
+    data: dict[str, dict[str, Any]]
+
+    def get(self, section: str, key: str, default: Any = None) -> Any:
+        return self.data.get(section, {}).get(key, default)
+
+    def require(self, section: str, key: str) -> Any:
+        value = self.get(section, key)
+        if value is None:
+            raise ConfigError(f"{self.path}: [{section}] needs '{key}'.")
+        return value
+
+    def extract_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`inntrospect.extract` from ``[model] [corpus] [store] [extract]``."""
+        if (self.get("model", "path") is None) == (self.get("model", "name") is None):
+            raise ConfigError(
+                f"{self.path}: [model] needs exactly one of 'path' (a model file or SavedModel "
+                "folder) or 'name' (a keras.applications model such as 'VGG16')."
+            )
+        kwargs = {
+            "model": self.get("model", "path") or self.get("model", "name"),
+            "weights": self.get("model", "weights"),
+            "layers": self.get("model", "layers", []),
+            "corpus": self.require("corpus", "path"),
+            "store": self.require("store", "path"),
+            "chunk_mib": self.get("store", "chunk_mib"),
+            "gradient_target": self.get("extract", "gradient_target", "predicted"),
+            "batch_size": self.get("extract", "batch_size", 128),
+        }
+        if not all(isinstance(x, str) for x in kwargs["layers"]):
+            raise ConfigError(f"{self.path}: [model] layers must be a list of layer names.")
+        return kwargs
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found.")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{p} is not valid TOML: {err}") from err
+    data: dict[str, dict[str, Any]] = {}
+    for section, table in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(
+                f"{p}: unknown section [{section}]; known sections: "
+                f"{', '.join(SCHEMA)}.{_suggest(section, SCHEMA)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{p}: '{section}' must be a [section] table.")
+        data[section] = {}
+        for key, value in table.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(
+                    f"{p}: unknown key '{key}' in [{section}]; known keys: "
+                    f"{', '.join(SCHEMA[section])}.{_suggest(key, SCHEMA[section])}"
+                )
+            types = SCHEMA[section][key]
+            if not isinstance(value, types) or isinstance(value, bool):
+                want = " or ".join(t.__name__ for t in types)
+                raise ConfigError(f"{p}: [{section}] {key} must be {want}, got {value!r}.")
+            if (section, key) in PATHS:
+                value = str((p.parent / Path(value).expanduser()).resolve())
+            data[section][key] = value
+    return Config(p.resolve(), data)

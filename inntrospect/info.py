@@ -1,0 +1,75 @@
+"""``inntrospect info``: what a store holds, in words."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import store as st
+
+__all__ = ["describe_store"]
+
+#: derived results later steps write, in pipeline order
+STEPS = ("naps", "contrast", "topomap", "projection")
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def describe_store(path: str | os.PathLike) -> str:
+    """A readable summary: provenance, extraction state, layers, groups, steps."""
+    import zarr
+
+    path = Path(path)
+    attrs = st.store_attrs(path)
+    ex = attrs.get("extraction", {})
+    root = zarr.open_group(str(path), mode="r")
+    model, corpus = attrs.get("model", {}), attrs.get("corpus", {})
+    n_done = int(np.asarray(root[st.BLOCKS_DONE][:]).astype(bool).sum()) if st.BLOCKS_DONE in root else 0
+    state = ex.get("state", "being created")
+    if state != "complete":
+        running = "running now" if st.is_locked(path) else "not running: run the same extraction to resume"
+        state = f"{state}: {n_done} of {ex.get('n_blocks', '?')} blocks written ({running})"
+    lines = [
+        f"store:      {path} (format {attrs.get('format_version')})",
+        f"model:      {model.get('path') or model.get('name')} ({model.get('framework')}, "
+        f"sha256 {str(model.get('sha256'))[:12]})",
+        f"corpus:     {corpus.get('path')} ({corpus.get('n_samples')} samples, "
+        f"{corpus.get('n_files')} files)",
+        f"extraction: {state}; id {ex.get('id')}; gradient target {ex.get('gradient_target')}",
+        f"chunks:     ~{attrs.get('chunk_mib')} MiB target; block {ex.get('block')} samples; "
+        f"codec {attrs.get('codec')}",
+        "",
+        f"{'layer':<24} {'dims':<28} {'shape':<22} {'chunk':>6} {'on disk':>10}",
+    ]
+    total = 0
+    for name in attrs.get("layers", []):
+        node = path / "layers" / name
+        meta = json.loads((node / "acts" / "zarr.json").read_text())
+        size = _du(node)
+        total += size
+        lines.append(
+            f"{name:<24} {', '.join(meta['dimension_names']):<28} {str(tuple(meta['shape'])):<22} "
+            f"{meta['chunk_grid']['configuration']['chunk_shape'][0]:>6} {_fmt(size):>10}"
+        )
+    lines.append(f"{'total':<24} {'':<28} {'':<22} {'':>6} {_fmt(total):>10}")
+    if attrs.get("layers"):
+        labels = np.array([str(g) for g in root[f"layers/{attrs['layers'][0]}/group"][:]])
+        names, counts = np.unique(labels, return_counts=True)
+        lines += ["", f"groups ({len(names)}): " + ", ".join(f"{g} ({c})" for g, c in zip(names, counts))]
+    present = [s for s in STEPS if s in root]
+    lines.append(f"steps:      extract{''.join(', ' + s for s in present)}"
+                 + ("" if present else " (no analysis steps yet)"))
+    return "\n".join(lines)
