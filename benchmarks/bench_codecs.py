@@ -21,7 +21,10 @@ Per codec, separately for activations, gradients and both together:
   the files were fsynced and dropped from the page cache with
   ``posix_fadvise(DONTNEED)`` (cold; median of ``--repeats``).
 
-Also printed: how sparse each layer's arrays are and each codec's ratio per layer.
+Also printed: each codec's single-threaded CPU cost (``numcodecs`` encode and
+decode of every chunk in memory, GB/s of uncompressed data: what the codec
+takes from the 2 cores the model also needs), how sparse each layer's arrays
+are, and each codec's ratio per layer.
 
 Run::
 
@@ -150,6 +153,49 @@ def read_set(base: Path, data: dict, buffers: dict) -> float:
     return time.perf_counter() - t0
 
 
+def numcodecs_twin(codec):
+    """The ``numcodecs`` codec doing what the Zarr v3 ``codec`` does (None for no codec)."""
+    import numcodecs
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if codec is None:
+        return None
+    if isinstance(codec, ZstdCodec):
+        return numcodecs.Zstd(level=codec.level)
+    if isinstance(codec, BloscCodec):
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+        return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=shuffle, typesize=4)
+    raise TypeError(codec)
+
+
+def cpu_cost(data: dict, chunk: int, repeats: int) -> dict:
+    """Single-threaded in-memory encode and decode GB/s of every chunk, per codec."""
+    from numcodecs import blosc
+
+    blosc.use_threads = False
+    pieces = [a[lo : lo + chunk] for d in data.values() for a in d.values() for lo in range(0, len(a), chunk)]
+    raw = sum(x.nbytes for x in pieces)
+    outs = [np.empty_like(x) for x in pieces]
+    result = {}
+    for label, codec in candidates():
+        nc = numcodecs_twin(codec)
+        if nc is None:
+            continue
+        enc_t, dec_t = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            encoded = [nc.encode(x) for x in pieces]
+            enc_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for e, o in zip(encoded, outs):
+                nc.decode(e, out=o)
+            dec_t.append(time.perf_counter() - t0)
+        assert all(np.array_equal(o, x) for o, x in zip(outs, pieces)), label
+        ratio = raw / sum(len(e) for e in encoded)
+        result[label] = (raw / statistics.median(enc_t) / 1e9, raw / statistics.median(dec_t) / 1e9, ratio)
+    return result
+
+
 def bench(data: dict, chunk: int, repeats: int, tmp: Path, check: bool = True) -> list[dict]:
     buffers = {var: {k: np.ones_like(v) for k, v in d.items()} for var, d in data.items()}
     rows = []
@@ -179,7 +225,7 @@ def bench(data: dict, chunk: int, repeats: int, tmp: Path, check: bool = True) -
     return rows
 
 
-def print_tables(rows: list[dict], data: dict) -> None:
+def print_tables(rows: list[dict], data: dict, cpu: dict, chunk: int) -> None:
     def gbs(nbytes, s):
         return nbytes / s / 1e9
 
@@ -198,6 +244,11 @@ def print_tables(rows: list[dict], data: dict) -> None:
             cells += (f" | {c['raw'] / c['disk']:>11.2f} {gbs(c['raw'], c['write_s']):>6.2f}"
                       f" {gbs(c['raw'], c['read_s']):>6.2f}")
         print(f"{row['codec']:<24}{cells}")
+
+    print(f"\nCPU cost, 1 thread, in memory, acts+grads in {chunk}-sample chunks (numcodecs)")
+    print(f"{'codec':<24} {'encode GB/s':>11} {'decode GB/s':>11} {'ratio':>6}")
+    for label, (enc, dec, ratio) in cpu.items():
+        print(f"{label:<24} {enc:>11.2f} {dec:>11.2f} {ratio:>6.2f}")
 
     keys = [(var, name) for var, d in data.items() for name in d]
     print("\nper-layer compression ratio (and fraction of exact zeros, size)")
@@ -225,6 +276,7 @@ def main(argv=None) -> None:
 
     data, t_load, t_compute = compute_arrays(a.model, a.samples)
     n_raw = sum(x.nbytes for d in data.values() for x in d.values())
+    load0 = os.getloadavg()[0]
     print(f"zarr {zarr.__version__}; {a.samples} samples, chunk {a.chunk} samples, "
           f"{a.repeats} repeats; model load {t_load:.1f} s, compute {t_compute:.1f} s "
           f"({a.samples / t_compute:,.0f} samples/s)")
@@ -235,8 +287,10 @@ def main(argv=None) -> None:
     try:
         t0 = time.perf_counter()
         rows = bench(data, a.chunk, a.repeats, tmp)
-        print_tables(rows, data)
-        print(f"\nbenchmark time {time.perf_counter() - t0:.1f} s")
+        cpu = cpu_cost(data, a.chunk, a.repeats)
+        print_tables(rows, data, cpu, a.chunk)
+        print(f"\nbenchmark time {time.perf_counter() - t0:.1f} s; load average "
+              f"{load0:.2f} at start, {os.getloadavg()[0]:.2f} at end (2 cores)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

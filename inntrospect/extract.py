@@ -131,6 +131,7 @@ def prepare_extraction(
     source = model_source(model, weights)
     km = KerasModel(source, layers)
     corp.check_input_shape(km.input_shape, source.describe())
+    km.fix_shapes(corp.sample_shape)
     if gradient_target == "target":
         top = int(corp.sample_table["target"].max())
         if top >= km.n_outputs:

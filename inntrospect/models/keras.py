@@ -109,13 +109,18 @@ class KerasModel:
                     f"layer {name!r} is used more than once in the model or has several "
                     f"outputs ({err}); pick a layer with one output."
                 ) from err
-            if any(s is None for s in shape):
-                raise ModelError(
-                    f"layer {name!r} has per-sample shape {shape} with unknown sizes; inntrospect "
-                    "needs fixed shapes (give the model a fixed input shape)."
-                )
-            infos.append(LayerInfo(name, tuple(int(s) for s in shape), name != self._output_layer.name))
+            infos.append(LayerInfo(name, shape, name != self._output_layer.name))
         return infos
+
+    def fix_shapes(self, sample_shape: tuple[int, ...]) -> None:
+        """Resolve layer sizes left open by the model (``None``) from the corpus's sample shape."""
+        if all(s is not None for info in self.layers for s in info.shape):
+            return
+        acts, _, _ = self.compute(np.zeros((1, *sample_shape), np.float32))
+        self.layers = [
+            LayerInfo(info.name, tuple(int(s) for s in a.shape[1:]), info.has_grads)
+            for info, a in zip(self.layers, acts)
+        ]
 
     def identity(self) -> dict:
         ident = {"framework": self.framework, "versions": _versions(self.framework)}
@@ -135,7 +140,7 @@ class KerasModel:
         model = self.model
         Model = _model_class(self.framework)
         inner = [info.name for info in self.layers[1:]]  # the input layer is x itself
-        sub = Model(inputs=model.inputs, outputs=[model.get_layer(n).output for n in inner])
+        sub = Model(inputs=model.inputs[0], outputs=[model.get_layer(n).output for n in inner])
         n_out = self.n_outputs
         spec = [
             tf.TensorSpec((None, *self.input_shape), tf.float32),

@@ -1,0 +1,91 @@
+"""The command line: fast help without TensorFlow, dry run, extract, info, errors, demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import inntrospect
+from inntrospect.cli import main
+
+from .conftest import CNN, needs_shared, python_env
+
+
+def test_help_and_import_do_not_load_tensorflow():
+    code = (
+        "import sys\nfrom inntrospect.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "import inntrospect\n"
+        "print('LOADED', 'tensorflow' in sys.modules, 'keras' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=python_env(), timeout=120)
+    assert "extract" in res.stdout and "demo" in res.stdout and "info" in res.stdout
+    assert "LOADED False False" in res.stdout
+
+
+def write_config(tmp_path, corpus, **extra):
+    text = (
+        f'[model]\npath = "{CNN}"\nlayers = ["conv2d_25"]\n'
+        f'[corpus]\npath = "{corpus}"\n[store]\npath = "out.zarr"\nchunk_mib = 1\n'
+        '[extract]\nbatch_size = 64\n'
+    )
+    (tmp_path / "c.toml").write_text(text)
+    return tmp_path / "c.toml"
+
+
+@needs_shared
+def test_dry_run_extract_info(tmp_path, mnist_corpus, capsys):
+    pytest.importorskip("tensorflow")
+    cfg = write_config(tmp_path, mnist_corpus)
+    assert main(["extract", str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "600 samples in 10 files" in out
+    assert "conv2d_25" in out and "(6, 6, 128)" in out and "acts+grads" in out
+    assert "uncompressed: 25.9 MB" in out  # 600 x (2 x (3136 + 18432) + 40) bytes
+    assert "estimated on disk" in out and "nothing written" in out
+    assert not (tmp_path / "out.zarr").exists()
+
+    assert main(["extract", str(cfg), "--no-progress"]) == 0
+    assert "extracted 3 of 3 blocks" in capsys.readouterr().out
+    tree = inntrospect.open_store(tmp_path / "out.zarr")
+    assert tree["layers/conv2d_25"].acts.shape == (600, 6, 6, 128)
+
+    assert main(["info", str(tmp_path / "out.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "extraction: complete" in out
+    assert "conv2d_25" in out and "sample, y, x, unit" in out and "(600, 6, 6, 128)" in out
+    assert "groups (10): 0 (" in out and "no analysis steps yet" in out
+
+    assert main(["extract", str(cfg), "--no-progress"]) == 0  # again: nothing left to do
+    assert "extracted 0 of 3 blocks" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text('[model]\npath = "m.keras"\n[corpus]\npath = "nope.csv"\n'
+                                     '[store]\npath = "s.zarr"\n')
+    assert main(["extract", str(tmp_path / "c.toml")]) == 2
+    assert "error: corpus file" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not a Zarr store" in capsys.readouterr().err
+
+
+@needs_shared
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    pytest.importorskip("tensorflow")
+    from inntrospect.demo import run_demo
+
+    path = run_demo(tmp_path / "demo", progress=False)
+    out = capsys.readouterr().out
+    assert "training accuracy" in out and str(path) in out
+    tree = inntrospect.open_store(path)
+    assert tree.attrs["layers"] == ["image", "conv1", "conv2", "dense", "logits"]
+    node = tree["layers/conv2"]
+    assert node.acts.shape == (1797, 3, 3, 32)
+    accuracy = float((node.prediction == node.target).mean())
+    assert accuracy > 0.9  # a trained model, not noise
+    assert np.isfinite(node.grads.values).all()
+    assert (tmp_path / "demo" / "config.toml").is_file()
