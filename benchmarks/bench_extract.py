@@ -14,7 +14,10 @@ output layers), batch 128, the first ``--samples`` MNIST test images, in one run
     loop. A few batches' arrays are computed once; every array is then written
     chunk-aligned region by region, block by block, until ``--samples`` samples
     are written: by a pool of 2 writer threads as in the extraction (b), and
-    one region at a time in the main thread (b1).
+    one region at a time in the main thread (b1). The arrays are made like the
+    store's (fill value NaN, Zarr's default ``write_empty_chunks=False``: every
+    chunk is compared with the fill value before it is encoded); (b2) is (b)
+    without that comparison (``write_empty_chunks=True``), for reference.
 (c) ``run_extraction`` of ``prepare_extraction(...)`` into a fresh temp store,
     timed without model load and tracing (both printed apart); plus one
     end-to-end ``inntrospect.extract(...)`` call for reference.
@@ -109,7 +112,8 @@ def precompute(m, x: np.ndarray, batch: int, plan, n_pre: int) -> dict:
     return src
 
 
-def create_arrays(base: Path, layers, plan, n: int, compressor) -> dict:
+def create_arrays(base: Path, layers, plan, n: int, compressor, write_empty_chunks: bool = False) -> dict:
+    """Arrays like the store's: fill value NaN, Zarr's default ``write_empty_chunks=False``."""
     import zarr
 
     root = zarr.open_group(str(base), mode="w", zarr_format=3)
@@ -118,15 +122,16 @@ def create_arrays(base: Path, layers, plan, n: int, compressor) -> dict:
         out[(info.name, var)] = root.create_array(
             f"layers/{info.name}/{var}", shape=(n, *info.shape), chunks=(plan.chunks[info.name], *info.shape),
             dtype="float32", compressors=[compressor], fill_value=np.nan,
+            config={"write_empty_chunks": write_empty_chunks},
         )
     return out
 
 
-def bench_writes(base: Path, layers, plan, n: int, src: dict, threads: int) -> float:
+def bench_writes(base: Path, layers, plan, n: int, src: dict, threads: int, write_empty_chunks=False) -> float:
     """Write ``n`` samples of every array, chunk-aligned, block by block; return seconds."""
     from inntrospect.extract import default_compressor
 
-    arrays = create_arrays(base, layers, plan, n, default_compressor())  # metadata: not timed
+    arrays = create_arrays(base, layers, plan, n, default_compressor(), write_empty_chunks)  # not timed
     os.sync()
 
     def write(key, lo, hi):
@@ -278,10 +283,11 @@ def main(argv=None) -> None:
         # (b)
         n_pre = min(n, max(8 * a.batch, max(c for c in plan.chunks.values() if c < plan.block) if len(set(plan.chunks.values())) > 1 else 0))
         src = precompute(m, x, a.batch, plan, n_pre)
-        tb, tb1 = [], []
+        tb, tb1, tb2 = [], [], []
         for _ in range(R):
             tb.append(bench_writes(fresh(tmp / "b"), m.layers, plan, n, src, threads=2))
             tb1.append(bench_writes(fresh(tmp / "b"), m.layers, plan, n, src, threads=1))
+            tb2.append(bench_writes(fresh(tmp / "b"), m.layers, plan, n, src, threads=2, write_empty_chunks=True))
         b_alloc, b_apparent = du(tmp / "b")
         shutil.rmtree(tmp / "b")
         del src
@@ -348,6 +354,7 @@ def main(argv=None) -> None:
         ("(a) model only: compute() per batch", ta, ra),
         ("(b) Zarr writes only, 2 writer threads", tb, rb),
         ("(b1) Zarr writes only, 1 thread", tb1, rb1),
+        ("(b2) as b, write_empty_chunks=True", tb2, n / med(tb2)),
         ("(c) run_extraction", tc, rc),
     ]:
         print(f"{label:<44} {med(ts):>9.2f} {rate:>10,.0f} {spread(ts):>17} {rate * raw_per_sample / 1e9:>10.2f}")
