@@ -2,7 +2,7 @@
 
 What is compared
 ----------------
-The MNIST CNN (``/work/shared/models/mnist_cnn_shallow``, layers ``conv2d_24``,
+The MNIST CNN (``../shared/models/mnist_cnn_shallow``, layers ``conv2d_24``,
 ``conv2d_25``, ``flatten_8`` plus the input and output layers that inntrospect
 always adds) is run over the first ``--samples`` MNIST test images with
 inntrospect's own loader (``KerasModel.compute``), in batches of 256. Every
@@ -29,9 +29,9 @@ are, and each codec's ratio per layer.
 
 Run::
 
-    /work/venv/bin/python benchmarks/bench_codecs.py                # 2048 samples
-    /work/venv/bin/python benchmarks/bench_codecs.py --samples 4096
-    /work/venv/bin/python benchmarks/bench_codecs.py --quick        # tiny smoke run
+    python benchmarks/bench_codecs.py                # 2048 samples
+    python benchmarks/bench_codecs.py --samples 4096
+    python benchmarks/bench_codecs.py --quick        # tiny smoke run
 
 (``--quick`` writes only a few MB; loading TensorFlow and the model still takes
 about 10 s of its run time.)
@@ -51,8 +51,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path("/work/shared/models/mnist_cnn_shallow")
-IMAGES = Path("/work/shared/data/mnist/t10k-images-idx3-ubyte.gz")
+MODEL = ROOT.parent / "shared" / "models" / "mnist_cnn_shallow"
+IMAGES = ROOT.parent / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
 LAYERS = ["conv2d_24", "conv2d_25", "flatten_8"]
 
 

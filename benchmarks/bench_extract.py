@@ -2,22 +2,22 @@
 
 What is compared
 ----------------
-On the MNIST CNN (``/work/shared/models/mnist_cnn_shallow``) with layers
+On the MNIST CNN (``../shared/models/mnist_cnn_shallow``) with layers
 ``conv2d_24``, ``conv2d_25``, ``flatten_8`` (inntrospect adds the input and
 output layers), batch 128, the first ``--samples`` MNIST test images, in one run:
 
 (a) model only: ``KerasModel.compute(x)`` per batch over the corpus (already in
     memory), storing nothing; the same compiled ``tf.function`` the extraction
     calls. Its first call (tracing) is timed apart.
-(b) Zarr only: the same arrays written with the extraction's codec
-    (``default_compressor()``) and chunking (``plan_chunks``), no model in the
-    loop. A few batches' arrays are computed once; every array is then written
-    chunk-aligned region by region, block by block, until ``--samples`` samples
-    are written: by a pool of 2 writer threads as in the extraction (b), and
-    one region at a time in the main thread (b1). The arrays are made like the
-    store's (fill value NaN, Zarr's default ``write_empty_chunks=False``: every
-    chunk is compared with the fill value before it is encoded); (b2) is (b)
-    without that comparison (``write_empty_chunks=True``), for reference.
+(b) Zarr only: the same arrays written exactly as the extraction writes them
+    (its chunk plan, its per-array codec choice: zstd-1 where the first batch
+    compresses >= 1.25x, else none; fill value NaN; ``write_empty_chunks=True``),
+    no model in the loop. A few batches' arrays are computed once; every array
+    is then written chunk-aligned region by region, block by block, until
+    ``--samples`` samples are written: by a pool of 2 writer threads as in the
+    extraction (b), and one region at a time in the main thread (b1). (b2) is
+    the naive set-up for reference: zstd-1 on every array and Zarr's default
+    check of every chunk against the fill value.
 (c) ``run_extraction`` of ``prepare_extraction(...)`` into a fresh temp store,
     timed without model load and tracing (both printed apart); plus one
     end-to-end ``inntrospect.extract(...)`` call for reference.
@@ -32,9 +32,9 @@ Each timed phase starts after ``os.sync()`` and is the median of ``--repeats``.
 
 Run::
 
-    /work/venv/bin/python benchmarks/bench_extract.py                 # 10000 samples
-    /work/venv/bin/python benchmarks/bench_extract.py --samples 4096 --cprofile
-    /work/venv/bin/python benchmarks/bench_extract.py --quick         # tiny smoke run
+    python benchmarks/bench_extract.py                 # 10000 samples
+    python benchmarks/bench_extract.py --samples 4096 --cprofile
+    python benchmarks/bench_extract.py --quick         # tiny smoke run
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path("/work/shared/models/mnist_cnn_shallow")
-IMAGES = Path("/work/shared/data/mnist/t10k-images-idx3-ubyte.gz")
-LABELS = Path("/work/shared/data/mnist/t10k-labels-idx1-ubyte.gz")
+MODEL = ROOT.parent / "shared" / "models" / "mnist_cnn_shallow"
+IMAGES = ROOT.parent / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
+LABELS = ROOT.parent / "shared" / "data" / "mnist" / "t10k-labels-idx1-ubyte.gz"
 LAYERS = ["conv2d_24", "conv2d_25", "flatten_8"]
 
 
@@ -112,26 +112,27 @@ def precompute(m, x: np.ndarray, batch: int, plan, n_pre: int) -> dict:
     return src
 
 
-def create_arrays(base: Path, layers, plan, n: int, compressor, write_empty_chunks: bool = False) -> dict:
-    """Arrays like the store's: fill value NaN, Zarr's default ``write_empty_chunks=False``."""
+def create_arrays(base: Path, layers, plan, n: int, codecs: dict, write_empty_chunks: bool) -> dict:
+    """Arrays like the store's: fill value NaN, the given codec record per array."""
     import zarr
+
+    from inntrospect.store import zarr_codecs
 
     root = zarr.open_group(str(base), mode="w", zarr_format=3)
     out = {}
     for info, var, _ in arrays_of(layers):
         out[(info.name, var)] = root.create_array(
             f"layers/{info.name}/{var}", shape=(n, *info.shape), chunks=(plan.chunks[info.name], *info.shape),
-            dtype="float32", compressors=[compressor], fill_value=np.nan,
+            dtype="float32", compressors=zarr_codecs(codecs[info.name][var]), fill_value=np.nan,
             config={"write_empty_chunks": write_empty_chunks},
         )
     return out
 
 
-def bench_writes(base: Path, layers, plan, n: int, src: dict, threads: int, write_empty_chunks=False) -> float:
+def bench_writes(base: Path, layers, plan, n: int, src: dict, threads: int, codecs: dict,
+                 write_empty_chunks: bool = True) -> float:
     """Write ``n`` samples of every array, chunk-aligned, block by block; return seconds."""
-    from inntrospect.extract import default_compressor
-
-    arrays = create_arrays(base, layers, plan, n, default_compressor(), write_empty_chunks)  # not timed
+    arrays = create_arrays(base, layers, plan, n, codecs, write_empty_chunks)  # not timed
     os.sync()
 
     def write(key, lo, hi):
@@ -248,9 +249,7 @@ def main(argv=None) -> None:
 
     import inntrospect
     from inntrospect.corpus import read_corpus
-    from inntrospect.extract import CODEC, prepare_extraction, run_extraction
-    from inntrospect.models.keras import load_model
-    from inntrospect.store import plan_chunks
+    from inntrospect.extract import CODEC, choose_codecs, measure_ratios, prepare_extraction, run_extraction
 
     sys.path.insert(0, str(ROOT / "examples" / "mnist"))
     from make_corpus import write_corpus
@@ -265,9 +264,12 @@ def main(argv=None) -> None:
         x = corpus.read(0, n)  # the corpus's own samples, in its order
 
         t0 = time.perf_counter()
-        m = load_model(str(a.model), layers=LAYERS)
+        ex = prepare_extraction(str(a.model), csv, tmp / "c0.zarr", layers=LAYERS, batch_size=a.batch,
+                                chunk_mib=a.chunk_mib)
         t_load = time.perf_counter() - t0
-        plan = plan_chunks({i.name: i.bytes_per_sample for i in m.layers}, a.chunk_mib)
+        m, plan = ex.model, ex.plan  # the extraction's own model object and chunk plan
+        codecs = choose_codecs(measure_ratios(ex))  # as a fresh extraction chooses them
+        zstd_all = {name: {var: dict(CODEC) for var in v} for name, v in codecs.items()}
         raw_per_sample = sum(info.bytes_per_sample for info, _, _ in arrays_of(m.layers))
         raw = n * raw_per_sample
 
@@ -285,19 +287,16 @@ def main(argv=None) -> None:
         src = precompute(m, x, a.batch, plan, n_pre)
         tb, tb1, tb2 = [], [], []
         for _ in range(R):
-            tb.append(bench_writes(fresh(tmp / "b"), m.layers, plan, n, src, threads=2))
-            tb1.append(bench_writes(fresh(tmp / "b"), m.layers, plan, n, src, threads=1))
-            tb2.append(bench_writes(fresh(tmp / "b"), m.layers, plan, n, src, threads=2, write_empty_chunks=True))
+            tb.append(bench_writes(fresh(tmp / "b"), m.layers, plan, n, src, 2, codecs))
+            tb1.append(bench_writes(fresh(tmp / "b"), m.layers, plan, n, src, 1, codecs))
+            tb2.append(bench_writes(fresh(tmp / "b2"), m.layers, plan, n, src, 2, zstd_all, False))
         b_alloc, b_apparent = du(tmp / "b")
+        b2_alloc, _ = du(tmp / "b2")
         shutil.rmtree(tmp / "b")
+        shutil.rmtree(tmp / "b2")
         del src
 
         # (c)
-        t0 = time.perf_counter()
-        ex = prepare_extraction(str(a.model), csv, tmp / "c0.zarr", layers=LAYERS, batch_size=a.batch,
-                                chunk_mib=a.chunk_mib)
-        t_prepare = time.perf_counter() - t0
-        assert ex.plan == plan, (ex.plan, plan)
         t0 = time.perf_counter()
         ex.model.compute(x[: a.batch])
         t_trace_c = time.perf_counter() - t0
@@ -340,13 +339,15 @@ def main(argv=None) -> None:
         return f"{n / max(ts):>7,.0f}-{n / min(ts):<7,.0f}"
 
     print(f"\nMNIST CNN, layers {', '.join(i.name for i in m.layers)}; {n} samples, batch {a.batch}")
-    print(f"codec {CODEC}; chunks {plan.chunks} samples; block {plan.block} ({plan.chunk_mib:g} MiB chunks)")
+    print(f"codec {CODEC} where it compresses >= 1.25x on the first batch; chosen: "
+          + ", ".join(f"{k}/{v}" for k, d in codecs.items() for v, c in d.items() if c is None)
+          + " uncompressed")
+    print(f"chunks {plan.chunks} samples; block {plan.block} ({plan.chunk_mib:g} MiB chunks)")
     print(f"uncompressed acts+grads: {raw_per_sample / 1e3:.1f} kB/sample, {raw / 1e9:.2f} GB; "
           f"load average {load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; {R} repeats")
     print("\nnot counted in a, b, c:")
     print(f"  import tensorflow          {t_tf:6.2f} s")
-    print(f"  load_model                 {t_load:6.2f} s")
-    print(f"  prepare_extraction         {t_prepare:6.2f} s  (loads the model again, reads the corpus)")
+    print(f"  prepare_extraction         {t_load:6.2f} s  (loads the model, reads the corpus)")
     print(f"  first compute (tracing)    {t_trace:6.2f} s  (a), {t_trace_c:.2f} s (c)")
     print(f"  write_corpus               {t_corpus:6.2f} s")
     print(f"\n{'':<44} {'median s':>9} {'samples/s':>10} {'range samples/s':>17} {'GB/s unc.':>10}")
@@ -354,7 +355,7 @@ def main(argv=None) -> None:
         ("(a) model only: compute() per batch", ta, ra),
         ("(b) Zarr writes only, 2 writer threads", tb, rb),
         ("(b1) Zarr writes only, 1 thread", tb1, rb1),
-        ("(b2) as b, write_empty_chunks=True", tb2, n / med(tb2)),
+        ("(b2) as b, zstd-1 on all, empty-chunk check", tb2, n / med(tb2)),
         ("(c) run_extraction", tc, rc),
     ]:
         print(f"{label:<44} {med(ts):>9.2f} {rate:>10,.0f} {spread(ts):>17} {rate * raw_per_sample / 1e9:>10.2f}")
@@ -366,7 +367,8 @@ def main(argv=None) -> None:
           "(model load, tracing, store creation, opening included)")
     print(f"\nstore on disk (c): {c_alloc / 1e9:.3f} GB allocated (du), {c_apparent / 1e9:.3f} GB apparent; "
           f"compression ratio {raw / c_alloc:.2f} (du), {raw / c_apparent:.2f} (apparent)")
-    print(f"arrays of (b) on disk: {b_alloc / 1e9:.3f} GB allocated, ratio {raw / b_alloc:.2f}")
+    print(f"arrays of (b) on disk: {b_alloc / 1e9:.3f} GB allocated, ratio {raw / b_alloc:.2f}; "
+          f"(b2) {b2_alloc / 1e9:.3f} GB, ratio {raw / b2_alloc:.2f}")
 
     print(f"\none instrumented run_extraction: {t_inst:.2f} s ({n / t_inst:,.0f} samples/s); main thread:")
     accounted = 0.0

@@ -4,7 +4,7 @@ The corpus is cut into extraction blocks of ``plan.block`` samples. Inside a
 block, inference batches go through the model; each layer's activations and
 gradients collect in one chunk-sized buffer per array and are written as
 whole, chunk-aligned regions by a small writer pool while the model computes
-the next batch. A block is recorded in ``extraction_block_done`` only after
+the next batch. A block is recorded in ``extraction/block_done`` only after
 every write of it has finished, so a run killed at any point resumes at the
 first unrecorded block and recomputes nothing that was recorded.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +27,14 @@ from .corpus import Corpus, read_corpus
 from .errors import CorpusError, NonFiniteError
 from .models.source import ModelSource, model_source
 
-__all__ = ["extract", "prepare_extraction", "Extraction", "default_compressor", "CODEC"]
+__all__ = ["extract", "prepare_extraction", "run_extraction", "Extraction", "CODEC", "MIN_RATIO"]
 
-#: The codec of activation and gradient chunks (see benchmarks/bench_codecs.py).
+#: The codec of activation and gradient chunks, measured on real activations to
+#: write fastest for its ratio (benchmarks/bench_codecs.py, benchmarks/README.md).
 CODEC = {"name": "zstd", "level": 1}
-
-
-def default_compressor():
-    """The codec measured to suit activations: fast to write, high ratio on sparse data."""
-    import zarr
-
-    return zarr.codecs.ZstdCodec(level=CODEC["level"])
+#: Arrays that compress less than this on the first batch are stored uncompressed:
+#: dense gradients gain ~10 % of space for CPU time extraction cannot spare.
+MIN_RATIO = 1.25
 
 
 GradientTarget = Literal["predicted", "target"]
@@ -155,7 +153,6 @@ def prepare_extraction(
         "layers": [i.name for i in km.layers],
         "chunk_mib": plan.chunk_mib,
         "chunks": plan.chunks,
-        "codec": dict(CODEC),
         "extraction": {
             "gradient_target": gradient_target,
             "block": plan.block,
@@ -165,19 +162,38 @@ def prepare_extraction(
     return Extraction(corp, km, path, plan, gradient_target, batch_size, attrs)
 
 
-def estimate_ratio(ex: Extraction, n: int = 64) -> float:
-    """Compression ratio of the store's codec on the first ``n`` samples' arrays."""
+def measure_ratios(ex: Extraction, n: int | None = None) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{layer: {var: (raw bytes, zstd bytes)}}`` of the arrays of the first batch."""
     import numcodecs
 
     codec = numcodecs.Zstd(level=CODEC["level"])
-    x = ex.corpus.read(0, min(n, ex.corpus.n_samples))
+    x = ex.corpus.read(0, min(n or ex.batch_size, ex.corpus.n_samples))
     acts, grads, _ = ex.model.compute(x, _targets(ex, 0, len(x)))
-    raw = comp = 0
+    sizes: dict[str, dict[str, tuple[int, int]]] = {}
     for info, var, i in ex.arrays():
         a = np.ascontiguousarray((acts if var == "acts" else grads)[i], dtype=np.float32)
-        raw += a.nbytes
-        comp += len(codec.encode(a))
-    return raw / max(comp, 1)
+        sizes.setdefault(info.name, {})[var] = (a.nbytes, len(codec.encode(a)))
+    return sizes
+
+
+def choose_codecs(sizes: dict[str, dict[str, tuple[int, int]]]) -> dict[str, dict[str, dict | None]]:
+    """:data:`CODEC` for arrays that compress at least :data:`MIN_RATIO`, else none."""
+    return {
+        layer: {var: dict(CODEC) if raw >= MIN_RATIO * comp else None for var, (raw, comp) in v.items()}
+        for layer, v in sizes.items()
+    }
+
+
+def estimate_ratio(ex: Extraction, sizes=None) -> float:
+    """Uncompressed / on-disk size, from the first batch and the codecs it selects."""
+    sizes = sizes or measure_ratios(ex)
+    codecs = choose_codecs(sizes)
+    raw = disk = 0
+    for layer, v in sizes.items():
+        for var, (r, c) in v.items():
+            raw += r
+            disk += c if codecs[layer][var] else r
+    return raw / max(disk, 1)
 
 
 def _targets(ex: Extraction, lo: int, hi: int) -> np.ndarray | None:
@@ -185,11 +201,11 @@ def _targets(ex: Extraction, lo: int, hi: int) -> np.ndarray | None:
 
 
 class _ArrayStream:
-    """Collects one array's rows into chunk-aligned region writes."""
+    """Collects one array's rows into chunk-aligned region writes on a writer pool."""
 
-    def __init__(self, array, chunk: int, row_shape: tuple[int, ...], pool: ThreadPoolExecutor):
-        self.array, self.chunk, self.row_shape, self.pool = array, chunk, row_shape, pool
-        self.free: list[np.ndarray] = []
+    def __init__(self, array, chunk: int, row_shape: tuple[int, ...], writes: "_Writes"):
+        self.array, self.chunk, self.row_shape, self.writes = array, chunk, row_shape, writes
+        self.free: list[np.ndarray] = []  # buffers whose writes have finished, for reuse
         self.buf: np.ndarray | None = None
         self.fill = 0
         self.pos = 0  # sample index of buf[0], or of the next row
@@ -198,20 +214,20 @@ class _ArrayStream:
         assert self.fill == 0
         self.pos = pos
 
-    def _submit(self, lo: int, data: np.ndarray, buffer: np.ndarray | None) -> Future:
+    def _submit(self, lo: int, data: np.ndarray, buffer: np.ndarray | None) -> None:
         def write():
             self.array[lo : lo + len(data)] = data
             if buffer is not None:
                 self.free.append(buffer)
 
-        return self.pool.submit(write)
+        self.writes.submit(write, data.nbytes)
 
-    def push(self, data: np.ndarray, futures: list[Future]) -> None:
+    def push(self, data: np.ndarray) -> None:
         i, n, c = 0, len(data), self.chunk
         while i < n:
             if self.fill == 0 and n - i >= c:  # whole chunks straight from the batch
                 k = (n - i) // c * c
-                futures.append(self._submit(self.pos, data[i : i + k], None))
+                self._submit(self.pos, data[i : i + k], None)
                 self.pos += k
                 i += k
                 continue
@@ -222,14 +238,41 @@ class _ArrayStream:
             self.fill += take
             i += take
             if self.fill == c:
-                self.flush(futures)
+                self.flush()
 
-    def flush(self, futures: list[Future]) -> None:
+    def flush(self) -> None:
         """Write what is buffered (a whole chunk, or the corpus's last partial one)."""
         if self.fill:
-            futures.append(self._submit(self.pos, self.buf[: self.fill], self.buf))
+            self._submit(self.pos, self.buf[: self.fill], self.buf)
             self.pos += self.fill
             self.buf, self.fill = None, 0
+
+
+class _Writes:
+    """A writer pool with a bound on the bytes in flight, and per-block bookkeeping."""
+
+    def __init__(self, pool: ThreadPoolExecutor, max_bytes: int):
+        self.pool, self.max_bytes = pool, max_bytes
+        self.inflight: deque[tuple[Future, int]] = deque()
+        self.bytes = 0
+        self.block: list[Future] = []  # futures of the block being computed
+
+    def submit(self, fn, nbytes: int) -> None:
+        f = self.pool.submit(fn)
+        self.inflight.append((f, nbytes))
+        self.block.append(f)
+        self.bytes += nbytes
+
+    def throttle(self) -> None:
+        """Wait for the oldest writes until the bytes in flight are within the bound."""
+        while self.inflight and (self.bytes > self.max_bytes or self.inflight[0][0].done()):
+            f, nbytes = self.inflight.popleft()
+            f.result()  # re-raises a failed write
+            self.bytes -= nbytes
+
+    def end_block(self) -> list[Future]:
+        futures, self.block = self.block, []
+        return futures
 
 
 def run_extraction(
@@ -258,14 +301,12 @@ def run_extraction(
                 "state": "incomplete",
                 "started": _now(),
             }
-            st.create_store(
-                ex.path, attrs, ex.model.layers, ex.plan, ex.corpus.sample_table, default_compressor()
-            )
-        root = zarr.open_group(str(ex.path), mode="r+")
-        done_arr = root[st.BLOCKS_DONE]
+            attrs["codecs"] = choose_codecs(measure_ratios(ex))
+            st.create_store(ex.path, attrs, ex.model.layers, ex.plan, ex.corpus.sample_table)
+        done_arr = zarr.open_array(str(ex.path), path=st.BLOCKS_DONE, mode="r+")
         done = np.asarray(done_arr[:], dtype=bool)
         todo = [b for b in range(ex.n_blocks) if not done[b]]
-        computed = _write_blocks(ex, root, todo, done, progress, on_block)
+        computed = _write_blocks(ex, done_arr, todo, done, progress, on_block)
         if np.asarray(done_arr[:], dtype=bool).all():
             extraction = dict(st.store_attrs(ex.path)["extraction"])
             if extraction.get("state") != "complete":
@@ -274,19 +315,44 @@ def run_extraction(
     return computed
 
 
-def _write_blocks(ex, root, todo, done, progress, on_block) -> list[int]:
+def _write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
+    import zarr
+
     n, B = ex.corpus.n_samples, ex.plan.block
-    layer_nodes = {info.name: root[f"layers/{info.name}"] for info in ex.model.layers}
+
+    def open_(layer, var):  # every chunk written holds data: skip zarr's all-fill check
+        return zarr.open_array(str(ex.path), path=f"layers/{layer}/{var}", mode="r+",
+                               config={"write_empty_chunks": True})
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         already = sum(min(B, n - b * B) for b in range(ex.n_blocks) if done[b])
         bar = tqdm(total=n, initial=already, unit="sample", desc="extract", smoothing=0.1)
-    computed = []
+    batch_bytes = ex.batch_size * sum(i.bytes_per_sample for i, _, _ in ex.arrays())
+    chunk_bytes = sum(ex.plan.chunks[i.name] * i.bytes_per_sample for i, _, _ in ex.arrays())
+    predictions = [open_(info.name, "prediction") for info in ex.model.layers]
+    computed: list[int] = []
+    pending: deque[tuple[int, int, int, np.ndarray, list[Future]]] = deque()
+
+    def record(wait_all: bool) -> None:
+        """Record blocks whose writes have all finished, in order."""
+        while pending and (wait_all or all(f.done() for f in pending[0][4])):
+            b, lo, hi, preds, futures = pending.popleft()
+            _finish(futures)
+            for arr in predictions:
+                arr[lo:hi] = preds
+            done_arr[b] = 1  # recorded only once all of the block is written
+            computed.append(b)
+            if on_block is not None:
+                on_block(b, ex.n_blocks)
+
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="inntrospect-write") as pool:
+        # in flight at most: two batches' outputs plus a chunk of every array
+        writes = _Writes(pool, 2 * batch_bytes + chunk_bytes)
         streams = [
-            (_ArrayStream(layer_nodes[info.name][var], ex.plan.chunks[info.name], info.shape, pool), var, i)
+            (_ArrayStream(open_(info.name, var), ex.plan.chunks[info.name], info.shape, writes), var, i)
             for info, var, i in ex.arrays()
         ]
         try:
@@ -295,28 +361,24 @@ def _write_blocks(ex, root, todo, done, progress, on_block) -> list[int]:
                 for s, _, _ in streams:
                     s.start(lo)
                 preds = np.empty(hi - lo, np.int64)
-                previous: list[Future] = []
                 for start, x in ex.corpus.batches(lo, hi, ex.batch_size):
                     _check_finite(ex, x, start, "input")
-                    acts, grads, pred = ex.model.compute(x, _targets(ex, start, start + len(x)))
+                    acts, grads, pred = ex.model.compute(
+                        x, _targets(ex, start, start + len(x)), pad_to=ex.batch_size
+                    )
                     _check_finite(ex, acts[-1], start, "output")
                     preds[start - lo : start - lo + len(x)] = pred
-                    current: list[Future] = []
                     for s, var, i in streams:
-                        s.push((acts if var == "acts" else grads)[i], current)
-                    _finish(previous)  # overlap: the model ran while these were written
-                    previous = current
+                        s.push((acts if var == "acts" else grads)[i])
+                    del acts, grads
+                    writes.throttle()  # the model ran while earlier writes went on
+                    record(wait_all=False)
                     if bar is not None:
                         bar.update(len(x))
                 for s, _, _ in streams:
-                    s.flush(previous)
-                _finish(previous)
-                for node in layer_nodes.values():
-                    node["prediction"][lo:hi] = preds
-                root[st.BLOCKS_DONE][b] = 1  # recorded only once all of the block is written
-                computed.append(b)
-                if on_block is not None:
-                    on_block(b, ex.n_blocks)
+                    s.flush()
+                pending.append((b, lo, hi, preds, writes.end_block()))
+            record(wait_all=True)
         finally:
             if bar is not None:
                 bar.close()

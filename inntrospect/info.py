@@ -28,6 +28,10 @@ def _fmt(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _codec_name(spec: dict | None) -> str:
+    return "none" if spec is None else f"{spec['name']}-{spec.get('level', '')}".rstrip("-")
+
+
 def describe_store(path: str | os.PathLike) -> str:
     """A readable summary: provenance, extraction state, layers, groups, steps."""
     import zarr
@@ -49,10 +53,9 @@ def describe_store(path: str | os.PathLike) -> str:
         f"corpus:     {corpus.get('path')} ({corpus.get('n_samples')} samples, "
         f"{corpus.get('n_files')} files)",
         f"extraction: {state}; id {ex.get('id')}; gradient target {ex.get('gradient_target')}",
-        f"chunks:     ~{attrs.get('chunk_mib')} MiB target; block {ex.get('block')} samples; "
-        f"codec {attrs.get('codec')}",
+        f"chunks:     ~{attrs.get('chunk_mib')} MiB target; block {ex.get('block')} samples",
         "",
-        f"{'layer':<24} {'dims':<28} {'shape':<22} {'chunk':>6} {'on disk':>10}",
+        f"{'layer':<24} {'dims':<28} {'shape':<22} {'chunk':>6} {'codec acts/grads':>17} {'on disk':>10}",
     ]
     total = 0
     for name in attrs.get("layers", []):
@@ -60,11 +63,13 @@ def describe_store(path: str | os.PathLike) -> str:
         meta = json.loads((node / "acts" / "zarr.json").read_text())
         size = _du(node)
         total += size
+        codecs = attrs.get("codecs", {}).get(name, {})
+        names = "/".join(_codec_name(codecs[v]) for v in ("acts", "grads") if v in codecs)
         lines.append(
             f"{name:<24} {', '.join(meta['dimension_names']):<28} {str(tuple(meta['shape'])):<22} "
-            f"{meta['chunk_grid']['configuration']['chunk_shape'][0]:>6} {_fmt(size):>10}"
+            f"{meta['chunk_grid']['configuration']['chunk_shape'][0]:>6} {names:>17} {_fmt(size):>10}"
         )
-    lines.append(f"{'total':<24} {'':<28} {'':<22} {'':>6} {_fmt(total):>10}")
+    lines.append(f"{'total':<24} {'':<28} {'':<22} {'':>6} {'':>17} {_fmt(total):>10}")
     if attrs.get("layers"):
         labels = np.array([str(g) for g in root[f"layers/{attrs['layers'][0]}/group"][:]])
         names, counts = np.unique(labels, return_counts=True)

@@ -42,7 +42,9 @@ MAX_CHUNK_SAMPLES = 8192
 #: An extraction block holds at most this many target chunks' worth of all arrays:
 #: it bounds the work a crash can lose (the block is the unit of resume).
 BLOCK_CHUNKS = 16
-BLOCKS_DONE = "extraction_block_done"
+BLOCKS_DONE = "extraction/block_done"
+#: codec of the small per-sample arrays (the sample table, predictions)
+CODEC_TABLE = {"name": "zstd", "level": 3}
 
 
 def spatial_dims(rank: int) -> tuple[str, ...]:
@@ -258,54 +260,64 @@ def create_store(
     layers: list,  # list of LayerInfo
     plan: ChunkPlan,
     sample_table: Mapping[str, np.ndarray],
-    compressor,
 ) -> None:
     """Write an empty store: root attrs, one node per layer, block records.
 
-    Array metadata and coordinates are written through xarray (so plain xarray
-    reads them back as labelled data); activation chunks are written later by
-    region writes. The ``extraction`` attribute goes in last: a store without
-    it was interrupted while being created and is simply created again.
+    Arrays follow xarray's Zarr v3 conventions (``dimension_names``; the sample
+    table named in the ``coordinates`` attribute of ``acts``/``grads``), so plain
+    xarray reads them back as labelled data. Activation chunks are written
+    later by region writes. The ``extraction`` attribute goes in last: a store
+    without it was interrupted while being created and is simply created again.
     """
-    import dask.array as da
-    import xarray as xr
     import zarr
 
     n = len(sample_table["group"])
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs.update({k: v for k, v in attrs.items() if k != "extraction"})
-    n_blocks = plan.n_blocks(n)
     root.create_array(
-        BLOCKS_DONE, shape=(n_blocks,), chunks=(1,), dtype="uint8", fill_value=0,
+        BLOCKS_DONE, shape=(plan.n_blocks(n),), chunks=(1,), dtype="uint8", fill_value=0,
         dimension_names=("block",), compressors=None,
     )
-    coords = {
+    table = {
         "sample": np.arange(n, dtype=np.int64),
-        "group": ("sample", np.asarray(sample_table["group"], dtype=object)),
-        "file": ("sample", np.asarray(sample_table["file"], dtype=object)),
-        "index_in_file": ("sample", np.asarray(sample_table["index_in_file"], dtype=np.int64)),
-        "target": ("sample", np.asarray(sample_table["target"], dtype=np.int64)),
-        "prediction": ("sample", np.full(n, -1, dtype=np.int64)),
+        "group": np.asarray(sample_table["group"]).astype(str),
+        "file": np.asarray(sample_table["file"]).astype(str),
+        "index_in_file": np.asarray(sample_table["index_in_file"], dtype=np.int64),
+        "target": np.asarray(sample_table["target"], dtype=np.int64),
     }
+    coordinates = " ".join(sorted([*table][1:] + ["prediction"]))
     for info in layers:
-        c = plan.chunks[info.name]
+        node = root.create_group(f"layers/{info.name}", attributes={"layer": info.name})
+        for name, values in table.items():
+            node.create_array(
+                name, shape=(n,), chunks=(max(n, 1),), dtype=str if name in ("group", "file") else
+                values.dtype, dimension_names=("sample",), compressors=zarr_codecs(CODEC_TABLE),
+            )[:] = values
+        node.create_array(
+            "prediction", shape=(n,), chunks=(plan.block,), dtype="int64", fill_value=-1,
+            dimension_names=("sample",), compressors=zarr_codecs(CODEC_TABLE),
+        )
         dims = ("sample", *layer_dims(info.shape))
-        lazy = da.zeros((n, *info.shape), dtype=np.float32, chunks=(c, *info.shape))
-        data = {"acts": (dims, lazy)}
-        if info.has_grads:
-            data["grads"] = (dims, lazy)
-        ds = xr.Dataset(data, coords=coords)
-        ds.attrs = {"layer": info.name}
-        enc = {v: {"chunks": (c, *info.shape), "compressors": [compressor]} for v in data}
-        enc["prediction"] = {"chunks": (plan.block,)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-            ds.to_zarr(
-                str(path), group=f"layers/{info.name}", mode="w", compute=False,
-                zarr_format=3, consolidated=False, encoding=enc,
+        for var in ("acts", "grads") if info.has_grads else ("acts",):
+            node.create_array(
+                var, shape=(n, *info.shape), chunks=(plan.chunks[info.name], *info.shape),
+                dtype="float32", fill_value=np.nan, dimension_names=dims,
+                compressors=zarr_codecs(attrs["codecs"][info.name][var]),
+                attributes={"coordinates": coordinates},
             )
     root.attrs["extraction"] = attrs["extraction"]
     consolidate(path)
+
+
+def zarr_codecs(spec: dict | None) -> list:
+    """The Zarr compressors of a codec record (``{"name": "zstd", "level": 1}`` or None)."""
+    import zarr
+
+    if spec is None:
+        return []
+    if spec["name"] == "zstd":
+        return [zarr.codecs.ZstdCodec(level=spec["level"])]
+    raise StoreError(f"unknown codec {spec!r} in the store's attributes.")
 
 
 def check_same(stored: dict, wanted: dict, path: Path) -> None:

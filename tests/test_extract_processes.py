@@ -28,7 +28,7 @@ inntrospect.extract({model!r}, {corpus!r}, {store!r}, layers={layers!r}, chunk_m
 
 
 def blocks_done(path) -> int:
-    folder = path / "extraction_block_done" / "c"
+    folder = path / "extraction" / "block_done" / "c"
     return len(list(folder.iterdir())) if folder.is_dir() else 0
 
 
@@ -51,7 +51,7 @@ def test_kill_9_then_resume_gives_identical_arrays(tmp_path, mnist_arrays):
         proc.wait(30)
     finally:
         proc.kill()
-    done_before = np.asarray(zarr.open_array(str(path / "extraction_block_done"))[:], bool)
+    done_before = np.asarray(zarr.open_array(str(path / "extraction" / "block_done"))[:], bool)
     assert 3 <= done_before.sum() < len(done_before), "the kill should land mid-run"
     attrs = json.loads((path / "zarr.json").read_text())["attributes"]
     assert attrs["extraction"]["state"] == "incomplete"  # never claims completion

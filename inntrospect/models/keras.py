@@ -135,7 +135,7 @@ class KerasModel:
         return ident
 
     # -- compute ---------------------------------------------------------------
-    def _build_step(self):
+    def _build_step(self, jit_compile: bool):
         tf = _import_tf()
         model = self.model
         Model = _model_class(self.framework)
@@ -147,7 +147,7 @@ class KerasModel:
             tf.TensorSpec((None,), tf.int32),
         ]
 
-        @tf.function(input_signature=spec)
+        @tf.function(input_signature=spec, jit_compile=jit_compile)
         def step(x, t):
             with tf.GradientTape() as tape:
                 tape.watch(x)
@@ -166,7 +166,7 @@ class KerasModel:
 
         return step
 
-    def compute(self, x: np.ndarray, targets: np.ndarray | None = None):
+    def compute(self, x: np.ndarray, targets: np.ndarray | None = None, pad_to: int | None = None):
         """Activations and gradients of one batch.
 
         Parameters
@@ -175,6 +175,10 @@ class KerasModel:
             Inputs ``(batch, *input_shape)``.
         targets
             Output index per sample for the gradient, or ``None``/-1 for the argmax.
+        pad_to
+            Pad a shorter batch with zeros to this many samples (results are cut
+            back): one compiled shape serves every batch. Samples do not interact
+            in inference mode, so padding changes no result.
 
         Returns
         -------
@@ -183,16 +187,29 @@ class KerasModel:
             :attr:`layers` (``grads`` has no entry for the output layer);
             ``prediction``: argmax of the output per sample.
         """
-        if self._step is None:
-            self._step = self._build_step()
+        n = len(x)
         x = np.asarray(x, dtype=np.float32)
-        t = np.full(len(x), -1, np.int32) if targets is None else np.asarray(targets, np.int32)
-        acts, grads, pred = self._step(x, t)
+        t = np.full(n, -1, np.int32) if targets is None else np.asarray(targets, np.int32)
+        if pad_to is not None and n < pad_to:
+            x = np.concatenate([x, np.zeros((pad_to - n, *x.shape[1:]), np.float32)])
+            t = np.concatenate([t, np.full(pad_to - n, -1, np.int32)])
+        acts, grads, pred = self._run(x, t)
+        # np.asarray views the tensors' buffers (no copy); the views keep them alive
         return (
-            [a.numpy() for a in acts],
-            [g.numpy() for g in grads],
-            pred.numpy().astype(np.int64),
+            [np.asarray(a)[:n] for a in acts],
+            [np.asarray(g)[:n] for g in grads],
+            np.asarray(pred)[:n].astype(np.int64),
         )
+
+    def _run(self, x, t):
+        """The compiled step: XLA where the model allows it (about 2x faster on CPU)."""
+        if self._step is None:
+            self._step = self._build_step(jit_compile=True)
+            try:
+                return self._step(x, t)
+            except Exception:  # noqa: BLE001 - an op XLA cannot compile: plain graph mode
+                self._step = self._build_step(jit_compile=False)
+        return self._step(x, t)
 
 
 def load_model(
