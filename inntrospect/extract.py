@@ -201,51 +201,59 @@ def _targets(ex: Extraction, lo: int, hi: int) -> np.ndarray | None:
 
 
 class _ArrayStream:
-    """Collects one array's rows into chunk-aligned region writes on a writer pool."""
+    """Collects one array's rows into chunk-aligned region writes on a writer pool.
+
+    Rows are kept as views of the model's output until they fill a chunk; the
+    writer thread joins them into a reused buffer and writes it, so the main
+    thread never copies data and goes straight back to the model.
+    """
 
     def __init__(self, array, chunk: int, row_shape: tuple[int, ...], writes: "_Writes"):
         self.array, self.chunk, self.row_shape, self.writes = array, chunk, row_shape, writes
-        self.free: list[np.ndarray] = []  # buffers whose writes have finished, for reuse
-        self.buf: np.ndarray | None = None
+        self.free: list[np.ndarray] = []  # chunk buffers whose writes have finished
+        self.parts: list[np.ndarray] = []
         self.fill = 0
-        self.pos = 0  # sample index of buf[0], or of the next row
+        self.pos = 0  # sample index of the first pending row
 
     def start(self, pos: int) -> None:
         assert self.fill == 0
         self.pos = pos
 
-    def _submit(self, lo: int, data: np.ndarray, buffer: np.ndarray | None) -> None:
-        def write():
-            self.array[lo : lo + len(data)] = data
-            if buffer is not None:
-                self.free.append(buffer)
+    def _submit(self, parts: list[np.ndarray], n: int) -> None:
+        lo = self.pos
 
-        self.writes.submit(write, data.nbytes)
+        def write():
+            if len(parts) == 1:
+                self.array[lo : lo + n] = parts[0]
+                return
+            buf = self.free.pop() if self.free else np.empty((self.chunk, *self.row_shape), np.float32)
+            np.concatenate(parts, out=buf[:n])
+            self.array[lo : lo + n] = buf[:n]
+            self.free.append(buf)
+
+        self.writes.submit(write, n * int(np.prod(self.row_shape)) * 4)
+        self.pos += n
 
     def push(self, data: np.ndarray) -> None:
         i, n, c = 0, len(data), self.chunk
         while i < n:
             if self.fill == 0 and n - i >= c:  # whole chunks straight from the batch
                 k = (n - i) // c * c
-                self._submit(self.pos, data[i : i + k], None)
-                self.pos += k
+                self._submit([data[i : i + k]], k)
                 i += k
                 continue
-            if self.buf is None:
-                self.buf = self.free.pop() if self.free else np.empty((c, *self.row_shape), np.float32)
             take = min(c - self.fill, n - i)
-            self.buf[self.fill : self.fill + take] = data[i : i + take]
+            self.parts.append(data[i : i + take])
             self.fill += take
             i += take
             if self.fill == c:
                 self.flush()
 
     def flush(self) -> None:
-        """Write what is buffered (a whole chunk, or the corpus's last partial one)."""
+        """Write what is pending (a whole chunk, or the corpus's last partial one)."""
         if self.fill:
-            self._submit(self.pos, self.buf[: self.fill], self.buf)
-            self.pos += self.fill
-            self.buf, self.fill = None, 0
+            self._submit(self.parts, self.fill)
+            self.parts, self.fill = [], 0
 
 
 class _Writes:
