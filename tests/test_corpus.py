@@ -127,3 +127,24 @@ def test_input_shape_check(tmp_path):
     corpus.check_input_shape((None, 28))
     with pytest.raises(CorpusError, match=r"shape \(28, 28\), but the model expects .*\(28, 28, 1\)"):
         corpus.check_input_shape((28, 28, 1), "the model")
+
+
+def test_mnist_example_script_writes_a_valid_corpus(tmp_path):
+    from .conftest import mnist_example
+
+    images = (np.arange(7 * 4 * 4) % 256).astype(np.uint8).reshape(7, 4, 4)
+    labels = np.array([3, 1, 3, 3, 0, 1, 3], np.uint8)
+    header_i = b"\0\0\x08\x03" + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    header_l = b"\0\0\x08\x01" + (7).to_bytes(4, "big")
+    (tmp_path / "img.idx").write_bytes(header_i + images.tobytes())
+    (tmp_path / "lab.idx").write_bytes(header_l + labels.tobytes())
+    mnist_example.main([str(tmp_path / "img.idx"), str(tmp_path / "lab.idx"), str(tmp_path / "out"),
+                        "--batch", "2"])
+    corpus = read_corpus(tmp_path / "out")
+    assert corpus.sample_shape == (4, 4, 1) and corpus.n_samples == 7
+    assert corpus.groups == ["0", "1", "3"]
+    assert [f.n for f in corpus.files] == [1, 2, 2, 2]  # digit 3 has 4 samples: files of 2
+    x = corpus.read(0, 7)
+    order = np.concatenate([np.flatnonzero(labels == d) for d in (0, 1, 3)])
+    np.testing.assert_allclose(x[..., 0], images[order] / 255.0, rtol=1e-6)
+    assert list(corpus.sample_table["target"]) == [0, 1, 1, 3, 3, 3, 3]

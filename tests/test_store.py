@@ -139,3 +139,13 @@ def test_config_errors(tmp_path, text, match):
     (tmp_path / "c.toml").write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_config(tmp_path / "c.toml").extract_kwargs()
+
+
+def test_example_configs_point_at_the_shared_models():
+    from .conftest import CNN, MLP, ROOT
+
+    for name, model in [("cnn", CNN), ("mlp", MLP)]:
+        kw = load_config(ROOT / "examples" / "mnist" / f"{name}.toml").extract_kwargs()
+        assert kw["model"] == str(model.resolve())
+        assert kw["store"] == str(ROOT / "storage" / "mnist" / f"{name}.zarr")
+        assert kw["corpus"] == str(ROOT / "storage" / "mnist" / "corpus" / "corpus.csv")
