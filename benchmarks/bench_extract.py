@@ -249,7 +249,13 @@ def main(argv=None) -> None:
 
     import inntrospect
     from inntrospect.corpus import read_corpus
-    from inntrospect.extract import CODEC, choose_codecs, measure_ratios, prepare_extraction, run_extraction
+    from inntrospect.extract import (
+        CODEC,
+        choose_codecs,
+        measure_ratios,
+        prepare_extraction,
+        run_extraction,
+    )
 
     sys.path.insert(0, str(ROOT / "examples" / "mnist"))
     from make_corpus import write_corpus

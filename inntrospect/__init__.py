@@ -4,6 +4,7 @@ The public API is flat. Nothing here imports TensorFlow; :func:`extract`
 imports it when called.
 """
 
+from .corpus import read_corpus
 from .errors import (
     ConfigError,
     CorpusError,
@@ -16,7 +17,6 @@ from .errors import (
     StoreLockedError,
     StoreMismatchError,
 )
-from .corpus import read_corpus
 from .extract import extract
 from .store import open_store
 

@@ -15,10 +15,11 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -168,7 +169,7 @@ def measure_ratios(ex: Extraction, n: int | None = None) -> dict[str, dict[str, 
 
     codec = numcodecs.Zstd(level=CODEC["level"])
     x = ex.corpus.read(0, min(n or ex.batch_size, ex.corpus.n_samples))
-    acts, grads, _ = ex.model.compute(x, _targets(ex, 0, len(x)))
+    acts, grads, _ = ex.model.compute(x, _targets(ex, 0, len(x)), pad_to=ex.batch_size)
     sizes: dict[str, dict[str, tuple[int, int]]] = {}
     for info, var, i in ex.arrays():
         a = np.ascontiguousarray((acts if var == "acts" else grads)[i], dtype=np.float32)
@@ -208,7 +209,7 @@ class _ArrayStream:
     thread never copies data and goes straight back to the model.
     """
 
-    def __init__(self, array, chunk: int, row_shape: tuple[int, ...], writes: "_Writes"):
+    def __init__(self, array, chunk: int, row_shape: tuple[int, ...], writes: _Writes):
         self.array, self.chunk, self.row_shape, self.writes = array, chunk, row_shape, writes
         self.free: list[np.ndarray] = []  # chunk buffers whose writes have finished
         self.parts: list[np.ndarray] = []

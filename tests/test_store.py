@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inntrospect import ConfigError, StoreError, StoreLockedError
-from inntrospect import store
+from inntrospect import ConfigError, StoreError, StoreLockedError, store
 from inntrospect.config import load_config
 
 from .conftest import python_env

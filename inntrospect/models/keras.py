@@ -9,8 +9,8 @@ layer but the output, ``t_i`` the argmax of the output or the corpus target.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
