@@ -205,6 +205,10 @@ def store_attrs(path: str | os.PathLike) -> dict:
 def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False):
     """Open a store lazily as an :class:`xarray.DataTree` (dask arrays in the stored chunks).
 
+    Activations and gradients stay lazy; the sample table (``group``, ``file``,
+    ``index_in_file``, ``target``, ``prediction``) is loaded, so grouping works
+    directly: ``tree["layers/conv"].acts.groupby("group").mean()``.
+
     Raises
     ------
     IncompleteStoreError
@@ -222,7 +226,14 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False):
         )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        return xr.open_datatree(str(path), engine="zarr", chunks={})
+        tree = xr.open_datatree(str(path), engine="zarr", chunks={})
+    return tree.map_over_datasets(_load_labels)
+
+
+def _load_labels(ds):
+    """Hold the small per-sample labels in memory, so ``groupby("group")`` just works."""
+    labels = {k: ds[k].variable.load() for k in ds.coords if k not in ds.indexes}
+    return ds.assign_coords(labels) if labels else ds
 
 
 # -- writing -----------------------------------------------------------------

@@ -88,4 +88,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     accuracy = float((node.prediction == node.target).mean())
     assert accuracy > 0.9  # a trained model, not noise
     assert np.isfinite(node.grads.values).all()
+    assert node.acts.chunks is not None  # lazy
+    means = node.acts.groupby("group").mean()  # works on the opened store as it comes
+    labels = np.array([str(g) for g in node.group.values])
+    acts = node.acts.values
+    expected = np.stack([acts[labels == g].mean(axis=0) for g in sorted(set(labels))])
+    np.testing.assert_allclose(means.values, expected, rtol=1e-5, atol=1e-6)
     assert (tmp_path / "demo" / "config.toml").is_file()
