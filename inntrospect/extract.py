@@ -145,6 +145,8 @@ def prepare_extraction(
         {i.name: i.bytes_per_sample for i in km.layers},
         chunk_mib,
         sum(i.bytes_per_sample * (2 if i.has_grads else 1) for i in km.layers),
+        # no chunk longer than the corpus needs (uncompressed chunks are stored whole)
+        max_samples=min(st.MAX_CHUNK_SAMPLES, 1 << max(0, corp.n_samples - 1).bit_length()),
     )
     attrs = {
         "format": st.FORMAT,
