@@ -258,12 +258,12 @@ def main(argv=None) -> None:
     )
 
     sys.path.insert(0, str(ROOT / "examples" / "mnist"))
-    from make_corpus import write_corpus
+    from make_corpus import write_mnist_corpus
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract-", dir=a.tmp))
     try:
         t0 = time.perf_counter()
-        csv = write_corpus(IMAGES, LABELS, tmp / "corpus", limit=a.samples, batch=500)
+        csv = write_mnist_corpus(IMAGES, LABELS, tmp / "corpus", limit=a.samples, batch=500)
         t_corpus = time.perf_counter() - t0
         corpus = read_corpus(csv)
         n = corpus.n_samples

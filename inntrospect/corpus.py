@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import CorpusError
 
-__all__ = ["Corpus", "read_corpus"]
+__all__ = ["Corpus", "read_corpus", "write_corpus"]
 
 
 @dataclass(frozen=True)
@@ -241,3 +241,48 @@ def read_corpus(path: str | os.PathLike) -> Corpus:
         raise CorpusError(f"{csv_path} lists no batch files; add rows 'file,group[,target]'.")
     offsets = np.concatenate([[0], np.cumsum([f.n for f in files])]).astype(np.int64)
     return Corpus(csv_path.resolve(), tuple(files), ref_shape, np.dtype(ref_dtype), bool(first_with), offsets)
+
+
+def write_corpus(
+    x: np.ndarray,
+    groups,
+    out: str | os.PathLike,
+    targets=None,
+    per_file: int = 500,
+) -> Path:
+    """Write arrays as a corpus: ``out/corpus.csv`` plus ``.npy`` batch files.
+
+    Parameters
+    ----------
+    x
+        Samples ``(n, *input_shape)``.
+    groups
+        Group label of each sample (written as text).
+    targets
+        Optional integer target of each sample (the ``target`` column).
+    per_file
+        Most samples per batch file. Samples of one group (and target) go to
+        files of their own, in sorted group order, keeping their order.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``corpus.csv``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = np.asarray([str(g) for g in groups])
+    tg = None if targets is None else np.asarray(targets).astype(np.int64)
+    pairs = sorted(set(zip(groups.tolist(), [-1] * len(groups) if tg is None else tg.tolist())))
+    rows = []
+    for i, (group, target) in enumerate(pairs):
+        mask = groups == group if tg is None else (groups == group) & (tg == target)
+        idx = np.flatnonzero(mask)
+        stem = "".join(c if c.isalnum() else "_" for c in group)
+        for k, lo in enumerate(range(0, len(idx), per_file)):
+            name = f"{i:03d}_{stem}_{k}.npy"
+            np.save(out / name, x[idx[lo : lo + per_file]])
+            rows.append(f"{name},{group}" + ("" if tg is None else f",{target}"))
+    csv_path = out / "corpus.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    return csv_path

@@ -40,20 +40,12 @@ def write_digits_corpus(out: Path, per_file: int = 50) -> Path:
     """Write ``out/corpus.csv`` and batch files of the digits, scaled to [0, 1]."""
     from sklearn.datasets import load_digits
 
+    from .corpus import write_corpus
+
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]
     y = digits.target
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for d in range(10):
-        idx = np.flatnonzero(y == d)
-        for k, lo in enumerate(range(0, len(idx), per_file)):
-            name = f"digit{d}_{k}.npy"
-            np.save(out / name, x[idx[lo : lo + per_file]])
-            rows.append(f"{name},digit {d},{d}")
-    csv = out / "corpus.csv"
-    csv.write_text("\n".join(rows) + "\n")
-    return csv
+    return write_corpus(x, [f"digit {d}" for d in y], out, targets=y, per_file=per_file)
 
 
 def train_digits_cnn(path: Path, seed: int = 0, epochs: int = 12) -> float:

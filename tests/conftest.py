@@ -54,7 +54,7 @@ def mnist_arrays():
 
 
 def write_mnist_corpus(out: Path, x, y, n: int, batch: int) -> Path:
-    return mnist_example.write_corpus(x[:n], y[:n], out, batch=batch)
+    return mnist_example.write_mnist_corpus(x[:n], y[:n], out, batch=batch)
 
 
 @pytest.fixture(scope="session")

@@ -148,3 +148,21 @@ def test_mnist_example_script_writes_a_valid_corpus(tmp_path):
     order = np.concatenate([np.flatnonzero(labels == d) for d in (0, 1, 3)])
     np.testing.assert_allclose(x[..., 0], images[order] / 255.0, rtol=1e-6)
     assert list(corpus.sample_table["target"]) == [0, 1, 1, 3, 3, 3, 3]
+
+
+def test_write_corpus_round_trips(tmp_path):
+    from inntrospect.corpus import write_corpus
+
+    rng = np.random.default_rng(3)
+    x = rng.random((23, 2, 3), dtype=np.float32)
+    groups = rng.choice(["b b", "a/1", "c"], 23)
+    targets = rng.integers(0, 3, 23)
+    corpus = read_corpus(write_corpus(x, groups, tmp_path, targets=targets, per_file=2))
+    table = corpus.sample_table
+    order = sorted(range(23), key=lambda i: (groups[i], targets[i]))  # stable: keeps sample order
+    np.testing.assert_array_equal(corpus.read(0, 23), x[order])
+    assert [str(g) for g in table["group"]] == [groups[i] for i in order]
+    np.testing.assert_array_equal(table["target"], targets[order])
+    assert max(f.n for f in corpus.files) == 2
+    no_t = read_corpus(write_corpus(x, groups, tmp_path / "nt"))
+    assert not no_t.has_target and no_t.n_samples == 23

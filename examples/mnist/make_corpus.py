@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inntrospect.corpus import write_corpus
+
 
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (gzipped or not): magic, dims, then big-endian data."""
@@ -32,25 +34,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     return data.reshape(shape)
 
 
-def write_corpus(images, labels, out: str | Path, limit: int | None = None, batch: int = 500) -> Path:
+def write_mnist_corpus(images, labels, out: str | Path, limit: int | None = None, batch: int = 500) -> Path:
     """Write ``out/corpus.csv`` and ``out/<digit>_<k>.npy``; return the csv path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     x = read_idx(images) if not isinstance(images, np.ndarray) else images
     y = read_idx(labels) if not isinstance(labels, np.ndarray) else labels
     if limit is not None:
         x, y = x[:limit], y[:limit]
     x = (x.astype(np.float32) / 255.0)[..., None]
-    rows = []
-    for digit in np.unique(y):
-        idx = np.flatnonzero(y == digit)
-        for k, lo in enumerate(range(0, len(idx), batch)):
-            name = f"{digit}_{k}.npy"
-            np.save(out / name, x[idx[lo : lo + batch]])
-            rows.append(f"{name},{digit},{digit}")
-    csv = out / "corpus.csv"
-    csv.write_text("\n".join(rows) + "\n")
-    return csv
+    return write_corpus(x, y, out, targets=y, per_file=batch)
 
 
 def main(argv=None) -> None:
@@ -61,7 +52,7 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--batch", type=int, default=500, help="samples per batch file")
     a = p.parse_args(argv)
-    csv = write_corpus(a.images, a.labels, a.out, a.limit, a.batch)
+    csv = write_mnist_corpus(a.images, a.labels, a.out, a.limit, a.batch)
     print(f"wrote {csv}")
 
 
