@@ -1,12 +1,13 @@
 """Stream a corpus through a model into the store, resumably.
 
 The corpus is cut into extraction blocks of ``plan.block`` samples. Inside a
-block, inference batches go through the model; each layer's activations and
-gradients collect in one chunk-sized buffer per array and are written as
-whole, chunk-aligned regions by a small writer pool while the model computes
-the next batch. A block is recorded in ``extraction/block_done`` only after
-every write of it has finished, so a run killed at any point resumes at the
-first unrecorded block and recomputes nothing that was recorded.
+block, inference batches go through the model; each array's rows are kept as
+views of the model's output until they fill a chunk, and a small writer pool
+joins and writes each chunk as one chunk-aligned region while the model
+computes the next batches (the bytes in flight are bounded). A block is
+recorded in ``extraction/block_done`` only after every write of it has
+finished, so a run killed at any point resumes at the first unrecorded block
+and recomputes nothing that was recorded.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import store as st
 from .corpus import Corpus, read_corpus
-from .errors import CorpusError, NonFiniteError
+from .errors import ConfigError, CorpusError, NonFiniteError
 from .models.source import ModelSource, model_source
 
 __all__ = ["extract", "prepare_extraction", "run_extraction", "Extraction", "CODEC", "MIN_RATIO"]
@@ -116,11 +117,11 @@ def prepare_extraction(
     from .models.keras import KerasModel
 
     if gradient_target not in ("predicted", "target"):
-        raise ValueError(
+        raise ConfigError(
             f"gradient_target must be 'predicted' or 'target', got {gradient_target!r}."
         )
     if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
     corp = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
     if gradient_target == "target" and not corp.has_target:
         raise CorpusError(

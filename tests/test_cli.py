@@ -71,6 +71,10 @@ def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert "error: corpus file" in capsys.readouterr().err
     assert main(["info", str(tmp_path)]) == 2
     assert "not a Zarr store" in capsys.readouterr().err
+    (tmp_path / "c.toml").write_text('[model]\npath = "m.keras"\n[corpus]\npath = "c.csv"\n'
+                                     '[store]\npath = "s.zarr"\n[extract]\ngradient_target = "label"\n')
+    assert main(["extract", str(tmp_path / "c.toml")]) == 2
+    assert "gradient_target must be 'predicted' or 'target', got 'label'" in capsys.readouterr().err
 
 
 @needs_shared
