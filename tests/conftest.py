@@ -18,6 +18,7 @@ MNIST = SHARED / "data" / "mnist"
 CNN = SHARED / "models" / "mnist_cnn_shallow"
 MLP = SHARED / "models" / "mnist_mlp"
 CNN_LAYERS = ["conv2d_24", "conv2d_25", "flatten_8"]
+BATCH = 50  # batches straddle the 77-sample files of the test corpora and the chunks
 MLP_LAYERS = ["layer_2"]
 
 needs_shared = pytest.mark.skipif(
@@ -81,3 +82,21 @@ def corpus_inputs(csv: Path) -> np.ndarray:
     for line in csv.read_text().splitlines():
         parts.append(np.load(csv.parent / line.split(",")[0]))
     return np.concatenate(parts)
+
+
+@pytest.fixture(scope="session")
+def cnn_store(tmp_path_factory, mnist_corpus):
+    """The MNIST CNN's store of the 600-sample corpus (chunks of 1 MiB: 10 blocks)."""
+    pytest.importorskip("tensorflow")
+    import inntrospect
+
+    path = tmp_path_factory.mktemp("cnn") / "cnn.zarr"
+    inntrospect.extract(CNN, mnist_corpus, path, layers=CNN_LAYERS, chunk_mib=1, batch_size=BATCH)
+    return path
+
+
+class NoCompute:
+    """A dask scheduler that fails: use it where building a graph must compute nothing."""
+
+    def __call__(self, dsk, keys, **kwargs):
+        raise AssertionError("something computed while the graph was being built")

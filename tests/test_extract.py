@@ -21,13 +21,12 @@ from inntrospect import (
 from inntrospect.extract import prepare_extraction, run_extraction
 from inntrospect.info import describe_store
 
-from .conftest import CNN, CNN_LAYERS, MLP, MLP_LAYERS, corpus_inputs, needs_shared
+from .conftest import BATCH, CNN, CNN_LAYERS, MLP, MLP_LAYERS, corpus_inputs, needs_shared
 
 pytestmark = needs_shared
 tf = pytest.importorskip("tensorflow")
 tf_keras = pytest.importorskip("tf_keras")
 
-BATCH = 50  # batches straddle the 77-sample files and the chunks
 
 
 def reference_model(path, names):
@@ -61,13 +60,6 @@ def per_sample_grads(path, names, x, targets):
 
 def store_array(path, layer, var):
     return zarr.open_array(str(path), path=f"layers/{layer}/{var}")[:]
-
-
-@pytest.fixture(scope="module")
-def cnn_store(tmp_path_factory, mnist_corpus):
-    path = tmp_path_factory.mktemp("cnn") / "cnn.zarr"
-    inntrospect.extract(CNN, mnist_corpus, path, layers=CNN_LAYERS, chunk_mib=1, batch_size=BATCH)
-    return path
 
 
 @pytest.mark.parametrize(
