@@ -27,6 +27,7 @@ import numpy as np
 from . import store as st
 from .corpus import Corpus, read_corpus
 from .errors import ConfigError, CorpusError, NonFiniteError
+from .info import format_bytes
 from .models.source import ModelSource, model_source
 
 __all__ = ["extract", "prepare_extraction", "run_extraction", "Extraction", "CODEC", "MIN_RATIO"]
@@ -84,23 +85,15 @@ class Extraction:
             total += size
             lines.append(
                 f"{info.name:<24} {str(info.shape):<20} {'acts+grads' if k == 2 else 'acts':<11} "
-                f"{self.plan.chunks[info.name]:>7} {_fmt_bytes(size):>10}"
+                f"{self.plan.chunks[info.name]:>7} {format_bytes(size):>10}"
             )
-        lines.append(f"uncompressed: {_fmt_bytes(total)}")
+        lines.append(f"uncompressed: {format_bytes(total)}")
         if estimate_ratio:
             lines.append(
-                f"estimated on disk: {_fmt_bytes(total / estimate_ratio)} "
+                f"estimated on disk: {format_bytes(total / estimate_ratio)} "
                 f"(compression {estimate_ratio:.1f}x measured on the first batch)"
             )
         return "\n".join(lines)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def prepare_extraction(

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import store as st
 
-__all__ = ["describe_store"]
+__all__ = ["describe_store", "format_bytes"]
 
 #: derived results later steps write, in pipeline order
 STEPS = ("naps", "contrast", "topomap", "projection")
@@ -20,10 +20,11 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _fmt(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``12 B``, ``513.5 kB``, ``1.1 GB``: decimal units, as ``du -h --si``."""
     for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.1f} {unit}"
+        if abs(n) < 1000:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
 
@@ -67,9 +68,9 @@ def describe_store(path: str | os.PathLike) -> str:
         names = "/".join(_codec_name(codecs[v]) for v in ("acts", "grads") if v in codecs)
         lines.append(
             f"{name:<24} {', '.join(meta['dimension_names']):<28} {str(tuple(meta['shape'])):<22} "
-            f"{meta['chunk_grid']['configuration']['chunk_shape'][0]:>6} {names:>17} {_fmt(size):>10}"
+            f"{meta['chunk_grid']['configuration']['chunk_shape'][0]:>6} {names:>17} {format_bytes(size):>10}"
         )
-    lines.append(f"{'total':<24} {'':<28} {'':<22} {'':>6} {'':>17} {_fmt(total):>10}")
+    lines.append(f"{'total':<24} {'':<28} {'':<22} {'':>6} {'':>17} {format_bytes(total):>10}")
     if attrs.get("layers"):
         labels = np.array([str(g) for g in root[f"layers/{attrs['layers'][0]}/group"][:]])
         names, counts = np.unique(labels, return_counts=True)
