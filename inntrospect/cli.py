@@ -26,6 +26,44 @@ def _cmd_extract(args) -> int:
     return 0
 
 
+def _cmd_align(args) -> int:
+    from .align import align
+    from .config import load_config
+
+    path = load_config(args.config).store_path()
+    done = align(path, persist=True, progress=not args.no_progress)
+    moved = [k for k, v in done.items() if v is not None]
+    print(f"aligned {len(moved)} layers with spatial axes ({', '.join(moved) or 'none'}) in {path}")
+    return 0
+
+
+def _cmd_naps(args) -> int:
+    from .config import load_config
+    from .naps import naps
+
+    cfg = load_config(args.config)
+    kwargs = cfg.naps_kwargs()
+    done = naps(cfg.store_path(), **kwargs, persist=True, progress=not args.no_progress)
+    first = next(iter(done.values()))
+    groups = ", ".join(f"{g} ({c})" for g, c in zip(first.group.values, first["count"].values))
+    print(f"NAPs of {len(done)} layers ({'aligned' if kwargs['aligned'] else 'raw'} activations"
+          f"{', with std' if kwargs['std'] else ''}) in {cfg.store_path()}/naps; groups: {groups}")
+    return 0
+
+
+def _cmd_contrast(args) -> int:
+    from .config import load_config
+    from .naps import contrastive_naps
+
+    cfg = load_config(args.config)
+    done = contrastive_naps(cfg.store_path(), **cfg.contrast_kwargs(), persist=True,
+                            progress=not args.no_progress)
+    first = next(iter(done.values()))
+    print(f"contrastive NAPs of {len(done)} layers for groups {', '.join(map(str, first.group.values))} "
+          f"in {cfg.store_path()}/contrast")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .info import describe_store
 
@@ -54,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="delete an existing store and start over")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_extract)
+
+    for name, func, text in (
+        ("align", _cmd_align, "write gradient-aligned activations into the store"),
+        ("naps", _cmd_naps, "neuron activation profiles: per-group mean activations ([naps])"),
+        ("contrast", _cmd_contrast, "contrastive NAPs of the groups of interest ([contrast])"),
+    ):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("config", help="TOML config naming the store ([store] path)")
+        c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        c.set_defaults(func=func)
 
     i = sub.add_parser("info", help="what a store holds: layers, shapes, groups, sizes, steps, state")
     i.add_argument("store", help="path of the Zarr store")

@@ -6,6 +6,8 @@
     [corpus]  path = "corpus/corpus.csv"
     [store]   path = "run.zarr", chunk_mib = 32
     [extract] gradient_target = "predicted" | "target", batch_size = 128
+    [naps]    aligned = false, std = false
+    [contrast] groups = ["cat", "dog"] (default: all), weight_by_group_size = false
 
 Unknown sections and keys are errors (a typo should not be ignored silently).
 """
@@ -29,7 +31,11 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "corpus": {"path": (str,)},
     "store": {"path": (str,), "chunk_mib": (int, float)},
     "extract": {"gradient_target": (str,), "batch_size": (int,)},
+    "naps": {"aligned": (bool,), "std": (bool,)},
+    "contrast": {"groups": (list,), "weight_by_group_size": (bool,)},
 }
+#: keys whose value is a boolean (everywhere else a bool is refused: ``true`` is no number)
+BOOLS = {("naps", "aligned"), ("naps", "std"), ("contrast", "weight_by_group_size")}
 #: keys holding paths, resolved against the config file's folder
 PATHS = {("model", "path"), ("model", "weights"), ("corpus", "path"), ("store", "path")}
 
@@ -77,6 +83,24 @@ class Config:
         return kwargs
 
 
+    def naps_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`inntrospect.naps` from ``[naps]``."""
+        return {"aligned": self.get("naps", "aligned", False), "std": self.get("naps", "std", False)}
+
+    def contrast_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`inntrospect.contrastive_naps` from ``[contrast]``."""
+        groups = self.get("contrast", "groups")
+        if groups is not None and not all(isinstance(g, str | int) for g in groups):
+            raise ConfigError(f"{self.path}: [contrast] groups must be a list of group names.")
+        return {
+            "groups": None if groups is None else [str(g) for g in groups],
+            "weight_by_group_size": self.get("contrast", "weight_by_group_size", False),
+        }
+
+    def store_path(self) -> str:
+        return self.require("store", "path")
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a TOML config file."""
     p = Path(path).expanduser()
@@ -103,7 +127,7 @@ def load_config(path: str | os.PathLike) -> Config:
                     f"{', '.join(SCHEMA[section])}.{_suggest(key, SCHEMA[section])}"
                 )
             types = SCHEMA[section][key]
-            if not isinstance(value, types) or isinstance(value, bool):
+            if not isinstance(value, types) or (isinstance(value, bool) and (section, key) not in BOOLS):
                 want = " or ".join(t.__name__ for t in types)
                 raise ConfigError(f"{p}: [{section}] {key} must be {want}, got {value!r}.")
             if (section, key) in PATHS:

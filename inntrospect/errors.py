@@ -44,3 +44,15 @@ class StoreLockedError(StoreError, RuntimeError):
 
 class IncompleteStoreError(StoreError):
     """The store's extraction has not finished."""
+
+
+class GroupNotFoundError(InntrospectError, ValueError):
+    """A requested group name is not a group of the corpus."""
+
+
+class StepNotFoundError(StoreError):
+    """A derived result (NAPs, contrasts, ...) has not been computed into the store."""
+
+
+class StaleResultError(StoreError):
+    """A derived result was computed from inputs the store no longer holds."""

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import steps as steps_
 from . import store as st
 
 __all__ = ["describe_store", "format_bytes"]
 
-#: derived results later steps write, in pipeline order
-STEPS = ("naps", "contrast", "topomap", "projection")
 
 
 def _du(path: Path) -> int:
@@ -75,7 +74,25 @@ def describe_store(path: str | os.PathLike) -> str:
         labels = np.array([str(g) for g in root[f"layers/{attrs['layers'][0]}/group"][:]])
         names, counts = np.unique(labels, return_counts=True)
         lines += ["", f"groups ({len(names)}): " + ", ".join(f"{g} ({c})" for g, c in zip(names, counts))]
-    present = [s for s in STEPS if s in root]
-    lines.append(f"steps:      extract{''.join(', ' + s for s in present)}"
-                 + ("" if present else " (no analysis steps yet)"))
+    lines += ["", "steps:"] + _describe_steps(path, attrs)
     return "\n".join(lines)
+
+
+def _describe_steps(path: Path, attrs: dict) -> list[str]:
+    """One line per analysis step: current, stale (and why, and what to run), or absent."""
+    records = attrs.get("steps", {})
+    status = steps_.status(path, attrs)
+    lines = []
+    for step in steps_.STEPS:
+        rec = records.get(step)
+        if rec is None:
+            lines.append(f"  {step:<9} not run ({steps_.RERUN[step].split(' (')[0]})")
+            continue
+        params = ", ".join(f"{k}={v}" for k, v in rec.get("params", {}).items())
+        what = f"{len(rec.get('layers', []))} layers" + (f"; {params}" if params else "")
+        why = status.get(step)
+        if why is None:
+            lines.append(f"  {step:<9} current ({what}; {rec.get('finished')})")
+        else:
+            lines.append(f"  {step:<9} STALE: {why} ({what}). Re-run {steps_.RERUN[step].split(' (')[0]}")
+    return lines

@@ -227,12 +227,13 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         tree = xr.open_datatree(str(path), engine="zarr", chunks={})
-    return tree.map_over_datasets(_load_labels)
+        plain = xr.open_datatree(str(path), engine="zarr")  # labels read without dask
+    return xr.map_over_datasets(_load_labels, tree, plain)
 
 
-def _load_labels(ds):
+def _load_labels(ds, plain):
     """Hold the small per-sample labels in memory, so ``groupby("group")`` just works."""
-    labels = {k: ds[k].variable.load() for k in ds.coords if k not in ds.indexes}
+    labels = {k: plain[k].variable.load() for k in ds.coords if k not in ds.indexes}
     return ds.assign_coords(labels) if labels else ds
 
 
@@ -252,6 +253,36 @@ def update_attrs(path: str | os.PathLike, **changes) -> None:
     group = zarr.open_group(str(path), mode="r+")
     group.attrs.update(changes)
     consolidate(path)
+
+
+def remove_node(path: str | os.PathLike, name: str) -> None:
+    """Delete a group or array of the store (and everything under it), if present."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    if name in root:
+        del root[name]
+
+
+def write_node(path: str | os.PathLike, name: str, ds) -> None:
+    """Write a small in-memory Dataset as the node ``name`` (replacing it), then consolidate.
+
+    Text labels are stored as Zarr v3 variable-length strings, like the sample table.
+    """
+    text = {k: v.astype(object) for k, v in ds.variables.items() if v.dtype.kind == "U"}
+    ds = ds.assign_coords({k: v for k, v in text.items() if k in ds.coords}).assign(
+        {k: v for k, v in text.items() if k not in ds.coords})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        ds.to_zarr(str(path), group=name, mode="w", zarr_format=3, consolidated=False,
+                   encoding=_one_chunk_per_group(ds))
+    consolidate(path)
+
+
+def _one_chunk_per_group(ds) -> dict:
+    """Chunk per-group arrays one group per chunk: reading one group reads one chunk."""
+    return {k: {"chunks": (1, *v.shape[1:])} for k, v in ds.data_vars.items()
+            if v.ndim > 1 and v.dims[0] == "group"}
 
 
 def remove_store(path: Path) -> None:

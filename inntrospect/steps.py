@@ -1,0 +1,176 @@
+"""Step records: what each derived result was computed from, and whether it is current.
+
+Every analysis step that writes into a store (``align``, ``naps``,
+``contrast``) leaves a record in the root attribute ``steps``::
+
+    steps = {"naps": {"step": "naps", "id": "3f2a…", "state": "complete",
+                      "params": {"aligned": true, "std": false},
+                      "inputs": {"extraction": "9c1e…", "align": null},
+                      "layers": [...], "started": "...", "finished": "..."}}
+
+and each node it writes carries ``step`` and ``id`` (plus the parameters and
+inputs) in its attributes. A result is current when its record is complete,
+its inputs are the ids the store holds now (the extraction's id, and the
+records of the steps it read), those are current in turn, and its nodes carry
+its id. Anything else is stale: reading it raises an error naming the command
+to re-run. Nothing asks questions.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime
+
+from . import store as st
+from .errors import StaleResultError, StepNotFoundError
+
+__all__ = ["STEPS", "load", "new_record", "status", "check_current", "begin", "finish", "RERUN"]
+
+#: derived steps in pipeline order, and where their nodes live in the store
+STEPS = {"align": "layers", "naps": "naps", "contrast": "contrast"}
+#: how to recompute each step, for messages
+RERUN = {
+    "extract": "inntrospect extract CONFIG --overwrite",
+    "align": "inntrospect align CONFIG (or inntrospect.align(store, persist=True))",
+    "naps": "inntrospect naps CONFIG (or inntrospect.naps(store, persist=True))",
+    "contrast": "inntrospect contrast CONFIG (or inntrospect.contrastive_naps(store, persist=True))",
+}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_record(step: str, params: dict, inputs: dict, layers: list[str]) -> dict:
+    """A fresh record of ``step`` with a new id; ``inputs`` maps input names to ids."""
+    return {
+        "step": step, "id": uuid.uuid4().hex, "state": "running", "params": dict(params),
+        "inputs": dict(inputs), "layers": list(layers), "started": _now(),
+    }
+
+
+def node_attrs(record: dict, layer: str) -> dict:
+    """The attributes a node written by ``record`` carries."""
+    return {"step": record["step"], "id": record["id"], "layer": layer,
+            "params": record["params"], "inputs": record["inputs"]}
+
+
+def _reason(attrs: dict, step: str) -> tuple[str, str] | None:
+    """Why ``step``'s result is not current, and the first step to re-run (None: current)."""
+    rec = attrs.get("steps", {}).get(step)
+    if rec is None:
+        return step, f"there are no {step} results in the store"
+    if rec.get("state") != "complete":
+        return step, f"the {step} step started {rec.get('started')} did not finish"
+    inputs = rec.get("inputs", {})
+    ext = attrs.get("extraction", {}).get("id")
+    if inputs.get("extraction") != ext:
+        return step, (f"the {step} results were computed from extraction "
+                      f"{inputs.get('extraction')}, but the store now holds extraction {ext}")
+    for dep, dep_id in inputs.items():
+        if dep == "extraction" or dep_id is None:
+            continue
+        dep_rec = attrs.get("steps", {}).get(dep)
+        if dep_rec is None or dep_rec.get("id") != dep_id:
+            now = "gone" if dep_rec is None else f"now {dep_rec.get('id')}"
+            return step, (f"the {step} results were computed from {dep} results {dep_id}, "
+                          f"but the store's {dep} results are {now}")
+        why = _reason(attrs, dep)
+        if why:
+            return why[0], f"{why[1]}, and the {step} results depend on them"
+    return None
+
+
+def status(path: str | os.PathLike, attrs: dict | None = None) -> dict[str, str | None]:
+    """``{step: None if current, else why not}`` for every step with a record."""
+    attrs = st.store_attrs(path) if attrs is None else attrs
+    out = {}
+    for s in STEPS:
+        if s in attrs.get("steps", {}):
+            why = _reason(attrs, s)
+            out[s] = None if why is None else why[1]
+    return out
+
+
+def check_current(path: str | os.PathLike, step: str, attrs: dict | None = None) -> dict:
+    """The record of ``step`` if its result is current; else a clear error naming the fix.
+
+    Raises
+    ------
+    StepNotFoundError
+        The step has not been run on this store.
+    StaleResultError
+        The step's inputs have changed since, or it was interrupted.
+    """
+    attrs = st.store_attrs(path) if attrs is None else attrs
+    rec = attrs.get("steps", {}).get(step)
+    if rec is None:
+        raise StepNotFoundError(f"{path} has no {step} results yet. Run {RERUN[step]}.")
+    why = _reason(attrs, step)
+    if why:
+        first, message = why
+        then = f", then {RERUN[step]}" if first != step else ""
+        raise StaleResultError(f"{path}: {message}. Re-run {RERUN[first]}{then}.")
+    return rec
+
+
+def check_node(path, step: str, layer: str, node_attrs_: dict, rec: dict) -> None:
+    """Refuse a node left over from an earlier run of ``step`` (its id differs)."""
+    if node_attrs_.get("id") != rec["id"]:
+        raise StaleResultError(
+            f"{path}: {STEPS[step]}/{layer} was written by another {step} run "
+            f"({node_attrs_.get('id')}, the store's record is {rec['id']}). Re-run {RERUN[step]}."
+        )
+
+
+def begin(path: str | os.PathLike, record: dict) -> None:
+    """Mark ``record``'s step as running (its old result is no longer trusted)."""
+    steps = dict(st.store_attrs(path).get("steps", {}))
+    steps[record["step"]] = record
+    st.update_attrs(path, steps=steps)
+
+
+def finish(path: str | os.PathLike, record: dict) -> dict:
+    """Mark ``record``'s step complete: from now on its result is current."""
+    record = {**record, "state": "complete", "finished": _now()}
+    steps = dict(st.store_attrs(path).get("steps", {}))
+    steps[record["step"]] = record
+    st.update_attrs(path, steps=steps)
+    return record
+
+
+def load(store, step: str) -> dict:
+    """A step's results as stored, lazily, after checking they are current.
+
+    ``{layer: Dataset}`` for ``naps`` and ``contrast``; ``{layer: DataArray}``
+    of the persisted ``aligned`` activations for ``align``. ``store`` is a
+    path (results can only be checked against the store they live in).
+
+    Raises
+    ------
+    StepNotFoundError, StaleResultError
+        The step has not been run, or its inputs changed since; the message
+        names the command to run.
+    """
+    import xarray as xr
+
+    if isinstance(store, xr.DataTree):
+        raise TypeError("load() needs the store's path, to check its results are current.")
+    rec = check_current(store, step)
+    tree = st.open_store(store)
+    out = {}
+    for layer in rec["layers"]:
+        if step == "align":
+            node = tree[f"layers/{layer}"]
+            arr = node["aligned"] if "aligned" in node else None
+            check_node(store, step, layer, {} if arr is None else arr.attrs, rec)
+            out[layer] = arr
+        else:
+            try:
+                ds = tree[f"{STEPS[step]}/{layer}"].to_dataset()
+            except KeyError:
+                ds = xr.Dataset()
+            check_node(store, step, layer, ds.attrs, rec)
+            out[layer] = ds
+    return out
