@@ -11,49 +11,202 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import StoreError
+
 __all__ = ["shifts", "align_kernel", "align_reference", "align"]
 
 
-def shifts(grads: np.ndarray, slab: int = 16) -> np.ndarray:
+# Slab size in bytes: |grads| is taken and summed, and output rows are gathered and
+# their margins zeroed, one slab at a time (buffers reused, and small enough to stay
+# in the core's 512 KiB L2 cache). Full-size memory traffic is then one read of
+# grads, one read of acts and one write of the output.
+_SLAB = 1 << 18
+# Samples smaller than this (with rows of at least _MIN_ROW bytes) are gathered row
+# by row, a slab at a time, with no Python work per sample; bigger samples get one
+# slice copy per run of equal shift, whose Python overhead is small next to the
+# bytes it moves.
+_SMALL_SAMPLE = 1 << 17
+_MIN_ROW = 64
+# A fresh output at least this big is mmap'ed (glibc's largest dynamic mmap
+# threshold is 32 MiB), so np.zeros costs no more than np.empty (the kernel zeroes
+# the pages at first touch either way) and the slice path skips the margins.
+_CALLOC_FREE = 1 << 25
+
+
+def _saliency_sums(grads: np.ndarray, slab: int) -> np.ndarray:
+    """Sums of ``|grads|`` over units, ``(n, P)``, in einsum's summation order.
+
+    ``grads`` must be C-contiguous float32/64. ``|grads|`` goes into a reused
+    L2-sized slab that ``np.einsum("ij->i")`` sums (SIMD, single-threaded): one
+    pass over ``grads``, no full-size temporary. BLAS (``slab @ ones``) measured
+    no faster here, as the pass is bound by reading ``grads`` from memory, and its
+    thread pool would compete with dask's workers. A float64 sum would add a cast
+    and gain nothing: exactness comes from the error bound in :func:`shifts`.
+    """
+    n, units = grads.shape[0], grads.shape[-1]
+    rows = grads.reshape(-1, units)  # a view: grads is C-contiguous
+    sums = np.empty(len(rows), grads.dtype)
+    step = max(1, slab // (units * grads.itemsize))
+    tmp = np.empty((min(step, len(rows)), units), grads.dtype)
+    for lo in range(0, len(rows), step):
+        part = np.abs(rows[lo : lo + step], out=tmp[: len(rows) - lo])
+        np.einsum("ij->i", part, out=sums[lo : lo + len(part)])
+    return sums.reshape(n, -1)
+
+
+def _exact_argmax(grads: np.ndarray, which: np.ndarray, slab: int) -> tuple[np.ndarray, np.ndarray]:
+    """First argmax, and "saliency not constant", of samples ``which`` by the reference's
+    own expression ``np.abs(g).mean(axis=-1)``: same dtype, same pairwise float sum over
+    the contiguous unit axis, same division, so element for element the reference's
+    value and ties resolve alike. Vectorised: a slab of (sample, position) rows at a
+    time (whole samples at a time if ``grads`` is not C-contiguous)."""
+    size = int(np.prod(grads.shape[1:-1], dtype=np.int64))
+    units = grads.shape[-1]
+    parts = []
+    if grads.flags.c_contiguous and units:
+        rows = grads.reshape(-1, units)
+        index = (which[:, None] * size + np.arange(size)).reshape(-1)  # rows to evaluate
+        step = max(1, slab // max(1, units * grads.itemsize))
+        buf = np.empty((min(step, len(index)), units), grads.dtype)
+        for lo in range(0, len(index), step):
+            part = index[lo : lo + step]
+            first, last = int(part[0]), int(part[-1])
+            if last - first == len(part) - 1:  # consecutive rows: no gather needed
+                g = np.abs(rows[first : last + 1], out=buf[: len(part)])
+            else:
+                g = np.take(rows, part, axis=0, out=buf[: len(part)], mode="clip")
+                np.abs(g, out=g)
+            parts.append(g.mean(axis=-1))
+    else:
+        step = max(1, slab // max(1, grads[0].nbytes))
+        buf = np.empty((min(step, len(which)), *grads.shape[1:]), grads.dtype)
+        for lo in range(0, len(which), step):
+            part = which[lo : lo + step]
+            g = np.take(grads, part, axis=0, out=buf[: len(part)], mode="clip")
+            parts.append(np.abs(g, out=g).mean(axis=-1).reshape(-1))
+    saliency = np.concatenate(parts).reshape(len(which), size)
+    return saliency.argmax(axis=1), ~(saliency.min(axis=1) == saliency.max(axis=1))
+
+
+def shifts(grads: np.ndarray, slab: int = _SLAB) -> np.ndarray:
     """Per-sample shift ``d = argmax(saliency) - centre``, shape ``(n, n_spatial)``.
 
-    ``grads`` is ``(n, *spatial, unit)``; rows with constant saliency get 0.
-    The sum over units stands in for the mean (same argmax, same ties); it is
-    taken ``slab`` samples at a time so the temporary ``|grads|`` stays small.
+    ``grads`` is ``(n, *spatial, unit)``; rows with constant saliency get 0. Equal to
+    the reference's (:func:`align_reference`: float mean of ``|grads|`` over units,
+    first maximum in C order), in two steps:
+
+    1. Fast, one pass over ``grads``: sums of ``|grads|`` (:func:`_saliency_sums`).
+       They are summed in another order than numpy's pairwise mean, so they are trusted
+       only where the maximum is *clear*: finite and of normal size, with every other
+       position more than ``tol`` (relative) below it. Summing ``U`` non-negative
+       numbers in any order is within ``(U - 1) u`` of the exact sum (``u`` the unit
+       roundoff), and so is the reference's sum; with ``tol = 16 (U + 2) u`` its means
+       (float sum, then division by ``U``) keep a strict unique maximum at the same
+       position, hence the same argmax, and are not constant.
+       A maximum sum of 0 means all-zero gradients: constant saliency, no shift.
+    2. Exact: the other samples (ties, near-ties within ``tol``, constant nonzero
+       saliency, NaN/inf, float16 or non-contiguous grads) get the reference's own
+       mean (:func:`_exact_argmax`), so even exact ties resolve as in the reference.
     """
-    n, spatial = grads.shape[0], grads.shape[1:-1]
-    saliency = np.empty((n, int(np.prod(spatial, dtype=np.int64))), np.float64)
-    tmp = np.empty((min(slab, n), *grads.shape[1:]), grads.dtype)
-    for lo in range(0, n, slab):
-        part = grads[lo : lo + slab]
-        absolute = np.abs(part, out=tmp[: len(part)])
-        saliency[lo : lo + len(part)] = absolute.reshape(len(part), -1, grads.shape[-1]).sum(axis=-1)
-    flat = saliency.argmax(axis=1)  # first maximum in C order
-    pos = np.stack(np.unravel_index(flat, spatial), axis=1) if spatial else np.zeros((n, 0), int)
-    d = pos - np.asarray(spatial, dtype=np.int64) // 2
-    d[saliency.min(axis=1) == saliency.max(axis=1)] = 0
+    n, spatial, units = grads.shape[0], grads.shape[1:-1], grads.shape[-1]
+    if not spatial:
+        return np.zeros((n, 0), np.int64)
+    flat = np.zeros(n, np.intp)
+    moved = np.ones(n, bool)
+    unclear = np.arange(n)
+    if grads.dtype in (np.float32, np.float64) and grads.flags.c_contiguous and grads.size:
+        sums = _saliency_sums(grads, slab)
+        flat = sums.argmax(axis=1)
+        top = sums[np.arange(n), flat]
+        tol = 16 * (units + 2) * np.finfo(grads.dtype).eps / 2
+        clear = (top >= units * 2.0**-100) & (top <= 2.0**100)  # False for NaN too
+        clear &= np.count_nonzero(sums > (top * (1 - tol))[:, None], axis=1) == 1
+        still = top == 0  # every |grad| is 0: the reference's saliency is constant
+        moved[still] = False
+        unclear = np.flatnonzero(~clear & ~still)
+    if len(unclear):
+        flat[unclear], moved[unclear] = _exact_argmax(grads, unclear, slab)
+    d = np.stack(np.unravel_index(flat, spatial), axis=1) - np.asarray(spatial, np.int64) // 2
+    d[~moved] = 0
     return d.astype(np.int64)
 
 
-def _slices(d: np.ndarray, spatial: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-    """Destination and source slices of a shift: ``out[x] = a[x + d]`` where inside."""
-    dst, src = [], []
+def _slices(d: list[int], spatial: tuple[int, ...]) -> tuple[tuple, tuple, list]:
+    """Destination and source slices of a shift (``out[x] = a[x + d]`` where inside),
+    and the disjoint destination regions outside it, which are 0."""
+    dst, src, margins = [], [], []
     for di, size in zip(d, spatial):
         di = int(di)
         lo, hi = max(0, -di), min(size, size - di)  # x with 0 <= x + d < size
-        if lo >= hi:
-            return (), ()
+        if lo >= hi:  # shifted out entirely: all margin
+            return (), (), [()]
+        if lo > 0:
+            margins.append((*dst, slice(0, lo)))
+        if hi < size:
+            margins.append((*dst, slice(hi, size)))
         dst.append(slice(lo, hi))
         src.append(slice(lo + di, hi + di))
-    return tuple(dst), tuple(src)
+    return tuple(dst), tuple(src), margins
+
+
+def _copy_runs(
+    acts: np.ndarray, d: np.ndarray, out: np.ndarray, starts: list, zeroed: bool
+) -> None:
+    """One slice copy per run of consecutive samples with equal shift, plus the run's
+    margins (skipped when ``out`` is known to be zero)."""
+    spatial = acts.shape[1:-1]
+    for lo, hi, shift in zip(starts, [*starts[1:], len(d)], d[starts].tolist()):
+        dst, src, margins = _slices(shift, spatial)
+        for region in [] if zeroed else margins:
+            out[(slice(lo, hi), *region)] = 0
+        if dst:
+            out[(slice(lo, hi), *dst)] = acts[(slice(lo, hi), *src)]
+
+
+def _copy_gather(acts: np.ndarray, d: np.ndarray, out: np.ndarray, slab: int) -> None:
+    """Row gather: ``out`` row (sample, x) = ``acts`` row (sample, x + d), or zero.
+
+    One ``np.take`` per L2-sized slab of samples reads the source rows straight from
+    ``acts`` (rows outside the sample read a clipped, already cached edge row), then
+    one ``np.put`` overwrites those rows with zeros while they are still in cache.
+    No Python work per sample; ``acts`` and ``out`` must be C-contiguous.
+    """
+    n, spatial, units = acts.shape[0], acts.shape[1:-1], acts.shape[-1]
+    size = int(np.prod(spatial, dtype=np.int64))
+    index = np.empty((n, *spatial), np.intp)
+    index[...] = (np.arange(n, dtype=np.intp) * size).reshape(n, *[1] * len(spatial))
+    inside = np.ones((n, *spatial), bool)
+    stride = size
+    for axis, extent in enumerate(spatial):
+        stride //= extent
+        x = np.arange(extent) + d[:, axis : axis + 1]
+        shape = (n, *[extent if a == axis else 1 for a in range(len(spatial))])
+        index += (np.clip(x, 0, extent - 1) * stride).reshape(shape)
+        inside &= ((x >= 0) & (x < extent)).reshape(shape)
+    index = index.reshape(-1)
+    outside = np.flatnonzero(~inside.reshape(-1))
+    rows = out.reshape(-1, units)
+    whole_rows = rows.view(np.dtype((np.void, units * acts.itemsize))).reshape(-1)
+    zero = np.zeros((), whole_rows.dtype)
+    k = int(min(n, max(1, slab // (size * units * acts.itemsize))))
+    cuts = np.searchsorted(outside, np.arange(0, n + k, k) * size).tolist()
+    source = acts.reshape(-1, units)
+    for j, lo in enumerate(range(0, n, k)):
+        r0, r1 = lo * size, min(n, lo + k) * size
+        np.take(source, index[r0:r1], axis=0, out=rows[r0:r1], mode="clip")
+        np.put(whole_rows, outside[cuts[j] : cuts[j + 1]], zero, mode="clip")
 
 
 def align_kernel(acts: np.ndarray, grads: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Aligned activations of a chunk of samples, ``(n, *spatial, unit)``.
 
-    Vectorised over samples: samples sharing a shift are copied together, one
-    slice copy per distinct shift (at most the number of spatial positions).
-    Arrays without spatial axes are returned as they are.
+    Equal to :func:`align_reference`. Vectorised over samples: the shifts come from
+    one pass over ``grads`` in cache-sized slabs (:func:`shifts`); then every output
+    byte is written once, by a row gather per cache-sized slab of small samples
+    (:func:`_copy_gather`), or by one slice copy per run of equal shift for big
+    samples or few runs (:func:`_copy_runs`). ``out``, if given, is overwritten
+    entirely (it need not be zeroed first). Arrays without spatial axes are
+    returned as they are.
     """
     if acts.shape != grads.shape:
         raise ValueError(f"acts {acts.shape} and grads {grads.shape} must have one shape.")
@@ -61,28 +214,21 @@ def align_kernel(acts: np.ndarray, grads: np.ndarray, out: np.ndarray | None = N
     if not spatial:
         return acts
     d = shifts(grads)
-    if out is None:
-        out = np.zeros_like(acts)
-    else:
-        out[...] = 0
-    unique, inverse = np.unique(d, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if len(unique) == 1:  # the whole chunk moves alike: plain slices, no gather
-        dst, src = _slices(unique[0], spatial)
-        if dst:
-            out[(slice(None), *dst)] = acts[(slice(None), *src)]
+    starts = [0, *(np.flatnonzero(np.any(d[1:] != d[:-1], axis=1)) + 1).tolist()]
+    sample = acts.nbytes // max(1, len(acts))
+    rows_ok = acts.flags.c_contiguous and acts.shape[-1] * acts.itemsize >= _MIN_ROW
+    if out is not None:
+        rows_ok &= out.flags.c_contiguous and out.dtype == acts.dtype
+    if sample < _SMALL_SAMPLE and len(starts) > 1 and rows_ok:
+        if out is None:
+            out = np.empty(acts.shape, acts.dtype)
+        _copy_gather(acts, d, out, _SLAB)
         return out
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
-    for k, shift in enumerate(unique):
-        dst, src = _slices(shift, spatial)
-        if not dst:
-            continue
-        idx = order[bounds[k] : bounds[k + 1]]
-        if len(idx) == 1:  # a shift of its own: a plain slice copy, no gathered temporary
-            out[(int(idx[0]), *dst)] = acts[(int(idx[0]), *src)]
-        else:
-            out[(idx, *dst)] = acts[(idx, *src)]
+    zeroed = out is None and acts.nbytes >= _CALLOC_FREE
+    if out is None:
+        out = (np.zeros if zeroed else np.empty)(acts.shape, acts.dtype)
+    if len(acts):
+        _copy_runs(acts, d, out, starts, zeroed)
     return out
 
 
@@ -107,19 +253,30 @@ def align_reference(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return out
 
 
-def align(store) -> dict:
+def align(store, persist: bool = False, *, progress: bool = False) -> dict:
     """Aligned activations of every layer, lazily: ``{layer: DataArray}``.
 
     ``store`` is a store path or the tree :func:`inntrospect.open_store` returns.
     Layers without spatial axes, and the output layer (it has no gradients),
     pass through unchanged. Nothing is computed until asked: each chunk of
     samples is aligned by :func:`align_kernel` when it is read.
+
+    With ``persist=True`` (``store`` must be a path) the aligned activations
+    are written chunk by chunk as ``aligned`` into ``layers/<layer>`` of the
+    layers that have spatial axes, recorded as the ``align`` step, and
+    returned as stored (lazy): ``{layer: DataArray}`` of those layers only.
+    :func:`inntrospect.naps` with ``aligned=True`` then reads them instead of
+    aligning again.
     """
     import dask.array as da
     import xarray as xr
 
     from .store import open_store
 
+    if persist:
+        if isinstance(store, xr.DataTree):
+            raise StoreError("align(persist=True) writes into the store: pass its path, not an opened tree.")
+        return _persist(store, progress)
     tree = store if isinstance(store, xr.DataTree) else open_store(store)
     result = {}
     for name in tree.attrs["layers"]:
@@ -131,3 +288,35 @@ def align(store) -> dict:
         data = da.map_blocks(align_kernel, acts.data, node["grads"].data, dtype=acts.dtype)
         result[name] = acts.copy(data=data).rename("aligned")
     return result
+
+
+def _persist(path, progress: bool) -> dict:
+    """Write ``aligned`` chunk by chunk (one task per stored chunk) and record the step."""
+    import dask.array as da
+    import zarr
+
+    from . import steps
+    from . import store as st
+    from .cluster import compute
+
+    with st.writer_lock(path):
+        lazy = {k: v for k, v in align(path).items() if v.name == "aligned"}
+        attrs = st.store_attrs(path)
+        rec = steps.new_record("align", {}, {"extraction": attrs["extraction"]["id"]}, list(lazy))
+        steps.begin(path, rec)
+        root = zarr.open_group(str(path), mode="r+")
+        writes = []
+        for layer, arr in lazy.items():
+            acts = root[f"layers/{layer}/acts"]
+            target = root.create_array(
+                f"layers/{layer}/aligned", shape=acts.shape, chunks=acts.chunks, dtype="float32",
+                fill_value=np.nan, dimension_names=arr.dims, overwrite=True,
+                compressors=st.zarr_codecs(attrs["codecs"][layer]["acts"]),
+                attributes={"coordinates": acts.attrs.get("coordinates", ""),
+                            **steps.node_attrs(rec, layer)},
+            )
+            writes.append(da.store(arr.data, target, lock=False, compute=False))
+        st.consolidate(path)
+        compute(*writes, progress=progress, desc="align")
+        steps.finish(path, rec)
+    return steps.load(path, "align")
