@@ -32,8 +32,7 @@ def _cmd_align(args) -> int:
 
     path = load_config(args.config).store_path()
     done = align(path, persist=True, progress=not args.no_progress)
-    moved = [k for k, v in done.items() if v is not None]
-    print(f"aligned {len(moved)} layers with spatial axes ({', '.join(moved) or 'none'}) in {path}")
+    print(f"aligned {len(done)} layers with spatial axes ({', '.join(done) or 'none'}) in {path}")
     return 0
 
 

@@ -33,6 +33,13 @@ path = "digits.zarr"
 [extract]
 gradient_target = "predicted"
 batch_size = 128
+
+[naps]
+aligned = true
+std = true
+
+[contrast]
+weight_by_group_size = false
 """
 
 
@@ -79,11 +86,24 @@ def train_digits_cnn(path: Path, seed: int = 0, epochs: int = 12) -> float:
     return acc
 
 
+def _most_specific_units(con, nap) -> str:
+    """For each group, the unit of a layer its contrastive NAP singles out most."""
+    lines = [f"most group-specific unit of layer {con.attrs['layer']!r} "
+             "(contrastive NAP; the group's mean activation beside it):"]
+    for g in con.group.values:
+        c = con.nap.sel(group=g).values
+        u = int(np.argmax(c))
+        lines.append(f"  {g}: unit {u:>2}  contrast {c[u]:+.2f}  mean {float(nap.nap.sel(group=g)[u]):.2f}")
+    return "\n".join(lines)
+
+
 def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     """Run the demo into ``out``; return the store path."""
+    from .align import align
     from .config import load_config
     from .extract import prepare_extraction, run_extraction
     from .info import describe_store
+    from .naps import contrastive_naps, naps
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -96,11 +116,19 @@ def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     print(f"config: {cfg_path}")
     ex = prepare_extraction(**load_config(cfg_path).extract_kwargs())
     run_extraction(ex, overwrite=True, progress=progress)
+    cfg = load_config(cfg_path)
+    align(ex.path, persist=True, progress=progress)
+    profiles = naps(ex.path, **cfg.naps_kwargs(), persist=True, progress=progress)
+    contrasts = contrastive_naps(ex.path, **cfg.contrast_kwargs(), persist=True, progress=progress)
     print()
     print(describe_store(ex.path))
+    print()
+    print(_most_specific_units(contrasts["dense"], profiles["dense"]))
     print(
         f"\ndone in {time.perf_counter() - t0:.0f} s. Outputs in {out}/:\n"
         f"  {ex.path}  (open it with: xarray.open_datatree({str(ex.path)!r}, engine='zarr'))\n"
-        f"  rerun a step: inntrospect extract {cfg_path}    describe: inntrospect info {ex.path}"
+        f"  rerun a step: inntrospect extract|align|naps|contrast {cfg_path}\n"
+        f"  describe:     inntrospect info {ex.path}\n"
+        f"  in Python:    inntrospect.load({str(ex.path)!r}, 'naps')['conv2'].nap"
     )
     return ex.path

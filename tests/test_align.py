@@ -91,3 +91,34 @@ def test_lazy_align_on_the_mnist_cnn_store(cnn_store):
     moved = np.any(shifts(grads) != 0, axis=1)
     assert moved.mean() > 0.5  # real saliency maps do move most samples
     np.testing.assert_array_equal(aligned["flatten_8"].values, tree["layers/flatten_8"].acts.values)
+
+
+def test_persisted_alignment_is_written_chunk_by_chunk_and_read_by_naps(tmp_path):
+    import xarray as xr
+
+    import inntrospect
+    from inntrospect.errors import StaleResultError
+    from inntrospect.testing import store_from_arrays
+
+    rng = np.random.default_rng(4)
+    x = rng.random((21, 5, 4, 3), np.float32)
+    g = rng.standard_normal((21, 5, 4, 3)).astype(np.float32)
+    path = store_from_arrays(tmp_path / "s.zarr", {"conv": x, "dense": x[:, 0, 0]}, np.repeat(list("abc"), 7),
+                             grads={"conv": g}, chunks=4, codec={"name": "zstd", "level": 1})
+    done = inntrospect.align(path, persist=True)
+    assert list(done) == ["conv"]  # the dense layer has nothing to align
+    expected = align_reference(x, g)
+    np.testing.assert_array_equal(done["conv"].values, expected)
+    plain = xr.open_datatree(str(path), engine="zarr")["layers/conv"]
+    np.testing.assert_array_equal(plain.aligned.values, expected)
+    assert plain.aligned.encoding["chunks"] == (4, 5, 4, 3)
+    assert "group" in plain.aligned.coords and plain.aligned.attrs["step"] == "align"
+    assert "aligned" not in plain.aligned.attrs.get("coordinates", "")
+
+    profiles = inntrospect.naps(path, aligned=True, persist=True)
+    rec = inntrospect.open_store(path).attrs["steps"]
+    assert rec["naps"]["inputs"]["align"] == rec["align"]["id"]
+    np.testing.assert_allclose(profiles["conv"].nap.sel(group="b").values, expected[7:14].mean(0), rtol=1e-6)
+    inntrospect.align(path, persist=True)  # aligned again: NAPs read the old arrays, so are stale
+    with pytest.raises(StaleResultError, match="computed from align results .* Re-run inntrospect naps"):
+        inntrospect.load(path, "naps")

@@ -58,7 +58,7 @@ def test_dry_run_extract_info(tmp_path, mnist_corpus, capsys):
     out = capsys.readouterr().out
     assert "extraction: complete" in out
     assert "conv2d_25" in out and "sample, y, x, unit" in out and "(600, 6, 6, 128)" in out
-    assert "groups (10): 0 (" in out and "no analysis steps yet" in out
+    assert "groups (10): 0 (" in out and "naps      not run (inntrospect naps CONFIG)" in out
 
     assert main(["extract", str(cfg), "--no-progress"]) == 0  # again: nothing left to do
     assert "extracted 0 of 3 blocks" in capsys.readouterr().out
@@ -98,4 +98,50 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     acts = node.acts.values
     expected = np.stack([acts[labels == g].mean(axis=0) for g in sorted(set(labels))])
     np.testing.assert_allclose(means.values, expected, rtol=1e-5, atol=1e-6)
+    # the analysis steps ran and are current; their NAPs are the aligned per-group means
+    assert "most group-specific unit of layer 'dense'" in out
+    for step in ("align", "naps", "contrast"):
+        assert f"{step:<9} current" in out
+    profiles = inntrospect.load(path, "naps")
+    aligned = inntrospect.load(path, "align")["conv2"].values
+    expected = np.stack([aligned[labels == g].mean(axis=0) for g in sorted(set(labels))])
+    np.testing.assert_allclose(profiles["conv2"].nap.values, expected, rtol=1e-5, atol=1e-6)
+    assert set(inntrospect.load(path, "contrast")) == set(tree.attrs["layers"])
     assert (tmp_path / "demo" / "config.toml").is_file()
+
+
+def test_analysis_steps_from_the_command_line(tmp_path, capsys):
+    from inntrospect.testing import store_from_arrays
+
+    rng = np.random.default_rng(0)
+    x = rng.random((24, 3, 3, 2), np.float32)
+    store_from_arrays(tmp_path / "s.zarr", {"conv": x, "dense": x[:, 0, 0]}, np.repeat(["cat", "dog", "eel"], 8),
+                      grads={"conv": rng.standard_normal(x.shape)}, chunks=5)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[store]\npath = "s.zarr"\n[naps]\naligned = true\nstd = true\n'
+                   '[contrast]\ngroups = ["dog", "cat"]\nweight_by_group_size = true\n')
+    assert main(["align", str(cfg), "--no-progress"]) == 0
+    assert "aligned 1 layers with spatial axes (conv)" in capsys.readouterr().out
+    assert main(["naps", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "NAPs of 2 layers (aligned activations, with std)" in out and "cat (8), dog (8), eel (8)" in out
+    assert main(["contrast", str(cfg), "--no-progress"]) == 0
+    assert "for groups cat, dog" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "s.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "naps      current (2 layers; aligned=True, std=True" in out
+    assert "contrast  current" in out
+    rec = inntrospect.open_store(tmp_path / "s.zarr").attrs["steps"]
+    assert rec["naps"]["inputs"]["align"] == rec["align"]["id"]  # read the persisted aligned arrays
+
+    cfg.write_text('[store]\npath = "s.zarr"\n[naps]\naligned = false\n')
+    assert main(["naps", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "s.zarr")]) == 0
+    assert "contrast  STALE: the contrast results were computed from naps results" in capsys.readouterr().out
+    cfg.write_text('[store]\npath = "s.zarr"\n[contrast]\ngroups = ["dog", "bird"]\n')
+    assert main(["contrast", str(cfg), "--no-progress"]) == 2
+    assert "unknown group 'bird'; the groups are: cat, dog, eel." in capsys.readouterr().err
+    cfg.write_text('[store]\npath = "s.zarr"\n[naps]\naligned = 1\n')
+    assert main(["naps", str(cfg)]) == 2
+    assert "[naps] aligned must be bool, got 1" in capsys.readouterr().err
