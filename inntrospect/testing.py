@@ -47,7 +47,10 @@ def store_from_arrays(
     chunks
         Chunk length along ``sample`` (one for all layers, or per layer).
     codec
-        ``{"name": "zstd", "level": 1}``, or None to store raw.
+        ``{"name": "zstd", "level": 1}``, or None to store raw: for every
+        array; or per variable, ``{"acts": {"name": "zstd", "level": 1},
+        "grads": None}``; or per layer and variable, ``{layer: {"acts": ...,
+        "grads": ...}}`` (arrays left out are stored raw).
     """
     import zarr
 
@@ -67,7 +70,8 @@ def store_from_arrays(
         "model": {"framework": "arrays", "path": None, "sha256": None},
         "corpus": {"path": None, "n_samples": n, "n_files": 0},
         "layers": list(acts), "chunk_mib": 0.0, "chunks": per,
-        "codecs": {k: {"acts": codec, **({"grads": codec} if k in grads else {})} for k in acts},
+        "codecs": {k: {var: _codec_of(codec, k, var) for var in ("acts", "grads")
+                       if var == "acts" or k in grads} for k in acts},
         "extraction": {"id": uuid.uuid4().hex, "state": "incomplete", "gradient_target": None,
                        "block": block, "n_blocks": plan.n_blocks(n)},
     }
@@ -85,3 +89,12 @@ def store_from_arrays(
     root[st.BLOCKS_DONE][:] = 1
     st.update_attrs(path, extraction={**attrs["extraction"], "state": "complete"})
     return path
+
+
+def _codec_of(codec, layer: str, var: str) -> dict | None:
+    """The codec record of one array from ``codec`` as :func:`store_from_arrays` takes it."""
+    if codec is None or "name" in codec:  # one record (or none) for every array
+        return None if codec is None else dict(codec)
+    per_var = set(codec) <= {"acts", "grads"} and all(v is None or "name" in v for v in codec.values())
+    rec = codec.get(var) if per_var else (codec.get(layer) or {}).get(var)
+    return None if rec is None else dict(rec)
