@@ -1,0 +1,27 @@
+"""The benchmarks run at tiny size, so they keep working (their checks included)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .conftest import ROOT, needs_shared, python_env
+
+
+def run(script: str, *args: str) -> str:
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                         text=True, env=python_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_bench_align_quick():
+    out = run("bench_align.py", "--quick")
+    assert "per-sample loop" in out and "align_kernel" in out and "x" in out
+
+
+@needs_shared
+def test_bench_naps_quick(cnn_store, tmp_path):
+    out = run("bench_naps.py", "--quick", "--source", str(cnn_store), "--store", str(tmp_path / "b.zarr"))
+    for label in ("(a3)", "b/a =", "c/b =", "c2/b =", "(e) LocalCluster", "workers alive throughout"):
+        assert label in out, out
