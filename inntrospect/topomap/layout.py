@@ -114,11 +114,15 @@ class Layout:
         return x / np.where(norm > 0, norm, 1.0)
 
     def _umap(self, x):
+        import warnings
+
         import umap
 
         n_neighbors = min(15, len(x) - 1)
-        return umap.UMAP(n_components=2, metric=self.metric, random_state=self.seed,
-                         n_neighbors=n_neighbors).fit_transform(x)
+        with warnings.catch_warnings():  # a seed makes UMAP single-threaded, and it says so each time
+            warnings.filterwarnings("ignore", message="n_jobs value .* overridden", category=UserWarning)
+            return umap.UMAP(n_components=2, metric=self.metric, random_state=self.seed,
+                             n_neighbors=n_neighbors).fit_transform(x)
 
     def _tsne(self, x):
         from sklearn.manifold import TSNE
