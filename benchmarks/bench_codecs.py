@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import evict  # benchmarks/common.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "mnist_cnn_shallow"
@@ -102,18 +103,6 @@ def compute_arrays(model_path: Path, n: int, batch: int = 256):
             if chunks:
                 out[var][info.name] = np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
     return out, t_load, t_compute
-
-
-def evict(path: Path) -> None:
-    """Flush the files under ``path`` to disk and drop them from the page cache."""
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def disk_bytes(path: Path) -> int:

@@ -61,6 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from common import evict  # benchmarks/common.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -172,18 +173,6 @@ def get_store(path: Path, source: Path, n: int, chunk_mib: float | None, rebuild
 
 
 # -- helpers ---------------------------------------------------------------------
-def evict(path: Path) -> None:
-    """Drop the store's files from the page cache (only these files), for cold reads."""
-    os.sync()
-    for d, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def du(path: Path) -> int:
     return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in os.walk(path) for f in fs)
 

@@ -296,19 +296,13 @@ def contrast(nap, counts, weight_by_group_size: bool = False):
 
 
 # -- lazy wrappers ---------------------------------------------------------------
-def _open(store):
-    """``(path or None, tree, root attrs)`` of a store given as a path or an opened tree."""
+def _need_path(store, what: str):
+    """The store's path, or an error when an opened tree came instead."""
     import xarray as xr
 
     if isinstance(store, xr.DataTree):
-        return None, store, dict(store.attrs)
-    return store, st.open_store(store), st.store_attrs(store)
-
-
-def _need_path(path, what: str):
-    if path is None:
         raise StoreError(f"{what} writes into the store: pass its path, not an opened tree.")
-    return path
+    return store
 
 
 def _tree_reduce(parts: list, fan_in: int = FAN_IN):
@@ -330,8 +324,7 @@ def _aligned_source(path, attrs: dict, node):
         return acts, None, None
     if "aligned" in node and path is not None:
         rec = attrs.get("steps", {}).get("align")
-        if rec and steps.status(path, attrs).get("align", "absent") is None \
-                and node["aligned"].attrs.get("id") == rec["id"]:
+        if rec and steps.is_current(attrs, "align") and node["aligned"].attrs.get("id") == rec["id"]:
             return node["aligned"], None, rec["id"]
     return acts, node["grads"], None
 
@@ -485,14 +478,14 @@ def naps(store, aligned: bool = False, std: bool = False, *, persist: bool = Fal
     """
     import xarray as xr
 
-    if persist or isinstance(store, xr.DataTree):
-        path, tree, attrs = _open(store)
+    if persist:
+        return _persist_naps(_need_path(store, "naps(persist=True)"), aligned, std, progress)
+    if isinstance(store, xr.DataTree):
+        path, tree, attrs = None, store, dict(store.attrs)
     else:  # a path: the tree only when some array must be read through dask
         path, tree, attrs = store, None, st.store_attrs(store)
         if attrs.get("extraction", {}).get("state") != "complete":
             st.open_store(path)  # raises IncompleteStoreError
-    if persist:
-        return _persist_naps(_need_path(path, "naps(persist=True)"), aligned, std, progress)
     direct = _direct_sources(path, attrs, aligned) if tree is None else None
     if tree is None and direct is None:
         tree = st.open_store(path)
@@ -526,24 +519,13 @@ def naps(store, aligned: bool = False, std: bool = False, *, persist: bool = Fal
 
 
 def _persist_naps(path, aligned: bool, std: bool, progress: bool) -> dict:
-    from .cluster import compute
-
     with st.writer_lock(path):
         lazy = naps(path, aligned=aligned, std=std)
         attrs = st.store_attrs(path)
         align_ids = {ds.attrs["inputs"]["align"] for ds in lazy.values()} - {None}
         inputs = {"extraction": attrs["extraction"]["id"], "align": next(iter(align_ids), None)}
         rec = steps.new_record("naps", {"aligned": bool(aligned), "std": bool(std)}, inputs, list(lazy))
-        steps.begin(path, rec)
-        st.remove_node(path, "naps")
-        done = {}
-        for layer, ds in lazy.items():
-            (ds,) = compute(ds, progress=progress, desc=f"naps {layer}")
-            ds.attrs = steps.node_attrs(rec, layer)
-            st.write_node(path, f"naps/{layer}", ds)
-            done[layer] = ds
-        steps.finish(path, rec)
-    return done
+        return steps.write_results(path, rec, lazy, progress)
 
 
 def contrastive_naps(store, groups: Sequence[str] | None = None, weight_by_group_size: bool = False,
@@ -612,9 +594,7 @@ def _choose_groups(existing, groups) -> np.ndarray:
 
 
 def _persist_contrast(path, groups, weight_by_group_size, progress) -> dict:
-    from .cluster import compute
-
-    path = _need_path(_open(path)[0], "contrastive_naps(persist=True)")
+    path = _need_path(path, "contrastive_naps(persist=True)")
     with st.writer_lock(path):
         source = steps.load(path, "naps")
         lazy = contrastive_naps(path, groups, weight_by_group_size, naps=source)
@@ -622,13 +602,4 @@ def _persist_contrast(path, groups, weight_by_group_size, progress) -> dict:
         params = next(iter(lazy.values())).attrs["params"] if lazy else {}
         inputs = {"extraction": attrs["extraction"]["id"], "naps": attrs["steps"]["naps"]["id"]}
         rec = steps.new_record("contrast", params, inputs, list(lazy))
-        steps.begin(path, rec)
-        st.remove_node(path, "contrast")
-        done = {}
-        for layer, ds in lazy.items():
-            (ds,) = compute(ds, progress=progress, desc=f"contrast {layer}")
-            ds.attrs = steps.node_attrs(rec, layer)
-            st.write_node(path, f"contrast/{layer}", ds)
-            done[layer] = ds
-        steps.finish(path, rec)
-    return done
+        return steps.write_results(path, rec, lazy, progress)

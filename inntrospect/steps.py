@@ -25,7 +25,8 @@ from datetime import UTC, datetime
 from . import store as st
 from .errors import StaleResultError, StepNotFoundError
 
-__all__ = ["STEPS", "load", "new_record", "status", "check_current", "begin", "finish", "RERUN"]
+__all__ = ["STEPS", "load", "new_record", "status", "is_current", "check_current", "begin", "finish",
+           "write_results", "RERUN"]
 
 #: derived steps in pipeline order, and where their nodes live in the store
 STEPS = {"align": "layers", "naps": "naps", "contrast": "contrast"}
@@ -93,6 +94,11 @@ def status(path: str | os.PathLike, attrs: dict | None = None) -> dict[str, str 
     return out
 
 
+def is_current(attrs: dict, step: str) -> bool:
+    """Whether ``step``'s result is current, from the store's root attributes."""
+    return _reason(attrs, step) is None
+
+
 def check_current(path: str | os.PathLike, step: str, attrs: dict | None = None) -> dict:
     """The record of ``step`` if its result is current; else a clear error naming the fix.
 
@@ -138,6 +144,29 @@ def finish(path: str | os.PathLike, record: dict) -> dict:
     steps[record["step"]] = record
     st.update_attrs(path, steps=steps)
     return record
+
+
+def write_results(path: str | os.PathLike, record: dict, results: dict, progress: bool = False) -> dict:
+    """Run a step into the store: replace its nodes by ``results`` computed layer by layer.
+
+    The step is marked running first and complete last, so an interrupted run
+    leaves a result that is refused as stale. ``results`` is ``{layer:
+    Dataset}`` (lazy is fine); returns them computed, with the record's node
+    attributes. The caller holds the writer lock.
+    """
+    from .cluster import compute
+
+    step = record["step"]
+    begin(path, record)
+    st.remove_node(path, STEPS[step])
+    done = {}
+    for layer, ds in results.items():
+        (ds,) = compute(ds, progress=progress, desc=f"{step} {layer}")
+        ds.attrs = node_attrs(record, layer)
+        st.write_node(path, f"{STEPS[step]}/{layer}", ds)
+        done[layer] = ds
+    finish(path, record)
+    return done
 
 
 def load(store, step: str) -> dict:
