@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["compute", "active_client"]
+__all__ = ["compute", "active_client", "progress_bar"]
 
 
 def active_client():
@@ -46,3 +46,12 @@ def compute(*collections, progress: bool = False, desc: str | None = None):
 
     with TqdmCallback(desc=desc, unit="task", smoothing=0.1):
         return dask.compute(*collections)
+
+
+def progress_bar(items, progress: bool, desc: str, total: int | None = None):
+    """``items``, wrapped in a ``tqdm`` bar when ``progress`` (for eager work over layers)."""
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, unit="layer")

@@ -8,6 +8,10 @@
     [extract] gradient_target = "predicted" | "target", batch_size = 128
     [naps]    aligned = false, std = false
     [contrast] groups = ["cat", "dog"] (default: all), weight_by_group_size = false
+    [topomap] method = "umap", metric = "euclidean", distribute_in_circle = true, seed = 0,
+              resolution = 100, from = "contrast" | "naps", compare = ["umap", "pca", …]
+    [projection] samples_per_group = 100, sampling = "random" | "first", seed = 0
+    [plot]    mode = "row" | "individual", format = "png" | "pdf" | "svg", output = "figures"
 
 Unknown sections and keys are errors (a typo should not be ignored silently).
 """
@@ -33,11 +37,26 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "extract": {"gradient_target": (str,), "batch_size": (int,)},
     "naps": {"aligned": (bool,), "std": (bool,)},
     "contrast": {"groups": (list,), "weight_by_group_size": (bool,)},
+    "topomap": {"method": (str,), "metric": (str,), "distribute_in_circle": (bool,), "seed": (int,),
+                "resolution": (int,), "from": (str,), "compare": (list,)},
+    "projection": {"samples_per_group": (int,), "sampling": (str,), "seed": (int,)},
+    "plot": {"mode": (str,), "format": (str,), "output": (str,)},
+}
+#: allowed values of the keys that name a choice
+CHOICES = {
+    ("topomap", "method"): ("umap", "tsne", "pca", "som", "graph", "random"),
+    ("topomap", "metric"): ("euclidean", "cosine"),
+    ("topomap", "from"): ("contrast", "naps"),
+    ("projection", "sampling"): ("random", "first"),
+    ("plot", "mode"): ("row", "individual"),
+    ("plot", "format"): ("png", "pdf", "svg"),
 }
 #: keys whose value is a boolean (everywhere else a bool is refused: ``true`` is no number)
-BOOLS = {("naps", "aligned"), ("naps", "std"), ("contrast", "weight_by_group_size")}
+BOOLS = {("naps", "aligned"), ("naps", "std"), ("contrast", "weight_by_group_size"),
+         ("topomap", "distribute_in_circle")}
 #: keys holding paths, resolved against the config file's folder
-PATHS = {("model", "path"), ("model", "weights"), ("corpus", "path"), ("store", "path")}
+PATHS = {("model", "path"), ("model", "weights"), ("corpus", "path"), ("store", "path"),
+         ("plot", "output")}
 
 
 def _suggest(word: str, options) -> str:
@@ -97,6 +116,44 @@ class Config:
             "weight_by_group_size": self.get("contrast", "weight_by_group_size", False),
         }
 
+    def layout_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`inntrospect.topomap_layout` from ``[topomap]``."""
+        return {
+            "method": self.get("topomap", "method", "umap"),
+            "metric": self.get("topomap", "metric", "euclidean"),
+            "seed": self.get("topomap", "seed", 0),
+            "distribute_in_circle": self.get("topomap", "distribute_in_circle", True),
+            "source": self.get("topomap", "from", "contrast"),
+        }
+
+    def compare_methods(self) -> list[str]:
+        """Layout methods that ``compare-layouts`` runs (``[topomap] compare``, default all)."""
+        methods = self.get("topomap", "compare", list(CHOICES[("topomap", "method")]))
+        bad = [m for m in methods if m not in CHOICES[("topomap", "method")]]
+        if bad or not methods:
+            raise ConfigError(f"{self.path}: [topomap] compare must list layout methods out of "
+                              f"{', '.join(CHOICES[('topomap', 'method')])}; got {methods!r}.")
+        return list(methods)
+
+    def resolution(self) -> int:
+        res = self.get("topomap", "resolution", 100)
+        if res < 2:
+            raise ConfigError(f"{self.path}: [topomap] resolution must be at least 2 pixels; got {res}.")
+        return res
+
+    def projection_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`inntrospect.instance_projection` from ``[projection]``."""
+        n = self.get("projection", "samples_per_group", 100)
+        if n < 1:
+            raise ConfigError(f"{self.path}: [projection] samples_per_group must be at least 1; got {n}.")
+        return {"samples_per_group": n, "sampling": self.get("projection", "sampling", "random"),
+                "seed": self.get("projection", "seed", 0)}
+
+    def plot_output(self) -> Path:
+        """Folder for plots, the report and the layout comparison (default: ``figures`` beside the config)."""
+        out = self.get("plot", "output")
+        return Path(out) if out is not None else self.path.parent / "figures"
+
     def store_path(self) -> str:
         return self.require("store", "path")
 
@@ -130,6 +187,10 @@ def load_config(path: str | os.PathLike) -> Config:
             if not isinstance(value, types) or (isinstance(value, bool) and (section, key) not in BOOLS):
                 want = " or ".join(t.__name__ for t in types)
                 raise ConfigError(f"{p}: [{section}] {key} must be {want}, got {value!r}.")
+            choices = CHOICES.get((section, key))
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{p}: [{section}] {key} must be one of "
+                                  f"{', '.join(map(repr, choices))}; got {value!r}.{_suggest(value, choices)}")
             if (section, key) in PATHS:
                 value = str((p.parent / Path(value).expanduser()).resolve())
             data[section][key] = value

@@ -86,13 +86,13 @@ def _describe_steps(path: Path, attrs: dict) -> list[str]:
     for step in steps_.STEPS:
         rec = records.get(step)
         if rec is None:
-            lines.append(f"  {step:<9} not run ({steps_.RERUN[step].split(' (')[0]})")
+            lines.append(f"  {step:<10} not run ({steps_.RERUN[step].split(' (')[0]})")
             continue
         params = ", ".join(f"{k}={v}" for k, v in rec.get("params", {}).items())
         what = f"{len(rec.get('layers', []))} layers" + (f"; {params}" if params else "")
         why = status.get(step)
         if why is None:
-            lines.append(f"  {step:<9} current ({what}; {rec.get('finished')})")
+            lines.append(f"  {step:<10} current ({what}; {rec.get('finished')})")
         else:
-            lines.append(f"  {step:<9} STALE: {why} ({what}). Re-run {steps_.RERUN[step].split(' (')[0]}")
+            lines.append(f"  {step:<10} STALE: {why} ({what}). Re-run {steps_.RERUN[step].split(' (')[0]}")
     return lines

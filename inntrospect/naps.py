@@ -296,15 +296,6 @@ def contrast(nap, counts, weight_by_group_size: bool = False):
 
 
 # -- lazy wrappers ---------------------------------------------------------------
-def _need_path(store, what: str):
-    """The store's path, or an error when an opened tree came instead."""
-    import xarray as xr
-
-    if isinstance(store, xr.DataTree):
-        raise StoreError(f"{what} writes into the store: pass its path, not an opened tree.")
-    return store
-
-
 def _tree_reduce(parts: list, fan_in: int = FAN_IN):
     import dask
 
@@ -479,7 +470,7 @@ def naps(store, aligned: bool = False, std: bool = False, *, persist: bool = Fal
     import xarray as xr
 
     if persist:
-        return _persist_naps(_need_path(store, "naps(persist=True)"), aligned, std, progress)
+        return _persist_naps(steps.need_path(store, "naps(persist=True)"), aligned, std, progress)
     if isinstance(store, xr.DataTree):
         path, tree, attrs = None, store, dict(store.attrs)
     else:  # a path: the tree only when some array must be read through dask
@@ -594,7 +585,7 @@ def _choose_groups(existing, groups) -> np.ndarray:
 
 
 def _persist_contrast(path, groups, weight_by_group_size, progress) -> dict:
-    path = _need_path(path, "contrastive_naps(persist=True)")
+    path = steps.need_path(path, "contrastive_naps(persist=True)")
     with st.writer_lock(path):
         source = steps.load(path, "naps")
         lazy = contrastive_naps(path, groups, weight_by_group_size, naps=source)

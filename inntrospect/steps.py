@@ -1,7 +1,7 @@
 """Step records: what each derived result was computed from, and whether it is current.
 
 Every analysis step that writes into a store (``align``, ``naps``,
-``contrast``) leaves a record in the root attribute ``steps``::
+``contrast``, ``layout``, ``topomap``, ``projection``) leaves a record in the root attribute ``steps``::
 
     steps = {"naps": {"step": "naps", "id": "3f2a…", "state": "complete",
                       "params": {"aligned": true, "std": false},
@@ -23,20 +23,33 @@ import uuid
 from datetime import UTC, datetime
 
 from . import store as st
-from .errors import StaleResultError, StepNotFoundError
+from .errors import StaleResultError, StepNotFoundError, StoreError
 
 __all__ = ["STEPS", "load", "new_record", "status", "is_current", "check_current", "begin", "finish",
-           "write_results", "RERUN"]
+           "write_results", "RERUN", "need_path"]
 
 #: derived steps in pipeline order, and where their nodes live in the store
-STEPS = {"align": "layers", "naps": "naps", "contrast": "contrast"}
+STEPS = {"align": "layers", "naps": "naps", "contrast": "contrast", "layout": "layout",
+         "topomap": "topomap", "projection": "projection"}
 #: how to recompute each step, for messages
 RERUN = {
     "extract": "inntrospect extract CONFIG --overwrite",
     "align": "inntrospect align CONFIG (or inntrospect.align(store, persist=True))",
     "naps": "inntrospect naps CONFIG (or inntrospect.naps(store, persist=True))",
     "contrast": "inntrospect contrast CONFIG (or inntrospect.contrastive_naps(store, persist=True))",
+    "layout": "inntrospect layout CONFIG (or inntrospect.topomap_layout(store))",
+    "topomap": "inntrospect layout CONFIG (or inntrospect.topomap_images(store))",
+    "projection": "inntrospect project CONFIG (or inntrospect.instance_projection(store))",
 }
+
+
+def need_path(store, what: str):
+    """The store's path, or an error when an opened tree came instead."""
+    import xarray as xr
+
+    if isinstance(store, xr.DataTree):
+        raise StoreError(f"{what} writes into the store: pass its path, not an opened tree.")
+    return store
 
 
 def _now() -> str:
@@ -162,7 +175,7 @@ def write_results(path: str | os.PathLike, record: dict, results: dict, progress
     done = {}
     for layer, ds in results.items():
         (ds,) = compute(ds, progress=progress, desc=f"{step} {layer}")
-        ds.attrs = node_attrs(record, layer)
+        ds.attrs = {**ds.attrs, **node_attrs(record, layer)}
         st.write_node(path, f"{STEPS[step]}/{layer}", ds)
         done[layer] = ds
     finish(path, record)
@@ -172,7 +185,8 @@ def write_results(path: str | os.PathLike, record: dict, results: dict, progress
 def load(store, step: str) -> dict:
     """A step's results as stored, lazily, after checking they are current.
 
-    ``{layer: Dataset}`` for ``naps`` and ``contrast``; ``{layer: DataArray}``
+    ``{layer: Dataset}`` for ``naps``, ``contrast``, ``layout``, ``topomap`` and
+    ``projection``; ``{layer: DataArray}``
     of the persisted ``aligned`` activations for ``align``. ``store`` is a
     path (results can only be checked against the store they live in).
 
@@ -187,7 +201,14 @@ def load(store, step: str) -> dict:
     if isinstance(store, xr.DataTree):
         raise TypeError("load() needs the store's path, to check its results are current.")
     rec = check_current(store, step)
-    tree = st.open_store(store)
+    if step == "align":
+        tree = st.open_store(store)
+    else:  # only the step's own nodes: opening the whole tree costs more as it grows
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            tree = xr.open_datatree(os.fspath(store), engine="zarr", chunks={}, group=STEPS[step])
     out = {}
     for layer in rec["layers"]:
         if step == "align":
@@ -197,7 +218,7 @@ def load(store, step: str) -> dict:
             out[layer] = arr
         else:
             try:
-                ds = tree[f"{STEPS[step]}/{layer}"].to_dataset()
+                ds = tree[layer].to_dataset()
             except KeyError:
                 ds = xr.Dataset()
             check_node(store, step, layer, ds.attrs, rec)

@@ -1,0 +1,305 @@
+"""Topomaps of a store: layouts, images and layout comparisons (``REFERENCE.md`` §6–9).
+
+Thin wrappers over the kernels of this package. Two steps write into the store:
+
+* :func:`topomap_layout` — ``layout/<layer>``: the units' coordinates ``xy``,
+  computed from the current contrastive NAPs (or NAPs), one layout per layer
+  with more than :data:`~inntrospect.topomap.layout.MIN_UNITS` units;
+* :func:`topomap_images` — ``topomap/<layer>``: ``xy``, the unit values per
+  group and the interpolated images, with the layer's shared colour scale and
+  its topographic quality in the attributes.
+
+A new layout makes old images stale, and new NAPs make both stale
+(:mod:`inntrospect.steps`). :func:`compare_layouts` runs several methods on
+the same profiles without writing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from .. import steps
+from .. import store as st
+from ..errors import LayerNotFoundError
+from .circle import distribute_in_circle as _distribute
+from .images import image_extent, interpolate, triangulate, unit_values
+from .layout import METHODS, MIN_UNITS, Layout, profile_matrix
+from .quality import topographic_quality
+
+__all__ = ["topomap_layout", "topomap_images", "compare_layouts", "SOURCES"]
+
+log = logging.getLogger("inntrospect")
+
+#: where the profiles of a layout come from
+SOURCES = ("contrast", "naps")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
+
+
+def _profiles(path, source: str, layers: Sequence[str] | None) -> tuple[dict, dict]:
+    """The current source results ``{layer: Dataset}`` and their record."""
+    _check_choice("source", source, SOURCES)
+    rec = steps.check_current(path, source)
+    results = steps.load(path, source)
+    if layers is not None:
+        unknown = [name for name in layers if name not in results]
+        if unknown:
+            raise LayerNotFoundError(
+                f"no {source} results for layer(s) {', '.join(map(repr, unknown))}; "
+                f"the layers are: {', '.join(results)}."
+            )
+        results = {name: results[name] for name in layers}
+    return results, rec
+
+
+def _split(results: dict) -> tuple[dict, dict]:
+    """Layers that get a layout, and why the others do not."""
+    keep, skipped = {}, {}
+    for layer, ds in results.items():
+        n = ds.sizes["unit"]
+        if n <= MIN_UNITS:
+            skipped[layer] = f"{n} units (layouts need more than {MIN_UNITS})"
+        else:
+            keep[layer] = ds
+    for layer, why in skipped.items():
+        log.warning("no topomap for layer %r: %s.", layer, why)
+    return keep, skipped
+
+
+def layout_units(nap, method: str = "umap", metric: str = "euclidean", seed: int = 0,
+                 distribute_in_circle: bool = True) -> tuple[np.ndarray, float, float]:
+    """One layer's layout from its NAP ``(group, *spatial, unit)``: ``(xy, layout s, circle s)``."""
+    t0 = time.perf_counter()
+    xy = Layout(method, metric, seed).fit(profile_matrix(nap)).xy_
+    t1 = time.perf_counter()
+    if distribute_in_circle:
+        xy = _distribute(xy, seed=seed)
+    return xy, t1 - t0, time.perf_counter() - t1
+
+
+def topomap_layout(
+    store,
+    method: Literal["umap", "tsne", "pca", "som", "graph", "random"] = "umap",
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    seed: int = 0,
+    distribute_in_circle: bool = True,
+    source: Literal["contrast", "naps"] = "contrast",
+    *,
+    layers: Sequence[str] | None = None,
+    persist: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Lay out each layer's units in 2-D by the similarity of their profiles (``REFERENCE.md`` §6).
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Path of a store with current contrastive NAPs (or NAPs, see ``source``).
+    method : {"umap", "tsne", "pca", "som", "graph", "random"}
+        Layout method (see :mod:`inntrospect.topomap.layout`).
+    metric : {"euclidean", "cosine"}
+        Distance between unit profiles.
+    seed : int
+        Same inputs and seed, same coordinates.
+    distribute_in_circle : bool, default True
+        Spread the coordinates over a disc (§6 step 5; compiled, approximate above
+        :data:`~inntrospect.topomap.circle.AUTO_THRESHOLD` units).
+    source : {"contrast", "naps"}
+        Profiles from the contrastive NAPs (default) or the plain NAPs.
+    layers : list of str, optional
+        Only these layers (default: all with more than 15 units; the others are
+        skipped with a message).
+    persist : bool, default True
+        Write ``layout/<layer>`` into the store, replacing earlier layouts (the
+        topomap images made from them become stale).
+
+    Returns
+    -------
+    dict of xarray.Dataset
+        ``{layer: Dataset}`` with ``xy`` (``unit``, ``coord``) in [0, 1]; the
+        attributes hold the parameters and the runtime in seconds.
+
+    Raises
+    ------
+    StepNotFoundError, StaleResultError
+        The profiles are missing or stale; the message names the command to run.
+    LayerNotFoundError
+        A name in ``layers`` has no profiles.
+
+    Examples
+    --------
+    >>> xy = inntrospect.topomap_layout("run.zarr", method="pca", seed=0)["dense"].xy  # doctest: +SKIP
+    """
+    import xarray as xr
+
+    from ..cluster import progress_bar
+
+    path = steps.need_path(store, "topomap_layout")
+    _check_choice("method", method, METHODS)
+    _check_choice("metric", metric, ("euclidean", "cosine"))
+    params = {"method": method, "metric": metric, "seed": int(seed),
+              "distribute_in_circle": bool(distribute_in_circle), "source": source}
+
+    def compute(results, source_id):
+        out = {}
+        for layer, ds in progress_bar(results.items(), progress, "layout", len(results)):
+            xy, t_layout, t_circle = layout_units(ds["nap"].values, method, metric, seed,
+                                                  distribute_in_circle)
+            out[layer] = xr.Dataset(
+                {"xy": (("unit", "coord"), xy)},
+                coords={"unit": np.arange(len(xy)), "coord": ["x", "y"]},
+                attrs={"step": "layout", "layer": layer, "params": params,
+                       "inputs": {source: source_id},
+                       "seconds": {"layout": t_layout, "circle": t_circle}},
+            )
+        return out
+
+    if not persist:
+        results, rec = _profiles(path, source, layers)
+        keep, _ = _split(results)
+        return compute(keep, rec["id"])
+    with st.writer_lock(path):
+        results, rec = _profiles(path, source, layers)
+        keep, skipped = _split(results)
+        attrs = st.store_attrs(path)
+        record = steps.new_record("layout", params, {"extraction": attrs["extraction"]["id"],
+                                                     source: rec["id"]}, list(keep))
+        record["skipped"] = skipped
+        return steps.write_results(path, record, compute(keep, rec["id"]))
+
+
+def topomap_images(store, resolution: int = 100, *, persist: bool = True, progress: bool = False) -> dict:
+    """Topomap values and images of every laid-out layer (``REFERENCE.md`` §7, §9).
+
+    The value of a unit for a group is its (contrastive) NAP averaged over
+    spatial positions; the image interpolates the values linearly between the
+    units' coordinates on a ``resolution`` × ``resolution`` grid spanning them.
+    Pixels outside the layout's convex hull are NaN (blank in plots; the
+    reference paints them as 0).
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        Path of a store with a current layout (:func:`topomap_layout`).
+    resolution : int, default 100
+        Pixels per side.
+    persist : bool, default True
+        Write ``topomap/<layer>``, replacing earlier images.
+
+    Returns
+    -------
+    dict of xarray.Dataset
+        ``xy`` (``unit``, ``coord``), ``value`` (``group``, ``unit``) and
+        ``image`` (``group``, ``row``, ``col``) per layer. Attributes: the
+        layout's parameters, ``extent`` (for ``imshow``), ``vmax`` (the
+        layer's symmetric colour scale ``[-vmax, vmax]``, over all groups),
+        ``quality`` (topographic quality, lower is smoother) and ``seconds``.
+
+    Raises
+    ------
+    StepNotFoundError, StaleResultError
+        No current layout (or its profiles changed since); the message names
+        the command to run.
+    """
+    import xarray as xr
+
+    from ..cluster import progress_bar
+
+    path = steps.need_path(store, "topomap_images")
+    if int(resolution) != resolution or resolution < 2:
+        raise ValueError(f"resolution must be an integer >= 2 (pixels per side); got {resolution!r}.")
+    resolution = int(resolution)
+
+    def compute():
+        layout_rec = steps.check_current(path, "layout")
+        source = layout_rec["params"]["source"]
+        layouts = steps.load(path, "layout")
+        profiles = steps.load(path, source)
+        out = {}
+        for layer, lay in progress_bar(layouts.items(), progress, "topomap images", len(layouts)):
+            xy = lay["xy"].values
+            values = unit_values(profiles[layer]["nap"].values)
+            images = interpolate(xy, values, resolution, triangulation=triangulate(xy))
+            q = topographic_quality(images)
+            params = {**layout_rec["params"], "resolution": resolution}
+            out[layer] = xr.Dataset(
+                {"xy": (("unit", "coord"), xy), "value": (("group", "unit"), values),
+                 "image": (("group", "row", "col"), images)},
+                coords={"group": profiles[layer].indexes["group"].astype(str),
+                        "unit": np.arange(len(xy)), "coord": ["x", "y"]},
+                attrs={"step": "topomap", "layer": layer, "params": params,
+                       "inputs": {"layout": layout_rec["id"]},
+                       "extent": list(image_extent(xy)), "vmax": float(np.abs(values).max()),
+                       "quality": {"resize": q.resize_mean, "blur": q.blur_mean},
+                       "seconds": lay.attrs.get("seconds", {})},
+            )
+        return out, layout_rec
+
+    if not persist:
+        return compute()[0]
+    with st.writer_lock(path):
+        results, layout_rec = compute()
+        attrs = st.store_attrs(path)
+        record = steps.new_record(
+            "topomap", {**layout_rec["params"], "resolution": resolution},
+            {"extraction": attrs["extraction"]["id"], "layout": layout_rec["id"]}, list(results))
+        return steps.write_results(path, record, results)
+
+
+def compare_layouts(
+    store,
+    methods: Sequence[str] = METHODS,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    seed: int = 0,
+    distribute_in_circle: bool = True,
+    source: Literal["contrast", "naps"] = "contrast",
+    resolution: int = 100,
+    *,
+    layers: Sequence[str] | None = None,
+    progress: bool = False,
+):
+    """Topographic quality and runtime of several layout methods, per layer (nothing is written).
+
+    Each method lays out the same profiles (as :func:`topomap_layout`), its
+    images are made as by :func:`topomap_images`, and their topographic
+    quality is measured (``REFERENCE.md`` §9, on float values normalised by
+    the layer's largest absolute value; lower is smoother).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per layer and method: ``layer``, ``units``, ``method``,
+        ``metric``, ``layout_s``, ``circle_s``, ``total_s``, ``quality_blur``,
+        ``quality_resize``.
+    """
+    import pandas as pd
+
+    from ..cluster import progress_bar
+
+    path = os.fspath(steps.need_path(store, "compare_layouts"))
+    for m in methods:
+        _check_choice("method", m, METHODS)
+    if not methods:
+        raise ValueError(f"no layout methods given; choose from {', '.join(METHODS)}.")
+    results, _ = _profiles(path, source, layers)
+    keep, _ = _split(results)
+    rows = []
+    jobs = [(layer, m) for layer in keep for m in methods]
+    for layer, m in progress_bar(jobs, progress, "compare layouts", len(jobs)):
+        nap = keep[layer]["nap"].values
+        xy, t_layout, t_circle = layout_units(nap, m, metric, seed, distribute_in_circle)
+        values = unit_values(nap)
+        q = topographic_quality(interpolate(xy, values, resolution))
+        rows.append({"layer": layer, "units": len(xy), "method": m, "metric": metric,
+                     "layout_s": t_layout, "circle_s": t_circle, "total_s": t_layout + t_circle,
+                     "quality_blur": q.blur_mean, "quality_resize": q.resize_mean})
+    return pd.DataFrame(rows)
