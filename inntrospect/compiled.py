@@ -1,17 +1,22 @@
-"""Compiled loops of the NAP pass (numba, which umap-learn brings).
+"""Compiled loops (numba, which umap-learn brings): the NAP pass and the graph layout.
 
 Plain-Python definitions, compiled on first use with the GIL released and
 cached on disk; :func:`kernels` returns them, or None without numba (or with
-``INNTROSPECT_NUMBA=0``), and :mod:`inntrospect.naps` then uses its numpy
-kernels. The tests run both ways.
+``INNTROSPECT_NUMBA=0``), and :mod:`inntrospect.naps` and
+:mod:`inntrospect.topomap.layout` then use their numpy kernels. The tests
+run both ways.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 
-__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums"]
+#: ``numba.prange`` once compiled (set by :class:`_Compiled`); a plain range for the Python definition
+prange = range
+
+__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "fr_displacement"]
 
 
 def group_sums(x, index, sums):  # pragma: no cover - compiled by numba
@@ -59,6 +64,34 @@ def shifted_sums(x, index, d, units, sums):  # pragma: no cover - compiled by nu
                     dst[k] += src[k]
 
 
+def fr_displacement(pos, indptr, indices, k, disp):  # pragma: no cover - compiled by numba
+    """Fruchterman–Reingold forces on every point: repulsion from all, attraction along edges.
+
+    ``disp[i] = sum_j (p_i - p_j) * (k² / d_ij² - a_ij d_ij / k)`` with
+    ``d_ij = max(|p_i - p_j|, 0.01)`` and the edges ``a`` in CSR form
+    (``indptr``, ``indices``). Rows run in parallel; each writes only its own.
+    """
+    n = pos.shape[0]
+    k2 = k * k
+    for i in prange(n):
+        xi, yi = pos[i, 0], pos[i, 1]
+        sx, sy = 0.0, 0.0
+        for j in range(n):
+            dx, dy = xi - pos[j, 0], yi - pos[j, 1]
+            d2 = max(dx * dx + dy * dy, 1e-4)
+            f = k2 / d2
+            sx += dx * f
+            sy += dy * f
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            dx, dy = xi - pos[j, 0], yi - pos[j, 1]
+            f = -max(math.sqrt(dx * dx + dy * dy), 0.01) / k
+            sx += dx * f
+            sy += dy * f
+        disp[i, 0] = sx
+        disp[i, 1] = sy
+
+
 _KERNELS: list = []
 _KERNELS_LOCK = threading.Lock()
 
@@ -76,6 +109,11 @@ class _Compiled:
         self.group_sums = jit(group_sums)
         self.group_m2 = jit(group_m2)
         self.shifted_sums = jit(shifted_sums)
+        globals()["prange"] = numba.prange
+        try:
+            self.fr_displacement = numba.njit(parallel=True, cache=True)(fr_displacement)
+        except RuntimeError:  # no writable cache location
+            self.fr_displacement = numba.njit(parallel=True)(fr_displacement)
 
 
 def kernels():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 from inntrospect.topomap.layout import METHODS, Layout, minmax, profile_matrix
 
@@ -58,3 +60,36 @@ def test_small_layers_and_bad_parameters_are_refused():
     with pytest.raises(ValueError, match="unknown layout method 'umop'"):
         Layout("umop").fit(np.ones((20, 3)))
     np.testing.assert_array_equal(minmax(np.array([[1.0, 2], [3, 2]])), [[0, 0.5], [1, 0.5]])
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 300), density=st.floats(0, 0.5), seed=st.integers(0, 2**16))
+def test_compiled_graph_forces_equal_numpy(n, density, seed):
+    from scipy.sparse import csr_matrix
+
+    from inntrospect.compiled import kernels
+    from inntrospect.topomap.layout import fr_displacement
+
+    rng = np.random.default_rng(seed)
+    pos = rng.random((n, 2))
+    pos[rng.integers(n)] = pos[0]  # coincident points hit the 0.01 floor
+    adj = rng.random((n, n)) < density
+    adj = (adj | adj.T) & ~np.eye(n, dtype=bool)
+    k = np.sqrt(1.0 / n)
+    edges = csr_matrix(adj)
+    got = np.empty_like(pos)
+    kernels().fr_displacement(pos, edges.indptr.astype(np.int64), edges.indices.astype(np.int64), k, got)
+    want = fr_displacement(pos, adj, k)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+
+
+def test_graph_layout_without_numba_keeps_the_clusters_apart(monkeypatch):
+    from sklearn.metrics import silhouette_score
+
+    import inntrospect.compiled as compiled
+
+    monkeypatch.setattr(compiled, "_KERNELS", [None])
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (20, 6)), rng.normal(3, 0.1, (20, 6))])
+    xy = Layout("graph", seed=0).fit(x).xy_
+    assert silhouette_score(xy, np.repeat([0, 1], 20)) > 0.5

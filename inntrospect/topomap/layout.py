@@ -208,20 +208,43 @@ def _join_components(adj, d):
     return adj
 
 
+def fr_displacement(pos: np.ndarray, adj: np.ndarray, k: float) -> np.ndarray:
+    """Fruchterman–Reingold forces (numpy): repulsion ``k²/d`` from all, attraction ``d²/k`` on edges."""
+    n = len(pos)
+    disp = np.empty_like(pos)
+    w = adj.astype(np.float64)
+    for lo in range(0, n, 512):  # row blocks: memory O(512 n), not O(n²)
+        delta = pos[lo : lo + 512, None, :] - pos[None, :, :]
+        dist = np.maximum(np.sqrt((delta**2).sum(-1)), 0.01)
+        force = k * k / dist**2 - w[lo : lo + 512] * dist / k
+        disp[lo : lo + 512] = (delta * force[..., None]).sum(1)
+    return disp
+
+
 def _fruchterman_reingold(adj, rng, iterations: int):
-    """Force-directed placement (Fruchterman & Reingold 1991) in the unit square, O(n²) per step."""
+    """Force-directed placement (Fruchterman & Reingold 1991) in the unit square, O(n²) per step.
+
+    The forces run as a compiled parallel loop (:func:`inntrospect.compiled.fr_displacement`)
+    when numba is there, else as :func:`fr_displacement` in numpy.
+    """
+    from scipy.sparse import csr_matrix
+
+    from ..compiled import kernels
+
     n = len(adj)
     pos = rng.random((n, 2))
     k = np.sqrt(1.0 / n)
     t = 0.1
-    w = adj.astype(np.float64)
-    disp = np.empty_like(pos)
+    compiled = kernels()
+    if compiled is not None:
+        edges = csr_matrix(adj)
+        indptr, indices = edges.indptr.astype(np.int64), edges.indices.astype(np.int64)
+        disp = np.empty_like(pos)
     for _ in range(iterations):
-        for lo in range(0, n, 512):  # row blocks: memory O(512 n), not O(n²)
-            delta = pos[lo : lo + 512, None, :] - pos[None, :, :]
-            dist = np.maximum(np.sqrt((delta**2).sum(-1)), 0.01)
-            force = k * k / dist**2 - w[lo : lo + 512] * dist / k  # repulsion - attraction on edges
-            disp[lo : lo + 512] = (delta * force[..., None]).sum(1)
+        if compiled is not None:
+            compiled.fr_displacement(pos, indptr, indices, k, disp)
+        else:
+            disp = fr_displacement(pos, adj, k)
         length = np.maximum(np.sqrt((disp**2).sum(1, keepdims=True)), 1e-12)
         pos += disp / length * np.minimum(length, t)
         t -= 0.1 / (iterations + 1)
