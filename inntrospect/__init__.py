@@ -26,6 +26,21 @@ from .naps import contrastive_naps, naps
 from .stack import stack
 from .steps import load
 from .store import open_store
+from .topomap.api import compare_layouts, topomap_images, topomap_layout
+
+#: functions whose modules import matplotlib or UMAP: loaded on first use
+_LAZY = {"plot_topomaps": "plots", "plot_overview": "plots", "plot_projection": "plots",
+         "plot_all": "plots",
+         "report": "reporting", "instance_projection": "projection"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'inntrospect' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -36,6 +51,15 @@ __all__ = [
     "contrastive_naps",
     "stack",
     "load",
+    "topomap_layout",
+    "topomap_images",
+    "compare_layouts",
+    "instance_projection",
+    "plot_topomaps",
+    "plot_overview",
+    "plot_projection",
+    "plot_all",
+    "report",
     "open_store",
     "read_corpus",
     "InntrospectError",

@@ -63,6 +63,77 @@ def _cmd_contrast(args) -> int:
     return 0
 
 
+def _cmd_layout(args) -> int:
+    from .config import load_config
+    from .topomap.api import topomap_images, topomap_layout
+
+    cfg = load_config(args.config)
+    path, kwargs = cfg.store_path(), cfg.layout_kwargs()
+    done = topomap_layout(path, **kwargs, progress=not args.no_progress)
+    images = topomap_images(path, cfg.resolution(), progress=not args.no_progress)
+    print(f"topomaps ({kwargs['method']} layout, {kwargs['metric']} distance, profiles from "
+          f"{kwargs['source']}) in {path}/topomap:")
+    for layer, ds in images.items():
+        q, sec = ds.attrs["quality"], done[layer].attrs["seconds"]
+        print(f"  {layer:<24} {ds.sizes['unit']:>6} units  quality blur {q['blur']:.4f} "
+              f"resize {q['resize']:.5f}  layout {sec['layout']:.1f} s + circle {sec['circle']:.1f} s")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .config import load_config
+    from .topomap.api import compare_layouts
+
+    cfg = load_config(args.config)
+    kwargs = cfg.layout_kwargs()
+    kwargs.pop("method")
+    methods = args.methods.split(",") if args.methods else cfg.compare_methods()
+    table = compare_layouts(cfg.store_path(), methods, **kwargs, resolution=cfg.resolution(),
+                            progress=not args.no_progress)
+    out = cfg.plot_output()
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "compare_layouts.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"(topographic quality: lower is smoother; saved as {out / 'compare_layouts.csv'})")
+    return 0
+
+
+def _cmd_project(args) -> int:
+    from .config import load_config
+    from .projection import instance_projection
+
+    cfg = load_config(args.config)
+    kwargs = cfg.projection_kwargs()
+    done = instance_projection(cfg.store_path(), **kwargs, persist=True, progress=not args.no_progress)
+    print(f"instance projections of {len(done)} layers ({kwargs['samples_per_group']} "
+          f"{kwargs['sampling']} samples per group) in {cfg.store_path()}/projection")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .config import load_config
+    from .plots import plot_all
+
+    cfg = load_config(args.config)
+    out = cfg.plot_output()
+    files = plot_all(cfg.store_path(), out, cfg.get("plot", "mode", "row"), cfg.get("plot", "format", "png"))
+    print(f"{len(files)} figures in {out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .config import load_config
+    from .reporting import report
+
+    cfg = load_config(args.config)
+    out = cfg.plot_output()
+    csv = out / "compare_layouts.csv"
+    index = report(cfg.store_path(), out / "report", config=cfg.path,
+                   compare_csv=csv if csv.is_file() else None, progress=not args.no_progress)
+    print(f"report: {index} (open it in a browser; the folder is self-contained)")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .info import describe_store
 
@@ -96,10 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
         ("align", _cmd_align, "write gradient-aligned activations into the store"),
         ("naps", _cmd_naps, "neuron activation profiles: per-group mean activations ([naps])"),
         ("contrast", _cmd_contrast, "contrastive NAPs of the groups of interest ([contrast])"),
+        ("layout", _cmd_layout, "topomap layouts and images of every layer ([topomap])"),
+        ("project", _cmd_project, "2-D instance projections, a sample of each group ([projection])"),
+        ("plot", _cmd_plot, "topomap, overview and projection figures ([plot])"),
+        ("report", _cmd_report, "a self-contained HTML report of the store ([plot] output)"),
+        ("compare-layouts", _cmd_compare,
+         "quality and runtime of several layout methods per layer, as a table and CSV"),
     ):
         c = sub.add_parser(name, help=text)
         c.add_argument("config", help="TOML config naming the store ([store] path)")
         c.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "compare-layouts":
+            c.add_argument("--methods", help="comma-separated methods (default: [topomap] compare, "
+                           "else all: umap,tsne,pca,som,graph,random)")
         c.set_defaults(func=func)
 
     i = sub.add_parser("info", help="what a store holds: layers, shapes, groups, sizes, steps, state")

@@ -3,7 +3,9 @@
 Builds a corpus from scikit-learn's bundled 8x8 digits (one group per
 digit, the digit as target), trains a small Keras CNN on it (seeded), writes
 corpus, model and config under the output folder, and runs every step that
-exists, printing where the results are.
+exists (extraction, alignment, NAPs, contrastive NAPs, topomap layouts and
+images, instance projections, plots and the HTML report), printing where the
+results are.
 """
 
 from __future__ import annotations
@@ -40,6 +42,24 @@ std = true
 
 [contrast]
 weight_by_group_size = false
+
+[topomap]
+method = "umap"
+metric = "euclidean"
+distribute_in_circle = true
+seed = 0
+resolution = 100
+from = "contrast"
+
+[projection]
+samples_per_group = 100
+sampling = "random"
+seed = 0
+
+[plot]
+mode = "row"
+format = "png"
+output = "figures"
 """
 
 
@@ -104,6 +124,10 @@ def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     from .extract import prepare_extraction, run_extraction
     from .info import describe_store
     from .naps import contrastive_naps, naps
+    from .plots import plot_all
+    from .projection import instance_projection
+    from .reporting import report
+    from .topomap.api import topomap_images, topomap_layout
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -120,6 +144,11 @@ def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     align(ex.path, persist=True, progress=progress)
     profiles = naps(ex.path, **cfg.naps_kwargs(), persist=True, progress=progress)
     contrasts = contrastive_naps(ex.path, **cfg.contrast_kwargs(), persist=True, progress=progress)
+    topomap_layout(ex.path, **cfg.layout_kwargs(), progress=progress)
+    topomap_images(ex.path, cfg.resolution(), progress=progress)
+    instance_projection(ex.path, **cfg.projection_kwargs(), persist=True, progress=progress)
+    figures = plot_all(ex.path, cfg.plot_output(), cfg.get("plot", "mode"), cfg.get("plot", "format"))
+    index = report(ex.path, cfg.plot_output() / "report", config=cfg_path, progress=progress)
     print()
     print(describe_store(ex.path))
     print()
@@ -127,7 +156,10 @@ def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     print(
         f"\ndone in {time.perf_counter() - t0:.0f} s. Outputs in {out}/:\n"
         f"  {ex.path}  (open it with: xarray.open_datatree({str(ex.path)!r}, engine='zarr'))\n"
-        f"  rerun a step: inntrospect extract|align|naps|contrast {cfg_path}\n"
+        f"  {cfg.plot_output()}/  ({len(figures)} figures: topomaps per layer, overview, projections)\n"
+        f"  {index}  (the report: open it in a browser)\n"
+        f"  rerun a step: inntrospect extract|align|naps|contrast|layout|project|plot|report {cfg_path}\n"
+        f"  compare layout methods: inntrospect compare-layouts {cfg_path}\n"
         f"  describe:     inntrospect info {ex.path}\n"
         f"  in Python:    inntrospect.load({str(ex.path)!r}, 'naps')['conv2'].nap"
     )

@@ -39,7 +39,6 @@ import numpy as np
 
 from . import steps
 from . import store as st
-from .errors import LayerNotFoundError
 
 __all__ = ["instance_projection", "choose_samples", "plan_batches", "streamed_pca", "embed_2d"]
 
@@ -221,20 +220,6 @@ def _open(store):
     return tree, dict(tree.attrs), store
 
 
-def _check_layers(attrs: dict, layers, where) -> list[str]:
-    known = list(attrs.get("layers", []))
-    if layers is None:
-        return known
-    wanted = [layers] if isinstance(layers, str) else list(layers)
-    unknown = [name for name in wanted if name not in known]
-    if unknown:
-        raise LayerNotFoundError(
-            f"no layer named {', '.join(map(repr, unknown))} in {where}. "
-            f"Its layers are: {', '.join(known)}."
-        )
-    return list(dict.fromkeys(wanted))
-
-
 def _project_layer(data, rows: np.ndarray, pca_components: int, method: str, seed: int,
                    layer: str, progress: bool) -> tuple[np.ndarray, int, float]:
     """One layer: (xy, PCA components used or 0, explained variance)."""
@@ -333,7 +318,7 @@ def instance_projection(store, samples_per_group: int = 100,
             return steps.write_results(store, rec, results)
     choose_samples([], samples_per_group, sampling, seed)  # validates before opening anything
     tree, attrs, path = _open(store)
-    names = _check_layers(attrs, layers, path if path is not None else "the store")
+    names = steps.select_layers(attrs.get("layers", []), layers, path if path is not None else "the store")
     inputs = {"extraction": attrs.get("extraction", {}).get("id")}
     result = {}
     if not names:

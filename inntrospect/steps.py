@@ -23,10 +23,10 @@ import uuid
 from datetime import UTC, datetime
 
 from . import store as st
-from .errors import StaleResultError, StepNotFoundError, StoreError
+from .errors import LayerNotFoundError, StaleResultError, StepNotFoundError, StoreError
 
 __all__ = ["STEPS", "load", "new_record", "status", "is_current", "check_current", "begin", "finish",
-           "write_results", "RERUN", "need_path"]
+           "write_results", "RERUN", "need_path", "select_layers"]
 
 #: derived steps in pipeline order, and where their nodes live in the store
 STEPS = {"align": "layers", "naps": "naps", "contrast": "contrast", "layout": "layout",
@@ -50,6 +50,28 @@ def need_path(store, what: str):
     if isinstance(store, xr.DataTree):
         raise StoreError(f"{what} writes into the store: pass its path, not an opened tree.")
     return store
+
+
+def select_layers(available, layers, what: str) -> list[str]:
+    """``layers`` (one name or several; None: all ``available``), checked to exist, in order.
+
+    Raises
+    ------
+    LayerNotFoundError
+        A name is not among ``available``; the message lists them. ``what``
+        says what was looked in, e.g. ``"the contrast results"``.
+    """
+    available = list(available)
+    if layers is None:
+        return available
+    wanted = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise LayerNotFoundError(
+            f"no layer(s) {', '.join(map(repr, unknown))} in {what}; the layers are: "
+            f"{', '.join(available)}."
+        )
+    return list(dict.fromkeys(wanted))
 
 
 def _now() -> str:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import inntrospect
@@ -58,7 +59,7 @@ def test_dry_run_extract_info(tmp_path, mnist_corpus, capsys):
     out = capsys.readouterr().out
     assert "extraction: complete" in out
     assert "conv2d_25" in out and "sample, y, x, unit" in out and "(600, 6, 6, 128)" in out
-    assert "groups (10): 0 (" in out and "naps      not run (inntrospect naps CONFIG)" in out
+    assert "groups (10): 0 (" in out and "naps       not run (inntrospect naps CONFIG)" in out
 
     assert main(["extract", str(cfg), "--no-progress"]) == 0  # again: nothing left to do
     assert "extracted 0 of 3 blocks" in capsys.readouterr().out
@@ -100,8 +101,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     np.testing.assert_allclose(means.values, expected, rtol=1e-5, atol=1e-6)
     # the analysis steps ran and are current; their NAPs are the aligned per-group means
     assert "most group-specific unit of layer 'dense'" in out
-    for step in ("align", "naps", "contrast"):
-        assert f"{step:<9} current" in out
+    for step in ("align", "naps", "contrast", "layout", "topomap", "projection"):
+        assert f"{step:<10} current" in out
+    assert set(inntrospect.load(path, "topomap")) == {"conv1", "conv2", "dense"}
+    figures = tmp_path / "demo" / "figures"
+    for name in ("topomap_conv1.png", "topomap_dense.png", "overview.png", "projection_dense.png",
+                 "report/index.html"):
+        assert (figures / name).stat().st_size > 1000, name
     profiles = inntrospect.load(path, "naps")
     aligned = inntrospect.load(path, "align")["conv2"].values
     expected = np.stack([aligned[labels == g].mean(axis=0) for g in sorted(set(labels))])
@@ -129,8 +135,8 @@ def test_analysis_steps_from_the_command_line(tmp_path, capsys):
     assert "for groups cat, dog" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "s.zarr")]) == 0
     out = capsys.readouterr().out
-    assert "naps      current (2 layers; aligned=True, std=True" in out
-    assert "contrast  current" in out
+    assert "naps       current (2 layers; aligned=True, std=True" in out
+    assert "contrast   current" in out
     rec = inntrospect.open_store(tmp_path / "s.zarr").attrs["steps"]
     assert rec["naps"]["inputs"]["align"] == rec["align"]["id"]  # read the persisted aligned arrays
 
@@ -138,10 +144,48 @@ def test_analysis_steps_from_the_command_line(tmp_path, capsys):
     assert main(["naps", str(cfg), "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["info", str(tmp_path / "s.zarr")]) == 0
-    assert "contrast  STALE: the contrast results were computed from naps results" in capsys.readouterr().out
+    assert "contrast   STALE: the contrast results were computed from naps results" in capsys.readouterr().out
     cfg.write_text('[store]\npath = "s.zarr"\n[contrast]\ngroups = ["dog", "bird"]\n')
     assert main(["contrast", str(cfg), "--no-progress"]) == 2
     assert "unknown group 'bird'; the groups are: cat, dog, eel." in capsys.readouterr().err
     cfg.write_text('[store]\npath = "s.zarr"\n[naps]\naligned = 1\n')
     assert main(["naps", str(cfg)]) == 2
     assert "[naps] aligned must be bool, got 1" in capsys.readouterr().err
+
+
+def test_topomap_projection_plot_and_report_commands(tmp_path, capsys, caplog):
+    from inntrospect.testing import store_from_arrays
+
+    rng = np.random.default_rng(1)
+    x = rng.random((60, 2, 2, 20), np.float32)
+    groups = np.repeat(["cat", "dog", "eel"], 20)
+    x[groups == "cat", ..., :10] += 1
+    store_from_arrays(tmp_path / "s.zarr", {"conv": x, "small": x[:, 0, 0, :5]}, groups, chunks=16)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[store]\npath = "s.zarr"\n[topomap]\nmethod = "pca"\nresolution = 32\n'
+                   'compare = ["pca", "random"]\n[projection]\nsamples_per_group = 10\n'
+                   '[plot]\nformat = "svg"\noutput = "out"\n')
+    assert main(["layout", str(cfg), "--no-progress"]) == 2
+    assert "no contrast results yet. Run inntrospect contrast CONFIG" in capsys.readouterr().err
+    assert main(["naps", str(cfg), "--no-progress"]) == 0
+    assert main(["contrast", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["layout", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "topomaps (pca layout, euclidean distance, profiles from contrast)" in out
+    assert "conv" in out and "no topomap for layer 'small': 5 units" in caplog.text
+    assert inntrospect.load(tmp_path / "s.zarr", "topomap")["conv"].image.shape == (3, 32, 32)
+    assert main(["compare-layouts", str(cfg), "--no-progress"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "compare_layouts.csv")
+    assert list(table.method) == ["pca", "random"] and set(table.layer) == {"conv"}
+    assert main(["project", str(cfg), "--no-progress"]) == 0
+    assert "instance projections of 2 layers (10 random samples per group)" in capsys.readouterr().out
+    assert main(["plot", str(cfg), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "topomap_conv.svg").read_text().lstrip().startswith("<")
+    assert (tmp_path / "out" / "projection_conv.svg").is_file()
+    assert main(["report", str(cfg), "--no-progress"]) == 0
+    html = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert "compare" in html.lower() and "random" in html
+    cfg.write_text('[store]\npath = "s.zarr"\n[topomap]\nmethod = "umapp"\n')
+    assert main(["layout", str(cfg)]) == 2
+    assert "[topomap] method must be one of 'umap', 'tsne'" in capsys.readouterr().err

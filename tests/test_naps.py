@@ -250,7 +250,7 @@ def test_stale_results_name_the_step_to_rerun(small_store, tmp_path):
     inntrospect.load(path, "naps")
     with pytest.raises(StaleResultError, match=r"computed from naps results .* Re-run inntrospect contrast"):
         inntrospect.load(path, "contrast")
-    assert "contrast  STALE" in describe_store(path)
+    assert "contrast   STALE" in describe_store(path)
     # re-running the contrast replaces it: current again
     inntrospect.contrastive_naps(path, ["b"], persist=True)
     assert list(inntrospect.load(path, "contrast")["conv"].group.values) == ["b"]

@@ -224,7 +224,7 @@ def test_an_opened_tree_works(wide_store):
 
 def test_errors(wide_store, tmp_path):
     path = wide_store[0]
-    with pytest.raises(LayerNotFoundError, match="'nope'.*Its layers are: conv, dense"):
+    with pytest.raises(LayerNotFoundError, match="'nope'.*the layers are: conv, dense"):
         instance_projection(path, layers=["conv", "nope"], method="pca")
     with pytest.raises(ValueError, match="sampling must be one of 'random', 'first'; got 'last'"):
         instance_projection(path, sampling="last")

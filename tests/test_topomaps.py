@@ -145,7 +145,7 @@ def test_compare_layouts_matches_the_stored_quality(store):
 
 
 @needs_shared
-def test_mnist_cnn_topomaps(cnn_store, tmp_path):
+def test_mnist_cnn_topomaps_plots_and_report(cnn_store, tmp_path):
     import shutil
 
     path = tmp_path / "cnn.zarr"
@@ -160,3 +160,13 @@ def test_mnist_cnn_topomaps(cnn_store, tmp_path):
         assert ds.image.shape == (10, 100, 100) and ds.xy.shape == (units, 2)
         assert np.isfinite(ds.image.values).mean() > 0.5  # the disc fills most of the square
         np.testing.assert_array_equal(ds.xy.values, lay[layer].xy.values)
+    # figures and the report of the real store
+    files = inntrospect.plot_all(path, tmp_path / "figures", format="png")
+    names = {f.name for f in files}
+    assert {"topomap_conv2d_24.png", "topomap_flatten_8.png", "overview.png"} <= names
+    assert all(f.stat().st_size > 10_000 for f in files)
+    index = inntrospect.report(path, tmp_path / "report")
+    html = index.read_text()
+    for layer in ("conv2d_24", "conv2d_25", "flatten_8"):
+        assert layer in html
+    assert inntrospect.open_store(path).attrs["extraction"]["id"] in html

@@ -26,7 +26,6 @@ import numpy as np
 
 from .. import steps
 from .. import store as st
-from ..errors import LayerNotFoundError
 from .circle import distribute_in_circle as _distribute
 from .images import image_extent, interpolate, triangulate, unit_values
 from .layout import METHODS, MIN_UNITS, Layout, profile_matrix
@@ -50,15 +49,8 @@ def _profiles(path, source: str, layers: Sequence[str] | None) -> tuple[dict, di
     _check_choice("source", source, SOURCES)
     rec = steps.check_current(path, source)
     results = steps.load(path, source)
-    if layers is not None:
-        unknown = [name for name in layers if name not in results]
-        if unknown:
-            raise LayerNotFoundError(
-                f"no {source} results for layer(s) {', '.join(map(repr, unknown))}; "
-                f"the layers are: {', '.join(results)}."
-            )
-        results = {name: results[name] for name in layers}
-    return results, rec
+    names = steps.select_layers(results, layers, f"the {source} results")
+    return {name: results[name] for name in names}, rec
 
 
 def _split(results: dict) -> tuple[dict, dict]:

@@ -1,0 +1,492 @@
+"""A self-contained HTML report of a store: topomaps, projections, quality, provenance.
+
+:func:`report` writes one folder::
+
+    out/index.html        the page (inline CSS, no scripts, relative links only)
+    out/figures/*.png     its figures (or .svg)
+
+The folder can be copied, zipped or opened straight from disk: nothing is
+fetched from a server or the internet. Figures come from
+:mod:`inntrospect.plots`; the results are read with :func:`inntrospect.load`,
+so they are checked to be current first.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import platform
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+__all__ = ["report", "REPORT_FORMATS"]
+
+#: figure formats a browser shows in ``<img>``
+REPORT_FORMATS = ("png", "svg")
+#: resolution of the PNG figures (dots per inch)
+DPI = 150
+
+_CSS = """
+:root { --ink: #1d2330; --muted: #5b6475; --line: #d9dde5; --band: #f5f7fa; --accent: #2456a6; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+       sans-serif; color: var(--ink); background: #fff; }
+header { background: #1f2b44; color: #fff; padding: 1.4rem 2rem 1.2rem; }
+header h1 { margin: 0 0 .2rem; font-size: 1.6rem; font-weight: 600; }
+header p { margin: 0; color: #c9d3e6; }
+nav { padding: .6rem 2rem; border-bottom: 1px solid var(--line); background: var(--band);
+      position: sticky; top: 0; z-index: 1; }
+nav a { margin-right: 1.2rem; color: var(--accent); text-decoration: none; font-weight: 500; }
+main { max-width: 1280px; margin: 0 auto; padding: 0 2rem 3rem; }
+section { margin-top: 2rem; }
+h2 { font-size: 1.3rem; border-bottom: 2px solid var(--line); padding-bottom: .3rem; }
+h3 { font-size: 1.05rem; margin: 1.4rem 0 .4rem; }
+p.note { color: var(--muted); margin: .3rem 0 .8rem; }
+figure { margin: .4rem 0 1.4rem; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line);
+             border-radius: 4px; background: #fff; }
+figcaption { color: var(--muted); font-size: .9rem; margin-top: .3rem; }
+table { border-collapse: collapse; margin: .4rem 0 1rem; font-size: .9rem; }
+th, td { border: 1px solid var(--line); padding: .3rem .6rem; text-align: left;
+         vertical-align: top; }
+th { background: var(--band); font-weight: 600; }
+tr:nth-child(even) td { background: #fafbfc; }
+td code { font-size: .8rem; }
+table.steps td:nth-child(n+6) { white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.kv th { width: 12rem; }
+code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+            font-size: .85rem; }
+pre { background: var(--band); border: 1px solid var(--line); padding: .8rem; overflow-x: auto;
+      white-space: pre-wrap; word-break: break-word; }
+.cards { display: flex; flex-wrap: wrap; gap: .8rem; margin: 1rem 0; }
+.card { border: 1px solid var(--line); border-radius: 6px; padding: .6rem .9rem; min-width: 9rem;
+        background: var(--band); }
+.card b { display: block; font-size: 1.25rem; }
+.card span { color: var(--muted); font-size: .85rem; }
+footer { color: var(--muted); font-size: .85rem; border-top: 1px solid var(--line);
+         margin-top: 3rem; padding-top: .8rem; }
+"""
+
+
+# -- small html helpers ----------------------------------------------------------
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _text(value) -> str:
+    """A value as short text: JSON for containers, empty for None."""
+    if value is None:
+        return ""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def _num(value, digits: int = 4) -> str:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return _text(value)
+    if x != x:  # NaN
+        return "–"
+    if x == int(x) and abs(x) < 1e12 and not isinstance(value, float):
+        return str(int(x))
+    return f"{x:.{digits}g}"
+
+
+def _is_num(value) -> bool:
+    if isinstance(value, bool) or value is None or value == "":
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class _Html(str):
+    """Markup already escaped: a table cell takes it as is."""
+
+
+def _lines(record) -> _Html:
+    """A small dict as ``key = value`` lines (escaped), for a table cell."""
+    if not isinstance(record, dict):
+        return _Html(_e(_text(record)))
+    return _Html("<br>".join(f"<code>{_e(k)}</code> = {_e(_text(v))}"
+                             for k, v in record.items()))
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for v in row:
+            if isinstance(v, _Html):
+                cells.append(f"<td>{v}</td>")
+            elif _is_num(v):
+                cells.append(f'<td class="num">{_e(_num(v))}</td>')
+            else:
+                cells.append(f"<td>{_e(_text(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _kv(record: dict) -> str:
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_text(v))}</td></tr>" for k, v in record.items())
+    return f'<table class="kv"><tbody>{rows}</tbody></table>'
+
+
+def _css_width(path: Path, dpi: float) -> int | None:
+    """Display width of a PNG figure in CSS pixels (96 per inch), as matplotlib sized it.
+
+    PNGs drawn at ``dpi`` shown at their pixel size would look ``dpi / 96`` times
+    too large. SVGs carry their size in points and need nothing.
+    """
+    if path.suffix != ".png":
+        return None
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != b"\x89PNG":
+        return None
+    return round(int.from_bytes(head[16:20], "big") * 96 / dpi)
+
+
+def _img(path: Path, root: Path, dpi: float, alt: str, cls: str = "",
+         caption: str = "") -> str:
+    src = _rel(path, root)
+    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
+    klass = f' class="{cls}"' if cls else ""
+    width = _css_width(path, dpi)
+    size = f' width="{width}"' if width else ""
+    return (f'<figure{klass}><a href="{_e(src)}"><img src="{_e(src)}" alt="{_e(alt)}"{size} '
+            f'loading="eager"></a>{cap}</figure>')
+
+
+def _when(stamp) -> str:
+    """An ISO time stamp readable in a narrow cell: ``2026-01-02 10:11:12+00:00``."""
+    return "" if stamp is None else str(stamp).replace("T", " ")
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+# -- content ---------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    out = {"inntrospect": __version__, "python": platform.python_version()}
+    for pkg in ("numpy", "xarray", "zarr", "dask", "scipy", "matplotlib", "umap-learn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    out["platform"] = platform.platform()
+    return out
+
+
+def _group_counts(store) -> dict[str, int]:
+    """Samples per group from the store's sample table ({} when it cannot be read)."""
+    import numpy as np
+    import zarr
+
+    from .store import store_attrs
+
+    try:  # one small array, not the whole tree
+        layer = store_attrs(store)["layers"][0]
+        group = zarr.open_group(str(store), mode="r")[f"layers/{layer}/group"]
+        labels = np.array([str(g) for g in np.asarray(group[:]).tolist()])
+    except Exception:  # noqa: BLE001 - a summary nicety, never a reason to fail
+        return {}
+    names, counts = np.unique(labels, return_counts=True)
+    return {str(n): int(c) for n, c in zip(names, counts)}
+
+
+def _quality_rows(topomaps: dict) -> list[list]:
+    rows = []
+    for layer, ds in topomaps.items():
+        a = ds.attrs
+        p = a.get("params") or {}
+        q = a.get("quality") or {}
+        rows.append([layer, ds.sizes.get("unit", ""), p.get("method"), p.get("metric"),
+                     p.get("source"), p.get("resolution"), q.get("resize"), q.get("blur"),
+                     a.get("seconds")])
+    return rows
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        rows = [r for r in reader if r]
+    if not rows:
+        return [], []
+    return rows[0], rows[1:]
+
+
+def _clean_figures(figures: Path) -> None:
+    """Remove figures an earlier report left (only files this module names)."""
+    if not figures.is_dir():
+        return
+    for f in figures.iterdir():
+        if f.is_file() and f.name.startswith(("topomap_", "projection_", "overview.")):
+            f.unlink()
+
+
+def report(
+    store: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    compare_csv: str | os.PathLike | None = None,
+    format: str = "png",
+    progress: bool = False,
+    dpi: float = DPI,
+) -> Path:
+    """Write a self-contained HTML report of ``store`` into the folder ``out``.
+
+    The page (``out/index.html``, figures in ``out/figures/``, relative links
+    only, inline CSS, nothing fetched from the network) shows: a summary of
+    the model, corpus and store; per layer the topomaps of all groups; the
+    multi-layer overview; the instance projections (or how to compute them);
+    the layout quality per layer; the rows of ``compare_csv``; and the
+    provenance (extraction record, every step's record, package versions and
+    the configuration file).
+
+    Parameters
+    ----------
+    store : str or PathLike
+        The store (it needs current topomaps: ``inntrospect layout CONFIG``).
+    out : str or PathLike
+        The report folder (created; figures of an earlier report are replaced).
+    config : str or PathLike, optional
+        The configuration file, shown verbatim under provenance.
+    compare_csv : str or PathLike, optional
+        A CSV written by ``inntrospect compare-layouts``, shown as a table.
+    format : {"png", "svg"}, default "png"
+        Format of the figures.
+    progress : bool, default False
+        Show a progress bar while the figures are drawn.
+    dpi : float, default 150
+        Resolution of PNG figures; they are shown at the size matplotlib gave
+        them, whatever the resolution.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out/index.html``.
+
+    Raises
+    ------
+    inntrospect.StepNotFoundError, inntrospect.StaleResultError
+        The store has no current topomaps; the message names the command to run.
+    ValueError
+        ``format`` is not one a browser shows in a page.
+
+    Examples
+    --------
+    >>> report("run.zarr", "run-report", config="run.toml")  # doctest: +SKIP
+    PosixPath('run-report/index.html')
+    """
+    from . import plots
+    from .errors import StaleResultError, StepNotFoundError
+    from .steps import RERUN, load
+    from .store import store_attrs
+
+    fmt = str(format).lower().lstrip(".")
+    if fmt not in REPORT_FORMATS:
+        raise ValueError(
+            f"format must be one of {', '.join(map(repr, REPORT_FORMATS))} for a report (a "
+            f"browser shows them inline); got {format!r}. For PDF figures use "
+            f"inntrospect.plots.plot_topomaps(store, out, format='pdf')."
+        )
+    store = Path(store)
+    out = Path(out)
+    attrs = store_attrs(store)
+    topomaps = load(store, "topomap")  # raises, naming the command, when missing or stale
+    try:
+        projections = load(store, "projection")
+        projection_note = None
+    except StepNotFoundError:
+        projections, projection_note = {}, (
+            f"This store has no instance projections yet. Compute them with "
+            f"{RERUN['projection']}, then write this report again.")
+    except StaleResultError as err:
+        projections, projection_note = {}, f"The instance projections are out of date: {err}"
+
+    out.mkdir(parents=True, exist_ok=True)
+    figures = out / "figures"
+    _clean_figures(figures)
+    figures.mkdir(exist_ok=True)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(topomaps) + 1 + len(projections), desc="report figures",
+               disable=not progress, unit="fig")
+    with bar, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        rows = {}
+        paths = plots.plot_topomaps(topomaps, figures, format=fmt, dpi=dpi)
+        for layer, path in zip(topomaps, paths):
+            rows[layer] = path
+            bar.update(1)
+        overview = plots.plot_overview(topomaps, figures / f"overview.{fmt}", format=fmt,
+                                       dpi=dpi) \
+            if topomaps else None
+        bar.update(1)
+        proj = {}
+        for layer in projections:
+            (proj[layer],) = plots.plot_projection({layer: projections[layer]}, figures,
+                                                  format=fmt, dpi=dpi)
+            bar.update(1)
+
+    page = _page(store, attrs, topomaps, projections, rows, overview, proj, projection_note,
+                 out, config, compare_csv, dpi)
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def _page(store, attrs, topomaps, projections, rows, overview, proj, projection_note, out,
+          config, compare_csv, dpi) -> str:
+    from . import __version__
+    from .plots import TopomapDisplay
+
+    model = attrs.get("model") or {}
+    corpus = attrs.get("corpus") or {}
+    extraction = attrs.get("extraction") or {}
+    steps = attrs.get("steps") or {}
+    counts = _group_counts(store)
+    groups = list(counts) or sorted({str(g) for ds in topomaps.values()
+                                     for g in ds["group"].values})
+    model_name = model.get("name") or model.get("path") or model.get("framework") or "model"
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+
+    cards = [
+        (len(attrs.get("layers") or []), "layers in the store"),
+        (len(topomaps), "layers with topomaps"),
+        (len(groups), "groups"),
+        (corpus.get("n_samples", sum(counts.values()) or "?"), "samples"),
+        (len(projections), "projections"),
+    ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>inntrospect report: {_e(store.name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<header>",
+        f"<h1>inntrospect report: {_e(store.name)}</h1>",
+        f"<p>Model <b>{_e(model_name)}</b> · store <code>{_e(store)}</code> · "
+        f"written {_e(now)}</p>",
+        "</header>",
+        '<nav><a href="#summary">Summary</a><a href="#topomaps">Topomaps</a>'
+        '<a href="#overview">Overview</a><a href="#projections">Projections</a>'
+        '<a href="#quality">Layout quality</a>'
+        + ('<a href="#comparison">Layout comparison</a>' if compare_csv is not None else "")
+        + '<a href="#provenance">Provenance</a></nav>',
+        "<main>",
+        '<section id="summary"><h2>Summary</h2>',
+        '<div class="cards">' + "".join(
+            f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for v, k in cards)
+        + "</div>",
+        "<h3>Model</h3>", _kv(model),
+        "<h3>Corpus</h3>", _kv(corpus),
+    ]
+    if counts:
+        parts += ["<h3>Groups</h3>",
+                  _table(["group", "samples"], [[g, c] for g, c in counts.items()])]
+    parts += ["<h3>Store</h3>", _kv({
+        "path": str(store), "format": f"{attrs.get('format')} v{attrs.get('format_version')}",
+        "layers": attrs.get("layers"), "extraction id": extraction.get("id"),
+        "extraction state": extraction.get("state")}), "</section>"]
+
+    # topomaps per layer
+    parts.append('<section id="topomaps"><h2>Topomaps per layer</h2>')
+    parts.append('<p class="note">One panel per group; every panel of a layer shares one '
+                 'symmetric colour scale [−vmax, vmax] (colour map bwr: blue below 0, red '
+                 'above). Pixels outside the convex hull of the units are left blank.</p>')
+    for layer, ds in topomaps.items():
+        d = TopomapDisplay.from_dataset(ds, layer)
+        p = ds.attrs.get("params") or {}
+        caption = (f"{ds.sizes.get('unit', '?')} units, {len(d.groups)} groups, "
+                   f"vmax = {_num(d.vmax)}, {p.get('resolution', '?')} px per side"
+                   + (f"; {d.description()}" if d.description() else ""))
+        parts += [f'<h3 id="layer-{_e(layer)}">Layer {_e(layer)}</h3>',
+                  _img(rows[layer], out, dpi, d.title(), caption=caption)]
+    parts.append("</section>")
+
+    parts.append('<section id="overview"><h2>Overview of all layers</h2>')
+    parts.append('<p class="note">One row per layer, one column per group; each row has its '
+                 'own symmetric colour scale and colour bar.</p>')
+    if overview is not None:
+        parts.append(_img(overview, out, dpi, "Topomaps of all layers"))
+    parts.append("</section>")
+
+    parts.append('<section id="projections"><h2>Instance projections</h2>')
+    if projection_note:
+        parts.append(f'<p class="note">{_e(projection_note)}</p>')
+    for layer, path in proj.items():
+        ds = projections[layer]
+        var = ds.attrs.get("explained_variance")
+        pp = ds.attrs.get("params") or {}
+        caption = (f"{ds.sizes.get('sample', '?')} samples"
+                   + (f", {pp.get('samples_per_group')} per group ({pp.get('sampling')})"
+                      if pp.get("samples_per_group") else "")
+                   + (f"; PCA to {pp.get('pca_components')} components kept "
+                      f"{_num(var, 3)} of the variance" if pp.get("pca_components") else ""))
+        parts += [f"<h3>Layer {_e(layer)}</h3>",
+                  _img(path, out, dpi, f"Instance projection of layer {layer}", "projection",
+                       caption)]
+    parts.append("</section>")
+
+    parts.append('<section id="quality"><h2>Layout quality</h2>')
+    parts.append('<p class="note">Topographic quality of each layer\'s topomaps (area under '
+                 'the error curve of resizing and of blurring the images; lower is '
+                 'smoother).</p>')
+    parts.append(_table(["layer", "units", "method", "metric", "source", "resolution",
+                         "quality (resize)", "quality (blur)", "layout seconds"],
+                        _quality_rows(topomaps), "quality"))
+    parts.append("</section>")
+
+    if compare_csv is not None:
+        compare_csv = Path(compare_csv)
+        parts.append('<section id="comparison"><h2>Layout comparison</h2>')
+        if compare_csv.is_file():
+            header, csv_rows = _read_csv(compare_csv)
+            parts.append(f'<p class="note">From <code>{_e(compare_csv.name)}</code> '
+                         f"(inntrospect compare-layouts), {len(csv_rows)} rows.</p>")
+            parts.append(_table(header, csv_rows, "comparison"))
+        else:
+            parts.append(f'<p class="note">No comparison table at <code>{_e(compare_csv)}'
+                         "</code>; run <code>inntrospect compare-layouts CONFIG</code> to "
+                         "write one.</p>")
+        parts.append("</section>")
+
+    parts.append('<section id="provenance"><h2>Provenance</h2>')
+    parts += ["<h3>Extraction</h3>", _kv(extraction)]
+    parts.append("<h3>Steps</h3>")
+    step_rows = [[rec.get("step", name), _Html(f"<code>{_e(rec.get('id'))}</code>"),
+                  rec.get("state"), _lines(rec.get("params")), _lines(rec.get("inputs")),
+                  _when(rec.get("started")), _when(rec.get("finished"))]
+                 for name, rec in steps.items()]
+    parts.append(_table(["step", "id", "state", "params", "inputs", "started", "finished"],
+                        step_rows, "steps") if step_rows else
+                 '<p class="note">No step records.</p>')
+    parts += ["<h3>Software</h3>", _kv(_versions())]
+    if config is not None:
+        config = Path(config)
+        text = config.read_text(encoding="utf-8", errors="replace")
+        parts += [f"<h3>Configuration <code>{_e(config.name)}</code></h3>",
+                  f"<pre>{_e(text)}</pre>"]
+    parts.append("</section>")
+    parts.append(f"<footer>Written by inntrospect {_e(__version__)} on {_e(now)}.</footer>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts) + "\n"
