@@ -42,7 +42,7 @@ optimisation still compiles nothing per call (its kernels are module-level).
 
 Run::
 
-    python benchmarks/bench_layout.py            # 6-15 min: UMAP's JIT warm-up 1-2 min, the numpy reference
+    python benchmarks/bench_layout.py            # about 5 min idle (up to 15 loaded): UMAP's JIT warm-up 1-2 min, the numpy reference
                                                  # 2-3 min, graph layout 2-3.5 min, exact on 25k 1-2 min
     python benchmarks/bench_layout.py --quick    # 300 synthetic units, no model, PCA standing in for
                                                  # UMAP, no tsne, approx on 1,000 units; ~10-20 s

@@ -124,7 +124,6 @@ def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     from .extract import prepare_extraction, run_extraction
     from .info import describe_store
     from .naps import contrastive_naps, naps
-    from .plots import plot_all
     from .projection import instance_projection
     from .reporting import report
     from .topomap.api import topomap_images, topomap_layout
@@ -147,8 +146,8 @@ def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     topomap_layout(ex.path, **cfg.layout_kwargs(), progress=progress)
     topomap_images(ex.path, cfg.resolution(), progress=progress)
     instance_projection(ex.path, **cfg.projection_kwargs(), persist=True, progress=progress)
-    figures = plot_all(ex.path, cfg.plot_output(), cfg.get("plot", "mode"), cfg.get("plot", "format"))
     index = report(ex.path, cfg.plot_output() / "report", config=cfg_path, progress=progress)
+    figures = sorted((index.parent / "figures").iterdir())
     print()
     print(describe_store(ex.path))
     print()
@@ -156,8 +155,9 @@ def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     print(
         f"\ndone in {time.perf_counter() - t0:.0f} s. Outputs in {out}/:\n"
         f"  {ex.path}  (open it with: xarray.open_datatree({str(ex.path)!r}, engine='zarr'))\n"
-        f"  {cfg.plot_output()}/  ({len(figures)} figures: topomaps per layer, overview, projections)\n"
         f"  {index}  (the report: open it in a browser)\n"
+        f"  {index.parent / 'figures'}/  ({len(figures)} figures: topomaps per layer, overview, "
+        f"projections; PDF or SVG: inntrospect plot {cfg_path})\n"
         f"  rerun a step: inntrospect extract|align|naps|contrast|layout|project|plot|report {cfg_path}\n"
         f"  compare layout methods: inntrospect compare-layouts {cfg_path}\n"
         f"  describe:     inntrospect info {ex.path}\n"

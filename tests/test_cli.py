@@ -104,10 +104,10 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     for step in ("align", "naps", "contrast", "layout", "topomap", "projection"):
         assert f"{step:<10} current" in out
     assert set(inntrospect.load(path, "topomap")) == {"conv1", "conv2", "dense"}
-    figures = tmp_path / "demo" / "figures"
-    for name in ("topomap_conv1.png", "topomap_dense.png", "overview.png", "projection_dense.png",
-                 "report/index.html"):
-        assert (figures / name).stat().st_size > 1000, name
+    report = tmp_path / "demo" / "figures" / "report"
+    for name in ("figures/topomap_conv1.png", "figures/topomap_dense.png", "figures/overview.png",
+                 "figures/projection_dense.png", "index.html"):
+        assert (report / name).stat().st_size > 1000, name
     profiles = inntrospect.load(path, "naps")
     aligned = inntrospect.load(path, "align")["conv2"].values
     expected = np.stack([aligned[labels == g].mean(axis=0) for g in sorted(set(labels))])
