@@ -22,7 +22,9 @@ from .errors import (
     StoreMismatchError,
 )
 from .extract import extract
+from .legacy import import_legacy
 from .naps import contrastive_naps, naps
+from .pipeline import run
 from .stack import stack
 from .steps import load
 from .store import open_store
@@ -45,7 +47,9 @@ def __getattr__(name):
 __version__ = "0.1.0"
 
 __all__ = [
+    "run",
     "extract",
+    "import_legacy",
     "align",
     "naps",
     "contrastive_naps",

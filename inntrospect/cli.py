@@ -134,6 +134,27 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_run(args) -> int:
+    from .pipeline import run
+
+    run(args.config, from_step=args.from_step, force=args.force, scheduler=args.scheduler,
+        progress=not args.no_progress)
+    return 0
+
+
+def _cmd_import_legacy(args) -> int:
+    import json
+
+    from .info import describe_store
+    from .legacy import import_legacy
+
+    names = json.loads(args.layer_names) if args.layer_names else None
+    path = import_legacy(args.folder, args.store, names, chunk_mib=args.chunk_mib,
+                         overwrite=args.overwrite, progress=not args.no_progress)
+    print(describe_store(path))
+    return 0
+
+
 def _cmd_info(args) -> int:
     from .info import describe_store
 
@@ -181,6 +202,28 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--methods", help="comma-separated methods (default: [topomap] compare, "
                            "else all: umap,tsne,pca,som,graph,random)")
         c.set_defaults(func=func)
+
+    r = sub.add_parser("run", help="the whole pipeline, skipping steps whose results are current")
+    r.add_argument("config", help="TOML config with every section the steps need")
+    r.add_argument("--from", dest="from_step", metavar="STEP",
+                   help="redo this step and all after it: extract, align, naps, contrast, layout, "
+                        "topomap, projection, plots, report")
+    r.add_argument("--force", action="store_true", help="redo every step, the extraction included")
+    r.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a running dask.distributed scheduler (default: [cluster] address, "
+                        "else an in-process cluster)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=_cmd_run)
+
+    g = sub.add_parser("import-legacy", help="import the reference toolbox's output folder into a store")
+    g.add_argument("folder", help="folder with acts/layerNNN/*.npy, grads/…, group_name_to_files.json, …")
+    g.add_argument("store", help="path of the Zarr store to write")
+    g.add_argument("--layer-names", metavar="JSON",
+                   help='layer names: {"layer000": "conv2d", …} or ["conv2d", …] (default: layerNNN)')
+    g.add_argument("--chunk-mib", type=float, help="target chunk size in MiB (default 32)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.set_defaults(func=_cmd_import_legacy)
 
     i = sub.add_parser("info", help="what a store holds: layers, shapes, groups, sizes, steps, state")
     i.add_argument("store", help="path of the Zarr store")

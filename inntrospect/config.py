@@ -12,6 +12,8 @@
               resolution = 100, from = "contrast" | "naps", compare = ["umap", "pca", …]
     [projection] samples_per_group = 100, sampling = "random" | "first", seed = 0
     [plot]    mode = "row" | "individual", format = "png" | "pdf" | "svg", output = "figures"
+    [cluster] address = "tcp://host:8786" (default: an in-process cluster), n_workers,
+              threads_per_worker, memory_limit = "4GiB", dashboard_address = ":8787"
 
 Unknown sections and keys are errors (a typo should not be ignored silently).
 """
@@ -41,6 +43,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
                 "resolution": (int,), "from": (str,), "compare": (list,)},
     "projection": {"samples_per_group": (int,), "sampling": (str,), "seed": (int,)},
     "plot": {"mode": (str,), "format": (str,), "output": (str,)},
+    "cluster": {"address": (str,), "n_workers": (int,), "threads_per_worker": (int,),
+                "memory_limit": (str, int), "dashboard_address": (str,)},
 }
 #: allowed values of the keys that name a choice
 CHOICES = {

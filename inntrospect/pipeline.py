@@ -1,0 +1,203 @@
+"""``inntrospect run``: every step of a config, in dependency order, skipping what is current.
+
+Steps, in order: ``extract``, ``align`` (only when ``[naps] aligned``),
+``naps``, ``contrast``, ``layout``, ``topomap``, ``projection``, then the
+figures and the report (``plots``, ``report``), which are always redrawn. A
+step runs when its result is missing or stale (:mod:`inntrospect.steps`), or
+was computed with other parameters than the config's; ``from_step`` redoes
+that step and everything after it, ``force`` everything (extraction too).
+
+The pipeline owns its dask cluster, like the command line: with ``[cluster]
+address`` (or ``scheduler=``) it connects to that scheduler, otherwise it
+starts an in-process ``LocalCluster`` and prints its dashboard link. Library
+functions never create one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import steps
+from . import store as st
+from .errors import ConfigError
+
+__all__ = ["run", "PIPELINE"]
+
+#: the steps of :func:`run`, in order
+PIPELINE = ("extract", "align", "naps", "contrast", "layout", "topomap", "projection", "plots", "report")
+
+
+def _wanted_params(cfg) -> dict[str, dict]:
+    """The parameters each step's record must hold to count as done with this config."""
+    naps = cfg.naps_kwargs()
+    contrast = cfg.contrast_kwargs()
+    layout = cfg.layout_kwargs()
+    projection = cfg.projection_kwargs()
+    return {
+        "align": {},
+        "naps": {"aligned": bool(naps["aligned"]), "std": bool(naps["std"])},
+        "contrast": {"groups": None if contrast["groups"] is None else sorted(contrast["groups"]),
+                     "weight_by_group_size": bool(contrast["weight_by_group_size"])},
+        "layout": {**layout, "seed": int(layout["seed"]),
+                   "distribute_in_circle": bool(layout["distribute_in_circle"])},
+        "topomap": {**layout, "seed": int(layout["seed"]),
+                    "distribute_in_circle": bool(layout["distribute_in_circle"]),
+                    "resolution": cfg.resolution()},
+        "projection": {**projection, "pca_components": 50, "method": "umap"},
+    }
+
+
+def _is_done(path, step: str, wanted: dict) -> bool:
+    if not st.is_store(path):
+        return False
+    attrs = st.store_attrs(path)
+    rec = attrs.get("steps", {}).get(step)
+    return rec is not None and steps.is_current(attrs, step) and rec.get("params") == wanted
+
+
+@contextlib.contextmanager
+def cluster(cfg, scheduler: str | None = None, quiet: bool = False):
+    """A ``dask.distributed`` client for the run: the config's scheduler, or an in-process cluster."""
+    from distributed import Client, LocalCluster
+
+    address = scheduler or cfg.get("cluster", "address")
+    if address:
+        client = Client(address)
+        owned = None
+    else:
+        owned = LocalCluster(
+            processes=False,
+            n_workers=cfg.get("cluster", "n_workers", 1),
+            threads_per_worker=cfg.get("cluster", "threads_per_worker", os.cpu_count() or 1),
+            memory_limit=cfg.get("cluster", "memory_limit", "auto"),
+            dashboard_address=cfg.get("cluster", "dashboard_address", ":0"),
+        )
+        client = Client(owned)
+    if not quiet:
+        where = address or "an in-process LocalCluster"
+        print(f"dask: {where}; dashboard: {client.dashboard_link}")
+    try:
+        yield client
+    finally:
+        client.close()
+        if owned is not None:
+            owned.close()
+
+
+def run(config, *, from_step: str | None = None, force: bool = False, scheduler: str | None = None,
+        progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Run every step of ``config`` that is not current; return ``{step: "ran" | "current" | "skipped"}``.
+
+    Parameters
+    ----------
+    config : str, os.PathLike or Config
+        The TOML config (all sections; see the README).
+    from_step : str, optional
+        Redo this step and all after it (one of :data:`PIPELINE`).
+    force : bool
+        Redo every step, the extraction included (the store is written anew).
+    scheduler : str, optional
+        Address of a running ``dask.distributed`` scheduler (overrides ``[cluster] address``).
+    progress : bool
+        Progress bars and the dashboard link.
+
+    Raises
+    ------
+    ConfigError
+        An unknown ``from_step``, or a config that names no store.
+    """
+    from .config import Config, load_config
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    if from_step is not None and from_step not in PIPELINE:
+        raise ConfigError(f"unknown step {from_step!r} for --from; the steps are: {', '.join(PIPELINE)}.")
+    redo = set(PIPELINE) if force else set(PIPELINE[PIPELINE.index(from_step):]) if from_step else set()
+    path = cfg.store_path()
+    wanted = _wanted_params(cfg)
+    aligned = wanted["naps"]["aligned"]
+    done: dict[str, str] = {}
+    t0 = time.perf_counter()
+    with cluster(cfg, scheduler, quiet=not progress):
+        for step in PIPELINE:
+            if step == "align" and not aligned:
+                done[step] = "skipped"
+                continue
+            if step not in ("extract", "plots", "report") and step not in redo and _is_done(path, step, wanted[step]):
+                done[step] = "current"
+                echo(f"{step:<10} current, kept")
+                continue
+            t = time.perf_counter()
+            _STEPS[step](cfg, path, progress, overwrite="extract" in redo)
+            done[step] = "ran"
+            echo(f"{step:<10} done in {time.perf_counter() - t:.1f} s")
+    echo(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report: "
+         f"{cfg.plot_output() / 'report' / 'index.html'}")
+    return done
+
+
+# -- the steps ----------------------------------------------------------------------
+def _extract(cfg, path, progress, overwrite=False):
+    from .extract import prepare_extraction, run_extraction
+
+    ex = prepare_extraction(**cfg.extract_kwargs())
+    run_extraction(ex, overwrite=overwrite, progress=progress)
+
+
+def _align(cfg, path, progress, **_):
+    from .align import align
+
+    align(path, persist=True, progress=progress)
+
+
+def _naps(cfg, path, progress, **_):
+    from .naps import naps
+
+    naps(path, **cfg.naps_kwargs(), persist=True, progress=progress)
+
+
+def _contrast(cfg, path, progress, **_):
+    from .naps import contrastive_naps
+
+    contrastive_naps(path, **cfg.contrast_kwargs(), persist=True, progress=progress)
+
+
+def _layout(cfg, path, progress, **_):
+    from .topomap.api import topomap_layout
+
+    topomap_layout(path, **cfg.layout_kwargs(), progress=progress)
+
+
+def _topomap(cfg, path, progress, **_):
+    from .topomap.api import topomap_images
+
+    topomap_images(path, cfg.resolution(), progress=progress)
+
+
+def _projection(cfg, path, progress, **_):
+    from .projection import instance_projection
+
+    instance_projection(path, **cfg.projection_kwargs(), persist=True, progress=progress)
+
+
+def _plots(cfg, path, progress, **_):
+    from .plots import plot_all
+
+    plot_all(path, cfg.plot_output(), cfg.get("plot", "mode", "row"), cfg.get("plot", "format", "png"))
+
+
+def _report(cfg, path, progress, **_):
+    from .reporting import report
+
+    out: Path = cfg.plot_output()
+    csv = out / "compare_layouts.csv"
+    report(path, out / "report", config=cfg.path, compare_csv=csv if csv.is_file() else None,
+           progress=progress)
+
+
+_STEPS = {"extract": _extract, "align": _align, "naps": _naps, "contrast": _contrast,
+          "layout": _layout, "topomap": _topomap, "projection": _projection, "plots": _plots,
+          "report": _report}
