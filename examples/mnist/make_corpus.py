@@ -4,9 +4,12 @@ Usage::
 
     python examples/mnist/make_corpus.py IMAGES.gz LABELS.gz OUT_DIR [--limit N] [--batch 500]
 
-Images become float32 in [0, 1], shaped (n, 28, 28, 1); one group per digit,
-with the digit as target. Each digit's samples are split into batch files of
-at most ``--batch`` samples.
+IMAGES and LABELS are the MNIST IDX files (``t10k-images-idx3-ubyte.gz``,
+``t10k-labels-idx1-ubyte.gz``; gzipped or not). ``--limit N`` keeps the first
+N images. Images become float32 in [0, 1] (pixel / 255), shaped
+(n, 28, 28, 1); one group per digit (groups "0" … "9"), with the digit as
+target. Each digit's samples are split into batch files of at most
+``--batch`` samples.
 """
 
 from __future__ import annotations
@@ -35,9 +38,14 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def write_mnist_corpus(images, labels, out: str | Path, limit: int | None = None, batch: int = 500) -> Path:
-    """Write ``out/corpus.csv`` and ``out/<digit>_<k>.npy``; return the csv path."""
+    """Write ``out/corpus.csv`` and its batch files (one digit each); return the csv path."""
     x = read_idx(images) if not isinstance(images, np.ndarray) else images
     y = read_idx(labels) if not isinstance(labels, np.ndarray) else labels
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(
+            f"expected images (n, rows, cols) and labels (n,), got {x.shape} and {y.shape}; "
+            "give the images file first, then the labels file of the same set."
+        )
     if limit is not None:
         x, y = x[:limit], y[:limit]
     x = (x.astype(np.float32) / 255.0)[..., None]
@@ -52,7 +60,10 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     p.add_argument("--batch", type=int, default=500, help="samples per batch file")
     a = p.parse_args(argv)
-    csv = write_mnist_corpus(a.images, a.labels, a.out, a.limit, a.batch)
+    try:
+        csv = write_mnist_corpus(a.images, a.labels, a.out, a.limit, a.batch)
+    except (OSError, ValueError, KeyError) as err:
+        p.error(str(err))
     print(f"wrote {csv}")
 
 
