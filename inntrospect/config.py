@@ -162,15 +162,70 @@ class Config:
         return self.require("store", "path")
 
 
+#: the reference toolbox's JSON config keys, and where each goes
+LEGACY_KEYS = {
+    "model_path": ("model", "path"),
+    "model_name": ("model", "name"),
+    "layer_names_of_interest": ("model", "layers"),
+    "data_path": ("corpus", "path"),
+    "processed_corpus_path": ("store", "path"),
+    "use_aligned_naps": ("naps", "aligned"),
+}
+
+
+def legacy_sections(raw: dict, p: Path) -> dict[str, dict[str, Any]]:
+    """Sections of a reference-toolbox JSON config (its keys as they are, see :data:`LEGACY_KEYS`).
+
+    ``data_path`` is the folder holding ``corpus.csv`` (the same
+    ``file,group[,target]`` rows); the store goes beside
+    ``processed_corpus_path`` as ``<processed_corpus_path>.zarr`` and the
+    figures into ``<processed_corpus_path>_figures``, so a legacy output
+    folder there is left alone. Unknown keys are errors.
+    """
+    unknown = [k for k in raw if k not in LEGACY_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"{p}: unknown key(s) {', '.join(map(repr, unknown))} in a reference-toolbox JSON config; "
+            f"known keys: {', '.join(LEGACY_KEYS)}. Use a TOML config for everything else."
+        )
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in raw.items():
+        section, name = LEGACY_KEYS[key]
+        if key == "data_path" and isinstance(value, str):
+            value = str(Path(value) / "corpus.csv")
+        if key == "processed_corpus_path" and isinstance(value, str):
+            base = str(value).rstrip("/\\")
+            value = base + ".zarr"
+            sections.setdefault("plot", {})["output"] = base + "_figures"
+        sections.setdefault(section, {})[name] = value
+    return sections
+
+
 def load_config(path: str | os.PathLike) -> Config:
-    """Read and validate a TOML config file."""
+    """Read and validate a config file: TOML, or the reference toolbox's JSON.
+
+    Relative paths in a TOML config resolve against its folder; in a JSON
+    config against the current folder, as the reference toolbox's scripts did.
+    """
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"config file {p} not found.")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{p} is not valid TOML: {err}") from err
+    base = p.parent
+    if p.suffix.lower() == ".json":
+        import json
+
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{p} is not valid JSON: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a JSON config is one object of keys {', '.join(LEGACY_KEYS)}.")
+        raw, base = legacy_sections(raw, p), Path.cwd()
+    else:
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{p} is not valid TOML: {err}") from err
     data: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         if section not in SCHEMA:
@@ -196,6 +251,6 @@ def load_config(path: str | os.PathLike) -> Config:
                 raise ConfigError(f"{p}: [{section}] {key} must be one of "
                                   f"{', '.join(map(repr, choices))}; got {value!r}.{_suggest(value, choices)}")
             if (section, key) in PATHS:
-                value = str((p.parent / Path(value).expanduser()).resolve())
+                value = str((base / Path(value).expanduser()).resolve())
             data[section][key] = value
     return Config(p.resolve(), data)

@@ -87,3 +87,47 @@ def test_unknown_from_step_is_refused(tmp_path):
     cfg.write_text('[store]\npath = "s.zarr"\n')
     with pytest.raises(ConfigError, match="unknown step 'napz' for --from; the steps are: extract"):
         run(cfg, from_step="napz", progress=False)
+
+
+def test_reference_toolbox_json_configs_are_read_as_they_are(tmp_path, monkeypatch):
+    import json
+
+    from inntrospect.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "configs" / "MNIST_CNN_SHALLOW.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({
+        "model_path": "models/MNIST_CNN_SHALLOW", "layer_names_of_interest": ["conv2d_24", "flatten_8"],
+        "data_path": "data/MNIST/", "processed_corpus_path": "output/MNIST_CNN/", "use_aligned_naps": True}))
+    c = load_config(cfg)
+    assert c.extract_kwargs()["model"] == str(tmp_path / "models" / "MNIST_CNN_SHALLOW")  # cwd-relative
+    assert c.extract_kwargs()["layers"] == ["conv2d_24", "flatten_8"]
+    assert c.extract_kwargs()["corpus"] == str(tmp_path / "data" / "MNIST" / "corpus.csv")
+    assert c.store_path() == str(tmp_path / "output" / "MNIST_CNN.zarr")
+    assert c.plot_output() == tmp_path / "output" / "MNIST_CNN_figures"
+    assert c.naps_kwargs()["aligned"] is True
+    cfg.write_text(json.dumps({"model_name": "VGG16", "data_path": "d", "processed_corpus_path": "o",
+                               "use_aligned_naps": False}))
+    assert load_config(cfg).extract_kwargs()["model"] == "VGG16"
+    cfg.write_text(json.dumps({"model_path": "m", "use_aligned_nap": True}))
+    with pytest.raises(ConfigError, match="unknown key.*'use_aligned_nap'.*known keys: model_path"):
+        load_config(cfg)
+    cfg.write_text(json.dumps({"model_path": "m", "use_aligned_naps": "yes"}))
+    with pytest.raises(ConfigError, match="aligned must be bool"):
+        load_config(cfg)
+
+
+@needs_shared
+def test_json_config_runs_the_pipeline_steps(tmp_path, mnist_corpus, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "MNIST_CNN_SHALLOW.json"
+    cfg.write_text(json.dumps({"model_path": str(CNN), "layer_names_of_interest": ["conv2d_25"],
+                               "data_path": str(mnist_corpus.parent), "processed_corpus_path": "out",
+                               "use_aligned_naps": True}))
+    assert main(["extract", str(cfg), "--no-progress"]) == 0
+    assert main(["naps", str(cfg), "--no-progress"]) == 0
+    assert "NAPs of 3 layers (aligned activations)" in capsys.readouterr().out
+    assert (tmp_path / "out.zarr").is_dir()
