@@ -1,0 +1,359 @@
+"""A real ``dask.distributed`` cluster: a scheduler and two workers, each a process of its own, on loopback.
+
+``inntrospect run --scheduler`` gives what a local run gives, its analysis
+tasks run on the workers, a worker killed in the middle of the NAPs changes
+nothing in them, and the dashboard link printed is the scheduler's. The
+workers share this machine's disk, so stores are given by their local paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import inntrospect
+from inntrospect import pipeline
+from inntrospect.pipeline import run
+from inntrospect.testing import store_from_arrays
+
+from .conftest import CNN, needs_shared, python_env
+
+distributed = pytest.importorskip("distributed")
+
+#: every wait of this file is bounded by this many seconds
+TIMEOUT = 60
+#: the analysis steps: what the run on the cluster redoes, and what is compared
+STEPS = ("naps", "contrast", "layout", "topomap", "projection")
+#: steps left out where a test is about the cluster, not them: the figures and the
+#: report (drawn in this process from the store; ``test_pipeline.py`` tests them)
+FIGURES = ("plots", "report")
+
+CONFIG = """\
+[model]
+path = "{model}"
+layers = ["conv2d_25"]
+[corpus]
+path = "{corpus}"
+[store]
+path = "run.zarr"
+chunk_mib = 1
+[naps]
+aligned = true
+[topomap]
+method = "pca"
+resolution = 40
+[projection]
+samples_per_group = 20
+[plot]
+output = "out"
+"""
+
+
+class Cluster:
+    """``dask scheduler`` and ``dask worker`` processes (no nanny: a worker is the process we start)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.procs: list[subprocess.Popen] = []
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.client = None
+        self.scheduler_file = folder / "s.json"
+        self.scheduler = self._spawn("scheduler", [
+            "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+            "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(self.scheduler_file),
+            "--idle-timeout", "900s"])  # outlives no test process by long, even one killed itself
+        deadline = time.monotonic() + TIMEOUT
+        while not self._scheduler_info():
+            if self.scheduler.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the scheduler did not start:\n{self.log('scheduler')}")
+            time.sleep(0.05)
+        self.info = self._scheduler_info()
+        self.address = self.info["address"]
+
+    def _scheduler_info(self) -> dict | None:
+        try:
+            return json.loads(self.scheduler_file.read_text())
+        except (OSError, ValueError):  # not there yet, or half written
+            return None
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        with open(self.folder / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=python_env(), start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_worker(self, name: str) -> subprocess.Popen:
+        (self.folder / name).mkdir(exist_ok=True)
+        proc = self._spawn(name, [
+            "distributed.cli.dask_worker", "--scheduler-file", str(self.scheduler_file),
+            "--nthreads", "1", "--memory-limit", "1GiB", "--no-dashboard", "--no-nanny",
+            "--host", "127.0.0.1", "--name", name, "--local-directory", str(self.folder / name),
+            "--death-timeout", str(TIMEOUT)])  # gone when the scheduler is
+        self.workers[name] = proc
+        return proc
+
+    def connect(self, n_workers: int) -> None:
+        from distributed import Client
+
+        if self.client is None:  # not the default client: other tests' dask work stays local
+            self.client = Client(self.address, timeout=TIMEOUT, set_as_default=False)
+        try:
+            self.client.wait_for_workers(n_workers, timeout=TIMEOUT)
+        except TimeoutError:
+            logs = "\n".join(f"-- {k}:\n{self.log(k)}" for k in self.workers)
+            raise RuntimeError(f"{n_workers} workers did not connect within {TIMEOUT} s:\n{logs}") from None
+
+    def worker_addresses(self) -> dict[str, str]:
+        """``{name: address}`` of the workers connected now."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        return {w["name"]: addr for addr, w in workers.items()}
+
+    def log(self, name: str) -> str:
+        path = self.folder / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.is_file() else ""
+
+    def close(self) -> None:
+        """Close the client, then end every process started here: SIGTERM, then SIGKILL."""
+        if self.client is not None:
+            try:
+                self.client.close(timeout=10)
+            except Exception:  # noqa: BLE001 - the processes go in any case
+                pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                _signal(proc, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal(proc, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process group of ``proc`` (its own session: it and any children it made)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    cluster = None
+    try:
+        cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+        for name in ("w0", "w1"):
+            cluster.start_worker(name)
+        cluster.connect(2)
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+@pytest.fixture
+def two_workers(dask_cluster):
+    """The cluster, with two workers on entry (and again on exit)."""
+    dask_cluster.connect(2)
+    yield dask_cluster
+    dask_cluster.connect(2)
+
+
+def _config(folder: Path, corpus, extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "c.toml"
+    cfg.write_text(CONFIG.format(model=CNN, corpus=corpus) + extra)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, mnist_corpus, dask_cluster):
+    """The MNIST CNN config run locally, then on the cluster into another store.
+
+    The cluster run starts from a copy of the local run's extraction (TensorFlow
+    runs in this process either way, never on the workers) and redoes every
+    step after it (``--from align``), its tasks recorded by the scheduler.
+    """
+    pytest.importorskip("tensorflow")
+    from distributed import get_task_stream
+
+    base = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        for step in FIGURES:
+            mp.setitem(pipeline._STEPS, step, _skip)
+        return _two_runs(base, mnist_corpus, dask_cluster, get_task_stream)
+
+
+def _skip(*args, **kwargs) -> None:
+    """A step left out (see :data:`FIGURES`)."""
+
+
+def _two_runs(base, mnist_corpus, dask_cluster, get_task_stream) -> dict:
+    local_cfg, remote_cfg = _config(base / "local", mnist_corpus), _config(base / "remote", mnist_corpus)
+    t0 = time.perf_counter()
+    local_done = run(local_cfg, progress=False, echo=lambda line: print("local:", line))
+    t1 = time.perf_counter()
+    shutil.copytree(base / "local" / "run.zarr", base / "remote" / "run.zarr")
+    for step in ("align", *STEPS):  # nothing of the local analysis is left in the copy
+        shutil.rmtree(base / "remote" / "run.zarr" / step, ignore_errors=True)
+    dask_cluster.connect(2)
+    with get_task_stream(dask_cluster.client) as stream:
+        remote_done = run(remote_cfg, scheduler=dask_cluster.address, from_step="align", progress=False,
+                          echo=lambda line: print("cluster:", line))
+    t2 = time.perf_counter()
+    print(f"\nlocal run {t1 - t0:.1f} s; run on the cluster (from align) {t2 - t1:.1f} s")
+    return {"local": base / "local", "remote": base / "remote", "local_done": local_done,
+            "remote_done": remote_done, "stream": stream.data, "remote_cfg": remote_cfg}
+
+
+def _assert_same(a, b, what: str, rtol: float = 1e-12, atol: float = 1e-12) -> None:
+    assert set(a.data_vars) == set(b.data_vars), what
+    for name in a.data_vars:
+        x, y = a[name].values, b[name].values
+        assert x.shape == y.shape, f"{what} {name}"
+        if x.dtype.kind in "fc":
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=f"{what} {name}")
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=f"{what} {name}")
+    for name in a.coords:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{what} coord {name}")
+
+
+@needs_shared
+def test_run_on_the_cluster_equals_the_local_run(runs):
+    assert runs["local_done"] == runs["remote_done"] == {s: "ran" for s in (
+        "extract", "align", *STEPS, "plots", "report")}
+    local, remote = runs["local"] / "run.zarr", runs["remote"] / "run.zarr"
+    for step in STEPS:
+        a, b = inntrospect.load(local, step), inntrospect.load(remote, step)
+        assert list(a) == list(b) and a, step
+        for layer in a:
+            # NAPs are float64 sums of the same chunks merged in the same tree:
+            # equal to rounding; UMAP with a seed, given the same rows, exactly
+            _assert_same(a[layer], b[layer], f"{step} {layer}")
+    aligned_a, aligned_b = inntrospect.load(local, "align"), inntrospect.load(remote, "align")
+    for layer in aligned_a:
+        np.testing.assert_array_equal(aligned_a[layer].values, aligned_b[layer].values)
+
+
+@needs_shared
+def test_the_analysis_tasks_ran_on_the_workers(runs, dask_cluster):
+    workers = set(dask_cluster.worker_addresses().values())
+    stream = runs["stream"]
+    assert stream and {t["worker"] for t in stream} <= workers
+    prefixes = {}
+    for t in stream:
+        key = t["key"][0] if isinstance(t["key"], tuple) else t["key"]
+        prefix = "-".join(p for p in str(key).split("-") if not (len(p) == 32 and p.isalnum()))
+        prefixes[prefix] = prefixes.get(prefix, 0) + 1
+    # the NAP pass read its chunk files on the workers, and reduced there
+    assert prefixes.get("naps-chunk", 0) >= 10 and any(p.startswith("naps-merge") for p in prefixes), prefixes
+    # the alignment wrote its chunks there, and the projection read its rows there
+    assert any(p.startswith("store-map") for p in prefixes), prefixes
+    assert len(stream) > 50, prefixes
+
+
+@needs_shared
+def test_the_dashboard_link_printed_is_the_schedulers(runs, dask_cluster, capsys, monkeypatch):
+    for step in FIGURES:
+        monkeypatch.setitem(pipeline._STEPS, step, _skip)
+    capsys.readouterr()
+    run(runs["remote_cfg"], scheduler=dask_cluster.address, progress=True, echo=lambda _: None)
+    first = capsys.readouterr().out.splitlines()[0]
+    port = dask_cluster.info["services"]["dashboard"]
+    assert first == f"dask: {dask_cluster.address}; dashboard: http://127.0.0.1:{port}/status"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as page:
+        assert page.status == 200 and b"Dask" in page.read()
+
+
+@needs_shared
+def test_run_connects_to_the_config_s_cluster_address(runs, dask_cluster, monkeypatch):
+    from distributed import get_task_stream
+
+    for step in (*FIGURES, "projection"):  # UMAP runs in this process: tested above
+        monkeypatch.setitem(pipeline._STEPS, step, _skip)
+    folder = runs["remote"]
+    cfg = folder / "address.toml"
+    cfg.write_text(runs["remote_cfg"].read_text() + f'[cluster]\naddress = "{dask_cluster.address}"\n')
+    clients_before = _connections(dask_cluster)
+    with get_task_stream(dask_cluster.client) as stream:
+        done = run(cfg, from_step="contrast", progress=False, echo=lambda _: None)
+    assert done["contrast"] == done["projection"] == "ran" and done["naps"] == "current"
+    assert _connections(dask_cluster) == clients_before + 1
+    assert stream.data and {t["worker"] for t in stream.data} <= set(dask_cluster.worker_addresses().values())
+
+
+def _connections(cluster) -> int:
+    """How many clients have connected to the scheduler so far."""
+    events = cluster.client.get_events("all")
+    return sum(1 for _, e in events if isinstance(e, dict) and e.get("action") == "add-client")
+
+
+def _finished(prefix: str, dask_scheduler=None) -> int:
+    """In the scheduler: how many times a task whose key starts with ``prefix`` finished (so far)."""
+    return sum(1 for t in list(dask_scheduler.transition_log)
+               if t.finish == "memory" and str(t.key[0] if isinstance(t.key, tuple) else t.key).startswith(prefix))
+
+
+def test_a_worker_killed_in_the_middle_of_the_naps_changes_nothing(two_workers, tmp_path):
+    cluster = two_workers
+    rng = np.random.default_rng(0)
+    n, shape, groups = 4096, (12, 12, 64), np.array(list("abcdefg"))
+    codes = rng.integers(0, len(groups), n)
+    acts = rng.standard_normal((n, *shape), dtype=np.float32)
+    t0 = time.perf_counter()
+    path = store_from_arrays(tmp_path / "s.zarr", {"conv": acts}, groups[codes], chunks=8)
+    t1 = time.perf_counter()
+
+    result, errors = {}, []
+
+    def nap_pass():
+        try:
+            with cluster.client.as_current():  # dask.compute in this thread: the cluster
+                result.update(inntrospect.naps(path, persist=True))
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+
+    chunks_before = cluster.client.run_on_scheduler(_finished, "naps-chunk")
+    finals_before = cluster.client.run_on_scheduler(_finished, "naps-final")
+    thread = threading.Thread(target=nap_pass, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + TIMEOUT
+    while (done := cluster.client.run_on_scheduler(_finished, "naps-chunk") - chunks_before) < 4:
+        assert thread.is_alive() and time.monotonic() < deadline, (errors, done)
+        time.sleep(0.01)
+    victim = cluster.workers["w1"]
+    os.kill(victim.pid, signal.SIGKILL)
+    finals_at_kill = cluster.client.run_on_scheduler(_finished, "naps-final") - finals_before
+    thread.join(TIMEOUT)
+    t2 = time.perf_counter()
+    assert not thread.is_alive(), "the NAP pass did not finish"
+    assert not errors, errors
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    # killed while the pass was running: it finished on the other worker alone
+    assert "w1" not in cluster.worker_addresses()
+    assert finals_at_kill == 0  # the pass had not finished when the worker was killed
+    n_chunk_tasks = cluster.client.run_on_scheduler(_finished, "naps-chunk") - chunks_before
+    print(f"\nstore of {acts.nbytes / 1e6:.0f} MB built in {t1 - t0:.1f} s; NAP pass {t2 - t1:.1f} s; "
+          f"worker killed after {done} of {n_chunk_tasks} chunk tasks finished (some twice)")
+
+    ds = inntrospect.load(path, "naps")["conv"]
+    assert list(ds.group.values) == list(groups)
+    np.testing.assert_array_equal(ds["count"].values, np.bincount(codes, minlength=len(groups)))
+    want = np.stack([acts[codes == g].mean(0, dtype=np.float64) for g in range(len(groups))])
+    np.testing.assert_allclose(ds.nap.values, want, rtol=1e-10, atol=1e-12)
+
+    cluster.start_worker("w2")  # a replacement, for the tests after this one
