@@ -25,3 +25,9 @@ def test_bench_naps_quick(cnn_store, tmp_path):
     out = run("bench_naps.py", "--quick", "--source", str(cnn_store), "--store", str(tmp_path / "b.zarr"))
     for label in ("(a3)", "b/a =", "c/b =", "c2/b =", "(e) LocalCluster", "workers alive throughout"):
         assert label in out, out
+
+
+def test_bench_scaling_quick():
+    out = run("bench_scaling.py", "--quick")
+    assert "LocalCluster 2 workers x 1 thread" in out and "speed-up 2 workers / 1 worker" in out
+    assert "results equal across all" in out and ": True" in out
