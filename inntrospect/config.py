@@ -151,7 +151,7 @@ class Config:
         if n < 1:
             raise ConfigError(f"{self.path}: [projection] samples_per_group must be at least 1; got {n}.")
         return {"samples_per_group": n, "sampling": self.get("projection", "sampling", "random"),
-                "seed": self.get("projection", "seed", 0)}
+                "seed": self.get("projection", "seed", 0), "pca_components": 50, "method": "umap"}
 
     def plot_output(self) -> Path:
         """Folder for plots, the report and the layout comparison (default: ``figures`` beside the config)."""

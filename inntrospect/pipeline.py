@@ -35,19 +35,14 @@ def _wanted_params(cfg) -> dict[str, dict]:
     """The parameters each step's record must hold to count as done with this config."""
     naps = cfg.naps_kwargs()
     contrast = cfg.contrast_kwargs()
-    layout = cfg.layout_kwargs()
-    projection = cfg.projection_kwargs()
+    layout = cfg.layout_kwargs()  # the config's types are checked: these are the recorded params
     return {
         "align": {},
-        "naps": {"aligned": bool(naps["aligned"]), "std": bool(naps["std"])},
-        "contrast": {"groups": None if contrast["groups"] is None else sorted(contrast["groups"]),
-                     "weight_by_group_size": bool(contrast["weight_by_group_size"])},
-        "layout": {**layout, "seed": int(layout["seed"]),
-                   "distribute_in_circle": bool(layout["distribute_in_circle"])},
-        "topomap": {**layout, "seed": int(layout["seed"]),
-                    "distribute_in_circle": bool(layout["distribute_in_circle"]),
-                    "resolution": cfg.resolution()},
-        "projection": {**projection, "pca_components": 50, "method": "umap"},
+        "naps": naps,
+        "contrast": {**contrast, "groups": None if contrast["groups"] is None else sorted(contrast["groups"])},
+        "layout": layout,
+        "topomap": {**layout, "resolution": cfg.resolution()},
+        "projection": cfg.projection_kwargs(),
     }
 
 

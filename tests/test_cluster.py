@@ -28,6 +28,7 @@ from inntrospect.pipeline import run
 from inntrospect.testing import store_from_arrays
 
 from .conftest import CNN, needs_shared, python_env
+from .test_pipeline import CONFIG
 
 distributed = pytest.importorskip("distributed")
 
@@ -38,26 +39,6 @@ STEPS = ("naps", "contrast", "layout", "topomap", "projection")
 #: steps left out where a test is about the cluster, not them: the figures and the
 #: report (drawn in this process from the store; ``test_pipeline.py`` tests them)
 FIGURES = ("plots", "report")
-
-CONFIG = """\
-[model]
-path = "{model}"
-layers = ["conv2d_25"]
-[corpus]
-path = "{corpus}"
-[store]
-path = "run.zarr"
-chunk_mib = 1
-[naps]
-aligned = true
-[topomap]
-method = "pca"
-resolution = 40
-[projection]
-samples_per_group = 20
-[plot]
-output = "out"
-"""
 
 
 class Cluster:
@@ -175,7 +156,7 @@ def two_workers(dask_cluster):
 def _config(folder: Path, corpus, extra: str = "") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = folder / "c.toml"
-    cfg.write_text(CONFIG.format(model=CNN, corpus=corpus) + extra)
+    cfg.write_text(CONFIG.format(model=CNN, corpus=corpus, method="pca", layers='["conv2d_25"]') + extra)
     return cfg
 
 

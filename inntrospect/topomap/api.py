@@ -47,8 +47,8 @@ def _check_choice(name: str, value, choices) -> None:
 def _profiles(path, source: str, layers: Sequence[str] | None) -> tuple[dict, dict]:
     """The current source results ``{layer: Dataset}`` and their record."""
     _check_choice("source", source, SOURCES)
-    rec = steps.check_current(path, source)
-    results = steps.load(path, source)
+    results = steps.load(path, source)  # checks the results are current
+    rec = st.store_attrs(path)["steps"][source]
     names = steps.select_layers(results, layers, f"the {source} results")
     return {name: results[name] for name in names}, rec
 
@@ -286,10 +286,12 @@ def compare_layouts(
     keep, _ = _split(results)
     rows = []
     jobs = [(layer, m) for layer in keep for m in methods]
-    for layer, m in progress_bar(jobs, progress, "compare layouts", len(jobs)):
-        nap = keep[layer]["nap"].values
+    nap = values = None
+    for i, (layer, m) in enumerate(progress_bar(jobs, progress, "compare layouts", len(jobs))):
+        if i == 0 or jobs[i - 1][0] != layer:  # read each layer's profiles once, for all methods
+            nap = keep[layer]["nap"].values
+            values = unit_values(nap)
         xy, t_layout, t_circle = layout_units(nap, m, metric, seed, distribute_in_circle)
-        values = unit_values(nap)
         q = topographic_quality(interpolate(xy, values, resolution))
         rows.append({"layer": layer, "units": len(xy), "method": m, "metric": metric,
                      "layout_s": t_layout, "circle_s": t_circle, "total_s": t_layout + t_circle,
