@@ -304,7 +304,7 @@ def _persist(path, progress: bool) -> dict:
         attrs = st.store_attrs(path)
         rec = steps.new_record("align", {}, {"extraction": attrs["extraction"]["id"]}, list(lazy))
         steps.begin(path, rec)
-        root = zarr.open_group(str(path), mode="r+")
+        root = zarr.open_group(st.zarr_store(path), mode="r+")
         writes = []
         for layer, arr in lazy.items():
             acts = root[f"layers/{layer}/acts"]

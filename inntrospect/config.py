@@ -4,7 +4,8 @@
 
     [model]   path = "model.keras" | name = "VGG16", weights = "vgg16.h5", layers = ["conv2d"]
     [corpus]  path = "corpus/corpus.csv"
-    [store]   path = "run.zarr", chunk_mib = 32
+    [store]   path = "run.zarr" | "s3://bucket/run.zarr", chunk_mib = 32,
+              storage_options = {endpoint_url = "http://…", key = "…", secret = "…"} (fsspec's)
     [extract] gradient_target = "predicted" | "target", batch_size = 128
     [naps]    aligned = false, std = false
     [contrast] groups = ["cat", "dog"] (default: all), weight_by_group_size = false
@@ -35,7 +36,7 @@ __all__ = ["Config", "load_config", "SCHEMA"]
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "model": {"path": (str,), "name": (str,), "weights": (str,), "layers": (list,)},
     "corpus": {"path": (str,)},
-    "store": {"path": (str,), "chunk_mib": (int, float)},
+    "store": {"path": (str,), "chunk_mib": (int, float), "storage_options": (dict,)},
     "extract": {"gradient_target": (str,), "batch_size": (int,)},
     "naps": {"aligned": (bool,), "std": (bool,)},
     "contrast": {"groups": (list,), "weight_by_group_size": (bool,)},
@@ -96,7 +97,7 @@ class Config:
             "weights": self.get("model", "weights"),
             "layers": self.get("model", "layers", []),
             "corpus": self.require("corpus", "path"),
-            "store": self.require("store", "path"),
+            "store": self.store_path(),
             "chunk_mib": self.get("store", "chunk_mib"),
             "gradient_target": self.get("extract", "gradient_target", "predicted"),
             "batch_size": self.get("extract", "batch_size", 128),
@@ -158,8 +159,12 @@ class Config:
         out = self.get("plot", "output")
         return Path(out) if out is not None else self.path.parent / "figures"
 
-    def store_path(self) -> str:
-        return self.require("store", "path")
+    def store_path(self):
+        """The store's :class:`~inntrospect.location.Location`: a folder or an fsspec URL, with
+        ``[store] storage_options``."""
+        from .location import location
+
+        return location(self.require("store", "path"), self.get("store", "storage_options"))
 
 
 #: the reference toolbox's JSON config keys, and where each goes
@@ -250,7 +255,7 @@ def load_config(path: str | os.PathLike) -> Config:
             if choices is not None and value not in choices:
                 raise ConfigError(f"{p}: [{section}] {key} must be one of "
                                   f"{', '.join(map(repr, choices))}; got {value!r}.{_suggest(value, choices)}")
-            if (section, key) in PATHS:
+            if (section, key) in PATHS and not (section == "store" and "://" in value):  # URLs stay
                 value = str((base / Path(value).expanduser()).resolve())
             data[section][key] = value
     return Config(p.resolve(), data)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -13,10 +12,6 @@ from . import store as st
 
 __all__ = ["describe_store", "format_bytes"]
 
-
-
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def format_bytes(n: float) -> str:
@@ -36,10 +31,10 @@ def describe_store(path: str | os.PathLike) -> str:
     """A readable summary: provenance, extraction state, layers, groups, steps."""
     import zarr
 
-    path = Path(path)
+    path = st.location(path)
     attrs = st.store_attrs(path)
     ex = attrs.get("extraction", {})
-    root = zarr.open_group(str(path), mode="r")
+    root = zarr.open_group(st.zarr_store(path, read_only=True), mode="r")
     model, corpus = attrs.get("model", {}), attrs.get("corpus", {})
     n_done = int(np.asarray(root[st.BLOCKS_DONE][:]).astype(bool).sum()) if st.BLOCKS_DONE in root else 0
     state = ex.get("state", "being created")
@@ -59,9 +54,8 @@ def describe_store(path: str | os.PathLike) -> str:
     ]
     total = 0
     for name in attrs.get("layers", []):
-        node = path / "layers" / name
-        meta = json.loads((node / "acts" / "zarr.json").read_text())
-        size = _du(node)
+        meta = json.loads(path.read_text(f"layers/{name}/acts/zarr.json"))
+        size = path.size(f"layers/{name}")
         total += size
         codecs = attrs.get("codecs", {}).get(name, {})
         names = "/".join(_codec_name(codecs[v]) for v in ("acts", "grads") if v in codecs)
@@ -78,7 +72,7 @@ def describe_store(path: str | os.PathLike) -> str:
     return "\n".join(lines)
 
 
-def _describe_steps(path: Path, attrs: dict) -> list[str]:
+def _describe_steps(path, attrs: dict) -> list[str]:
     """One line per analysis step: current, stale (and why, and what to run), or absent."""
     records = attrs.get("steps", {})
     status = steps_.status(path, attrs)

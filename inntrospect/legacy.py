@@ -451,7 +451,7 @@ def import_legacy(
     import zarr
 
     legacy = read_legacy_folder(folder, layer_names)
-    path = Path(store).expanduser().resolve()
+    path = st.location(store)
     n = legacy.n_samples
     plan = st.plan_chunks(
         {lay.name: lay.bytes_per_sample for lay in legacy.layers},
@@ -462,7 +462,7 @@ def import_legacy(
     with st.writer_lock(path):
         if path.exists() and not overwrite:
             being_created = st.is_store(path) and "extraction" not in st.store_attrs(path)
-            if not being_created and (path.is_file() or any(path.iterdir())):
+            if not being_created and (path.read_text("zarr.json") is not None or path.is_nonempty_non_store()):
                 what = "a store" if st.is_store(path) else "something that is not a store"
                 raise StoreError(
                     f"{path} already exists and holds {what}. Choose another store path, or pass "
@@ -498,18 +498,18 @@ def import_legacy(
         st.create_store(path, attrs, legacy.layers, plan, table)
         del table
         _write_data(legacy, path, plan, progress)
-        root = zarr.open_group(str(path), mode="r+")
+        root = zarr.open_group(st.zarr_store(path), mode="r+")
         root[st.BLOCKS_DONE][:] = 1
         st.update_attrs(path, extraction={**attrs["extraction"], "state": "complete",
                                           "finished": _now()})
     return path
 
 
-def _write_data(legacy: LegacyFolder, path: Path, plan: st.ChunkPlan, progress: bool) -> None:
+def _write_data(legacy: LegacyFolder, path: st.Location, plan: st.ChunkPlan, progress: bool) -> None:
     import zarr
 
     def open_(layer, var):
-        return zarr.open_array(str(path), path=f"layers/{layer}/{var}", mode="r+",
+        return zarr.open_array(st.zarr_store(path), path=f"layers/{layer}/{var}", mode="r+",
                                config={"write_empty_chunks": True})
 
     streams = [
@@ -517,7 +517,7 @@ def _write_data(legacy: LegacyFolder, path: Path, plan: st.ChunkPlan, progress: 
                              f"{legacy.path / var / layer.folder}"))
         for layer in legacy.layers for var in (("acts", "grads") if layer.has_grads else ("acts",))
     ]
-    done = zarr.open_array(str(path), path=st.BLOCKS_DONE, mode="r+")
+    done = zarr.open_array(st.zarr_store(path), path=st.BLOCKS_DONE, mode="r+")
     bar = None
     if progress:
         from tqdm.auto import tqdm

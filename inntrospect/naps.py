@@ -326,7 +326,7 @@ def _direct_sources(path, attrs: dict, aligned: bool) -> dict | None:
     """
     import zarr
 
-    root = zarr.open_group(str(path), mode="r")
+    root = zarr.open_group(st.zarr_store(path, read_only=True), mode="r")
     out = {}
     for layer in attrs["layers"]:
         node = root[f"layers/{layer}"]

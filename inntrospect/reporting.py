@@ -22,6 +22,8 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
+from . import store as st
+
 __all__ = ["report", "REPORT_FORMATS"]
 
 #: figure formats a browser shows in ``<img>``
@@ -202,7 +204,7 @@ def _group_counts(store) -> dict[str, int]:
 
     try:  # one small array, not the whole tree
         layer = store_attrs(store)["layers"][0]
-        group = zarr.open_group(str(store), mode="r")[f"layers/{layer}/group"]
+        group = zarr.open_group(st.zarr_store(store, read_only=True), mode="r")[f"layers/{layer}/group"]
         labels = np.array([str(g) for g in np.asarray(group[:]).tolist()])
     except Exception:  # noqa: BLE001 - a summary nicety, never a reason to fail
         return {}
@@ -307,7 +309,7 @@ def report(
             f"browser shows them inline); got {format!r}. For PDF figures use "
             f"inntrospect.plots.plot_topomaps(store, out, format='pdf')."
         )
-    store = Path(store)
+    store = st.location(store)
     out = Path(out)
     attrs = store_attrs(store)
     topomaps = load(store, "topomap")  # raises, naming the command, when missing or stale

@@ -49,7 +49,7 @@ def need_path(store, what: str):
 
     if isinstance(store, xr.DataTree):
         raise StoreError(f"{what} writes into the store: pass its path, not an opened tree.")
-    return store
+    return st.location(store)
 
 
 def select_layers(available, layers, what: str) -> list[str]:
@@ -226,11 +226,7 @@ def load(store, step: str) -> dict:
     if step == "align":
         tree = st.open_store(store)
     else:  # only the step's own nodes: opening the whole tree costs more as it grows
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-            tree = xr.open_datatree(os.fspath(store), engine="zarr", chunks={}, group=STEPS[step])
+        tree = st.open_tree(store, chunks={}, group=STEPS[step])
     out = {}
     for layer in rec["layers"]:
         if step == "align":

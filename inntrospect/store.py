@@ -7,23 +7,23 @@ module is the only code that knows it. Reading needs nothing but
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import shutil
-import socket
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .errors import IncompleteStoreError, StoreError, StoreLockedError, StoreMismatchError
+from .location import Location, location
 
 __all__ = [
+    "Location",
+    "location",
+    "zarr_store",
+    "open_tree",
     "FORMAT_VERSION",
     "DEFAULT_CHUNK_MIB",
     "spatial_dims",
@@ -116,82 +116,56 @@ def plan_chunks(
     return ChunkPlan({n: min(c, block) for n, c in ideal.items()}, block, mib)
 
 
-# -- lock --------------------------------------------------------------------
+# -- where it lives, and its lock ----------------------------------------------------
+def zarr_store(path, read_only: bool = False):
+    """What ``zarr.open_*`` needs for the store at ``path`` (a path, URL or :class:`Location`)."""
+    return location(path).zarr_store(read_only)
+
+
+def open_tree(path, **kwargs):
+    """``xarray.open_datatree`` of the store at ``path`` (local or any fsspec URL), silently."""
+    import xarray as xr
+
+    loc = location(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        return xr.open_datatree(loc.url, engine="zarr", **loc.xarray_kwargs(), **kwargs)
+
+
 @contextmanager
-def writer_lock(path: str | os.PathLike) -> Iterator[Path]:
-    """Hold the store's writer lock (``<store>.lock`` beside it) or raise StoreLockedError.
+def writer_lock(path) -> Iterator[str]:
+    """Hold the store's writer lock or raise StoreLockedError.
 
-    The lock is an ``flock`` on that file, so the operating system releases it
-    when the holder dies, even by ``kill -9``: a crashed run never blocks its resume.
+    On a local disk the lock is an ``flock`` on ``<store>.lock`` beside it, so
+    the operating system releases it when the holder dies, even by ``kill -9``:
+    a crashed run never blocks its resume. On object storage it is a lease
+    object ``<store>.lock`` created only if absent and renewed while held; a
+    crashed writer's lease expires after two minutes.
     """
-    lock = Path(str(path).rstrip("/") + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            try:
-                holder = lock.read_text().strip()
-            except OSError:
-                holder = "unknown"
-            raise StoreLockedError(
-                f"{path} is being written by another process ({holder}). Wait for it to "
-                "finish, or stop it; a stopped run resumes where it left off."
-            ) from None
-        try:  # the file may have been removed by a holder that just finished
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        yield lock
-    finally:
-        try:
-            os.unlink(lock)
-        finally:
-            os.close(fd)
+    with location(path).lock(StoreLockedError) as where:
+        yield where
 
 
-def is_locked(path: str | os.PathLike) -> bool:
-    """Whether a writer holds the store's lock now (checks without taking it for long)."""
-    lock = Path(str(path).rstrip("/") + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+def is_locked(path) -> bool:
+    """Whether a writer holds the store's lock now (checks without taking it)."""
+    return location(path).is_locked()
 
 
 # -- reading -----------------------------------------------------------------
-def is_store(path: str | os.PathLike) -> bool:
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
-        return False
+def is_store(path) -> bool:
     try:
-        return json.loads(meta.read_text()).get("attributes", {}).get("format") == FORMAT
+        text = location(path).read_text("zarr.json")
+        return text is not None and json.loads(text).get("attributes", {}).get("format") == FORMAT
     except (OSError, ValueError):
         return False
 
 
-def store_attrs(path: str | os.PathLike) -> dict:
+def store_attrs(path) -> dict:
     """The root attributes of a store (its provenance and extraction state)."""
-    meta = Path(path) / "zarr.json"
-    if not meta.is_file():
+    text = location(path).read_text("zarr.json")
+    if text is None:
         raise StoreError(f"{path} is not a Zarr store (no zarr.json); run inntrospect extract first.")
-    attrs = json.loads(meta.read_text()).get("attributes", {})
+    attrs = json.loads(text).get("attributes", {})
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is a Zarr store but not an inntrospect store (no format attribute).")
     if attrs.get("format_version", 0) > FORMAT_VERSION:
@@ -224,10 +198,8 @@ def open_store(path: str | os.PathLike, *, allow_incomplete: bool = False):
             f"the extraction into {path} has not finished (state: {state}). Run the same "
             "extraction again to resume it, or pass allow_incomplete=True to look at it anyway."
         )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        tree = xr.open_datatree(str(path), engine="zarr", chunks={})
-        plain = xr.open_datatree(str(path), engine="zarr")  # labels read without dask
+    tree = open_tree(path, chunks={})
+    plain = open_tree(path)  # labels read without dask
     return xr.map_over_datasets(_load_labels, tree, plain)
 
 
@@ -244,22 +216,23 @@ def consolidate(path: str | os.PathLike) -> None:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(zarr_store(path))
 
 
 def update_attrs(path: str | os.PathLike, **changes) -> None:
     import zarr
 
-    group = zarr.open_group(str(path), mode="r+")
-    group.attrs.update(changes)
-    consolidate(path)
+    group = zarr.open_group(zarr_store(path), mode="r+")
+    group.attrs.update(changes)  # rewrites the root's zarr.json, its consolidated metadata kept as it was
+    if group.metadata.consolidated_metadata is None:
+        consolidate(path)
 
 
 def remove_node(path: str | os.PathLike, name: str) -> None:
     """Delete a group or array of the store (and everything under it), if present."""
     import zarr
 
-    root = zarr.open_group(str(path), mode="r+")
+    root = zarr.open_group(zarr_store(path), mode="r+")
     if name in root:
         del root[name]
 
@@ -274,8 +247,9 @@ def write_node(path: str | os.PathLike, name: str, ds) -> None:
         {k: v for k, v in text.items() if k not in ds.coords})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        ds.to_zarr(str(path), group=name, mode="w", zarr_format=3, consolidated=False,
-                   encoding=_one_chunk_per_group(ds))
+        loc = location(path)
+        ds.to_zarr(loc.url, group=name, mode="w", zarr_format=3, consolidated=False,
+                   encoding=_one_chunk_per_group(ds), **loc.xarray_kwargs())
     consolidate(path)
 
 
@@ -285,19 +259,20 @@ def _one_chunk_per_group(ds) -> dict:
             if v.ndim > 1 and v.dims[0] == "group"}
 
 
-def remove_store(path: Path) -> None:
+def remove_store(path) -> None:
     """Delete an existing store, refusing to touch a folder that is not one."""
-    if not path.exists():
+    loc = location(path)
+    if not loc.exists():
         return
-    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
+    if loc.is_nonempty_non_store():
         raise StoreError(
             f"{path} exists and is not a Zarr store; refusing to overwrite it. Choose another path."
         )
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    loc.remove()
 
 
 def create_store(
-    path: Path,
+    path,
     attrs: dict,
     layers: list,  # list of LayerInfo
     plan: ChunkPlan,
@@ -314,7 +289,7 @@ def create_store(
     import zarr
 
     n = len(sample_table["group"])
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root = zarr.open_group(zarr_store(path), mode="w", zarr_format=3)
     root.attrs.update({k: v for k, v in attrs.items() if k != "extraction"})
     root.create_array(
         BLOCKS_DONE, shape=(plan.n_blocks(n),), chunks=(1,), dtype="uint8", fill_value=0,
@@ -362,7 +337,7 @@ def zarr_codecs(spec: dict | None) -> list:
     raise StoreError(f"unknown codec {spec!r} in the store's attributes.")
 
 
-def check_same(stored: dict, wanted: dict, path: Path) -> None:
+def check_same(stored: dict, wanted: dict, path) -> None:
     """Refuse to resume when model, corpus or settings differ; name what differs."""
     diffs = []
     sm, wm = stored.get("model", {}), wanted["model"]

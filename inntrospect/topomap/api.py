@@ -17,7 +17,6 @@ the same profiles without writing anything.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Literal
@@ -277,7 +276,7 @@ def compare_layouts(
 
     from ..cluster import progress_bar
 
-    path = os.fspath(steps.need_path(store, "compare_layouts"))
+    path = steps.need_path(store, "compare_layouts")
     for m in methods:
         _check_choice("method", m, METHODS)
     if not methods:
