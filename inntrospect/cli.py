@@ -12,14 +12,23 @@ def _cmd_extract(args) -> int:
     from .config import load_config
     from .extract import estimate_ratio, prepare_extraction, run_extraction
 
-    kwargs = load_config(args.config).extract_kwargs()
-    ex = prepare_extraction(**kwargs)
+    cfg = load_config(args.config)
+    ex = prepare_extraction(**cfg.extract_kwargs())
     if args.dry_run:
         print(ex.summary(estimate_ratio(ex)))
         print("dry run: nothing written.")
         return 0
     print(ex.summary())
-    computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress)
+    address = args.scheduler or cfg.get("cluster", "address")
+    if address:  # the blocks are computed on that cluster's workers
+        from distributed import Client
+
+        with Client(address) as client:
+            print(f"dask: {address}; dashboard: {client.dashboard_link}")
+            computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress,
+                                      where="cluster")
+    else:
+        computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress)
     skipped = ex.n_blocks - len(computed)
     note = f" ({skipped} finished blocks kept from an earlier run)" if skipped else ""
     print(f"extracted {len(computed)} of {ex.n_blocks} blocks into {ex.path}{note}")
@@ -181,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dry-run", action="store_true",
                    help="print samples, layers, shapes and sizes, write nothing")
     e.add_argument("--overwrite", action="store_true", help="delete an existing store and start over")
+    e.add_argument("--scheduler", metavar="ADDRESS",
+                   help="compute the blocks on this dask.distributed scheduler's workers (default: "
+                        "[cluster] address, else in this process)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_extract)
 

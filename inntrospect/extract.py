@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -49,11 +48,13 @@ class Extraction:
 
     corpus: Corpus
     model: object  # KerasModel; typed loosely so this module imports without TensorFlow
-    path: Path
+    path: st.Location
     plan: st.ChunkPlan
     gradient_target: str
     batch_size: int
     attrs: dict
+    #: the arguments of :func:`prepare_extraction`, picklable: how a dask worker prepares the same
+    request: dict | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -132,7 +133,7 @@ def prepare_extraction(
                 f"{corp.csv_path} has target {top}, but the model has only {km.n_outputs} "
                 f"outputs (targets 0..{km.n_outputs - 1})."
             )
-    path = Path(store).expanduser().resolve()
+    path = st.location(store)
     if chunk_mib is None and st.is_store(path):  # resuming: keep the store's chunking
         chunk_mib = st.store_attrs(path).get("chunk_mib")
     plan = st.plan_chunks(
@@ -156,7 +157,10 @@ def prepare_extraction(
             "n_blocks": plan.n_blocks(corp.n_samples),
         },
     }
-    return Extraction(corp, km, path, plan, gradient_target, batch_size, attrs)
+    request = {"model": source, "corpus": str(corp.csv_path), "store": path,
+               "layers": None if layers is None else tuple(layers), "gradient_target": gradient_target,
+               "chunk_mib": plan.chunk_mib, "batch_size": batch_size}
+    return Extraction(corp, km, path, plan, gradient_target, batch_size, attrs, request)
 
 
 def measure_ratios(ex: Extraction, n: int | None = None) -> dict[str, dict[str, tuple[int, int]]]:
@@ -280,17 +284,30 @@ class _Writes:
         return futures
 
 
+Where = Literal["auto", "local", "cluster"]
+
+
 def run_extraction(
     ex: Extraction,
     overwrite: bool = False,
     progress: bool = False,
     on_block: Callable[[int, int], None] | None = None,
+    where: Where = "auto",
 ) -> list[int]:
-    """Write (or resume) the extraction; return the blocks computed by this call."""
+    """Write (or resume) the extraction; return the blocks computed by this call.
+
+    ``where="auto"`` computes the blocks on the workers of the active
+    ``dask.distributed`` client when it has workers in other processes
+    (see :mod:`inntrospect.distributed_extract`), else in this process.
+    """
     import zarr
 
+    from .distributed_extract import cluster_client, extract_on_cluster
+
+    client = cluster_client(where)
+
     with st.writer_lock(ex.path):
-        fresh = overwrite or not ex.path.exists() or not (ex.path / "zarr.json").is_file()
+        fresh = overwrite or not st.is_store(ex.path)
         if not fresh:
             attrs = st.store_attrs(ex.path)
             if "extraction" not in attrs:  # interrupted while being created: nothing to keep
@@ -308,10 +325,13 @@ def run_extraction(
             }
             attrs["codecs"] = choose_codecs(measure_ratios(ex))
             st.create_store(ex.path, attrs, ex.model.layers, ex.plan, ex.corpus.sample_table)
-        done_arr = zarr.open_array(str(ex.path), path=st.BLOCKS_DONE, mode="r+")
+        done_arr = zarr.open_array(st.zarr_store(ex.path), path=st.BLOCKS_DONE, mode="r+")
         done = np.asarray(done_arr[:], dtype=bool)
         todo = [b for b in range(ex.n_blocks) if not done[b]]
-        computed = _write_blocks(ex, done_arr, todo, done, progress, on_block)
+        if client is None:
+            computed = _write_blocks(ex, done_arr, todo, done, progress, on_block)
+        else:
+            computed = extract_on_cluster(client, ex, todo, done, progress, on_block)
         if np.asarray(done_arr[:], dtype=bool).all():
             extraction = dict(st.store_attrs(ex.path)["extraction"])
             if extraction.get("state") != "complete":
@@ -326,7 +346,7 @@ def _write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
     n, B = ex.corpus.n_samples, ex.plan.block
 
     def open_(layer, var):  # every chunk written holds data: skip zarr's all-fill check
-        return zarr.open_array(str(ex.path), path=f"layers/{layer}/{var}", mode="r+",
+        return zarr.open_array(st.zarr_store(ex.path), path=f"layers/{layer}/{var}", mode="r+",
                                config={"write_empty_chunks": True})
 
     bar = None
@@ -425,6 +445,7 @@ def extract(
     overwrite: bool = False,
     progress: bool = False,
     on_block: Callable[[int, int], None] | None = None,
+    where: Where = "auto",
 ):
     """Stream a corpus through a model into a Zarr store; resume if it was interrupted.
 
@@ -452,6 +473,11 @@ def extract(
         Show a progress bar.
     on_block
         Called as ``on_block(block, n_blocks)`` after each block is recorded.
+    where
+        ``"auto"``: on the workers of the active ``dask.distributed`` client
+        when its workers are processes of their own (each loads the model once
+        from its path and writes whole blocks), else here; ``"local"``: here;
+        ``"cluster"``: on the client's workers (an error without one).
 
     Returns
     -------
@@ -465,7 +491,7 @@ def extract(
     >>> tree["layers/conv2d"].acts.groupby("group").mean()  # doctest: +SKIP
     """
     ex = prepare_extraction(model, corpus, store, layers, gradient_target, chunk_mib, batch_size, weights)
-    run_extraction(ex, overwrite=overwrite, progress=progress, on_block=on_block)
+    run_extraction(ex, overwrite=overwrite, progress=progress, on_block=on_block, where=where)
     return st.open_store(ex.path)
 
 

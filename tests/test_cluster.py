@@ -2,15 +2,16 @@
 
 ``inntrospect run --scheduler`` gives what a local run gives, its analysis
 tasks run on the workers, a worker killed in the middle of the NAPs changes
-nothing in them, and the dashboard link printed is the scheduler's. The
-workers share this machine's disk, so stores are given by their local paths.
+nothing in them, and the dashboard link printed is the scheduler's. Extraction runs on the workers
+(each loads the model once) and resumes after its client is killed. The
+workers share this machine's disk, so stores are given by their local paths
+(``test_s3.py`` puts the store in object storage).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dask.utils import key_split
 
 import inntrospect
 from inntrospect import pipeline
 from inntrospect.pipeline import run
 from inntrospect.testing import store_from_arrays
 
-from .conftest import CNN, needs_shared, python_env
+from .conftest import BATCH, CNN, CNN_LAYERS, needs_shared, python_env
 from .test_pipeline import CONFIG
 
 distributed = pytest.importorskip("distributed")
@@ -79,7 +81,7 @@ class Cluster:
         (self.folder / name).mkdir(exist_ok=True)
         proc = self._spawn(name, [
             "distributed.cli.dask_worker", "--scheduler-file", str(self.scheduler_file),
-            "--nthreads", "1", "--memory-limit", "1GiB", "--no-dashboard", "--no-nanny",
+            "--nthreads", "1", "--memory-limit", "3GiB",  # room for TensorFlow and a model "--no-dashboard", "--no-nanny",
             "--host", "127.0.0.1", "--name", name, "--local-directory", str(self.folder / name),
             "--death-timeout", str(TIMEOUT)])  # gone when the scheduler is
         self.workers[name] = proc
@@ -164,9 +166,9 @@ def _config(folder: Path, corpus, extra: str = "") -> Path:
 def runs(tmp_path_factory, mnist_corpus, dask_cluster):
     """The MNIST CNN config run locally, then on the cluster into another store.
 
-    The cluster run starts from a copy of the local run's extraction (TensorFlow
-    runs in this process either way, never on the workers) and redoes every
-    step after it (``--from align``), its tasks recorded by the scheduler.
+    The cluster run does every step from scratch into its own store, the
+    extraction included (its blocks computed on the workers), its tasks
+    recorded by the scheduler.
     """
     pytest.importorskip("tensorflow")
     from distributed import get_task_stream
@@ -187,15 +189,12 @@ def _two_runs(base, mnist_corpus, dask_cluster, get_task_stream) -> dict:
     t0 = time.perf_counter()
     local_done = run(local_cfg, progress=False, echo=lambda line: print("local:", line))
     t1 = time.perf_counter()
-    shutil.copytree(base / "local" / "run.zarr", base / "remote" / "run.zarr")
-    for step in ("align", *STEPS):  # nothing of the local analysis is left in the copy
-        shutil.rmtree(base / "remote" / "run.zarr" / step, ignore_errors=True)
     dask_cluster.connect(2)
     with get_task_stream(dask_cluster.client) as stream:
-        remote_done = run(remote_cfg, scheduler=dask_cluster.address, from_step="align", progress=False,
+        remote_done = run(remote_cfg, scheduler=dask_cluster.address, progress=False,
                           echo=lambda line: print("cluster:", line))
     t2 = time.perf_counter()
-    print(f"\nlocal run {t1 - t0:.1f} s; run on the cluster (from align) {t2 - t1:.1f} s")
+    print(f"\nlocal run {t1 - t0:.1f} s; run on the cluster {t2 - t1:.1f} s")
     return {"local": base / "local", "remote": base / "remote", "local_done": local_done,
             "remote_done": remote_done, "stream": stream.data, "remote_cfg": remote_cfg}
 
@@ -218,6 +217,11 @@ def test_run_on_the_cluster_equals_the_local_run(runs):
     assert runs["local_done"] == runs["remote_done"] == {s: "ran" for s in (
         "extract", "align", *STEPS, "plots", "report")}
     local, remote = runs["local"] / "run.zarr", runs["remote"] / "run.zarr"
+    a, b = inntrospect.store.open_store(local), inntrospect.store.open_store(remote)
+    for layer in a.attrs["layers"]:  # extracted in this process, and on the workers
+        for var in ("acts", "grads", "prediction"):
+            if var in a[f"layers/{layer}"]:
+                np.testing.assert_array_equal(a[f"layers/{layer}"][var].values, b[f"layers/{layer}"][var].values)
     for step in STEPS:
         a, b = inntrospect.load(local, step), inntrospect.load(remote, step)
         assert list(a) == list(b) and a, step
@@ -240,6 +244,9 @@ def test_the_analysis_tasks_ran_on_the_workers(runs, dask_cluster):
         key = t["key"][0] if isinstance(t["key"], tuple) else t["key"]
         prefix = "-".join(p for p in str(key).split("-") if not (len(p) == 32 and p.isalnum()))
         prefixes[prefix] = prefixes.get(prefix, 0) + 1
+    # the extraction's blocks were computed there
+    n_blocks = inntrospect.store.store_attrs(runs["remote"] / "run.zarr")["extraction"]["n_blocks"]
+    assert sum(key_split(t["key"]) == "extract-block" for t in stream) == n_blocks, prefixes
     # the NAP pass read its chunk files on the workers, and reduced there
     assert prefixes.get("naps-chunk", 0) >= 10 and any(p.startswith("naps-merge") for p in prefixes), prefixes
     # the alignment wrote its chunks there, and the projection read its rows there
@@ -338,3 +345,97 @@ def test_a_worker_killed_in_the_middle_of_the_naps_changes_nothing(two_workers, 
     np.testing.assert_allclose(ds.nap.values, want, rtol=1e-10, atol=1e-12)
 
     cluster.start_worker("w2")  # a replacement, for the tests after this one
+
+
+def _loads(dask_worker=None) -> int:
+    """In a worker: how many times it has prepared an extraction (loaded a model)."""
+    from inntrospect import distributed_extract
+
+    return distributed_extract._LOADS["count"]
+
+
+def _recorded(path: Path) -> set[int]:
+    import zarr
+
+    done = zarr.open_array(str(path), path="extraction/block_done", mode="r")[:]
+    return set(np.flatnonzero(done).tolist())
+
+
+#: the client process killed in the middle of an extraction on the workers
+CLIENT = """\
+import sys
+from distributed import Client
+import inntrospect
+client = Client(sys.argv[1], timeout=60)
+inntrospect.extract(sys.argv[2], sys.argv[3], sys.argv[4], layers={layers!r}, chunk_mib=0.25,
+                    batch_size={batch}, on_block=lambda b, n: print(b, flush=True))
+"""
+
+
+@needs_shared
+def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_workers, tmp_path, mnist_corpus):
+    """A client process extracting on the workers is SIGKILLed once a few blocks are recorded.
+
+    Its running blocks finish and record themselves; the store stays
+    incomplete. The same extraction run again (from this process, on the
+    cluster) submits exactly the blocks not recorded, each worker loaded the
+    model once for both runs, and the result equals an extraction in this process.
+    """
+    pytest.importorskip("tensorflow")
+    from distributed import get_task_stream
+
+    cluster = two_workers
+    path = tmp_path / "remote.zarr"
+    loads_before = cluster.client.run(_loads)
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT.format(layers=CNN_LAYERS, batch=BATCH))
+    log = open(tmp_path / "client.log", "w")
+    proc = subprocess.Popen([sys.executable, str(script), cluster.address, str(CNN), str(mnist_corpus),
+                             str(path)], stdout=subprocess.PIPE, stderr=log, text=True, env=python_env(),
+                            start_new_session=True)
+    reported = []
+    deadline = time.monotonic() + 3 * TIMEOUT  # TensorFlow starts in the client and in each worker
+    try:
+        while len(reported) < 3:
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, (tmp_path / "client.log").read_text()[-3000:]
+            reported.append(int(line))
+        _signal(proc, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            _signal(proc, signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()
+    n_blocks = inntrospect.store.store_attrs(path)["extraction"]["n_blocks"]
+    with pytest.raises(inntrospect.errors.IncompleteStoreError):
+        inntrospect.store.open_store(path)
+    assert not inntrospect.store.is_locked(path)  # the killed client's lock went with it
+    stable, before = 0, None  # the blocks running when the client died finish and record themselves
+    while stable < 20:
+        now = _recorded(path)
+        stable = stable + 1 if now == before else 0
+        before = now
+        time.sleep(0.1)
+    assert set(reported) <= before and 3 <= len(before) < n_blocks, (reported, before, n_blocks)
+
+    computed = []
+    with cluster.client.as_current(), get_task_stream(cluster.client) as stream:
+        tree = inntrospect.extract(CNN, mnist_corpus, path, layers=CNN_LAYERS, chunk_mib=0.25,
+                                   batch_size=BATCH, on_block=lambda b, n: computed.append(b))
+    assert sorted(computed) == sorted(set(range(n_blocks)) - before)  # only what was not recorded
+    assert _recorded(path) == set(range(n_blocks))
+    assert tree.attrs["extraction"]["state"] == "complete"
+    blocks = [t for t in stream.data if key_split(t["key"]) == "extract-block"]
+    assert len(blocks) == len(computed)
+    assert {t["worker"] for t in blocks} <= set(cluster.worker_addresses().values())
+    loads = {w: n - loads_before.get(w, 0) for w, n in cluster.client.run(_loads).items()}
+    assert set(loads.values()) <= {0, 1} and sum(loads.values()) >= 1, loads  # the model, once per worker
+
+    local = inntrospect.extract(CNN, mnist_corpus, tmp_path / "local.zarr", layers=CNN_LAYERS,
+                                chunk_mib=0.25, batch_size=BATCH, where="local")
+    assert set(CNN_LAYERS) < set(tree.attrs["layers"])
+    for layer in tree.attrs["layers"]:
+        for var in ("acts", "grads", "prediction"):
+            if var in local[f"layers/{layer}"]:
+                np.testing.assert_array_equal(tree[f"layers/{layer}"][var].values,
+                                              local[f"layers/{layer}"][var].values, err_msg=f"{layer} {var}")
