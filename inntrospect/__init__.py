@@ -23,6 +23,7 @@ from .errors import (
 )
 from .extract import extract
 from .legacy import import_legacy
+from .location import Location
 from .naps import contrastive_naps, naps
 from .pipeline import run
 from .stack import stack
@@ -65,6 +66,7 @@ __all__ = [
     "plot_all",
     "report",
     "open_store",
+    "Location",
     "read_corpus",
     "InntrospectError",
     "ConfigError",

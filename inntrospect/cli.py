@@ -165,9 +165,16 @@ def _cmd_import_legacy(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    from pathlib import Path
+
     from .info import describe_store
 
-    print(describe_store(args.store))
+    store = args.store
+    if Path(store).suffix in (".toml", ".json") and Path(store).is_file():  # a config: its store
+        from .config import load_config
+
+        store = load_config(store).store_path()
+    print(describe_store(store))
     return 0
 
 
@@ -238,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_import_legacy)
 
     i = sub.add_parser("info", help="what a store holds: layers, shapes, groups, sizes, steps, state")
-    i.add_argument("store", help="path of the Zarr store")
+    i.add_argument("store", help="path or URL of the Zarr store, or a config naming it (with its "
+                   "storage_options)")
     i.set_defaults(func=_cmd_info)
 
     d = sub.add_parser("demo", help="train a small CNN on scikit-learn's digits and run every step")

@@ -255,6 +255,8 @@ def load_config(path: str | os.PathLike) -> Config:
             if choices is not None and value not in choices:
                 raise ConfigError(f"{p}: [{section}] {key} must be one of "
                                   f"{', '.join(map(repr, choices))}; got {value!r}.{_suggest(value, choices)}")
+            if (section, key) == ("store", "path") and value.startswith("file://"):
+                value = value[len("file://"):]
             if (section, key) in PATHS and not (section == "store" and "://" in value):  # URLs stay
                 value = str((base / Path(value).expanduser()).resolve())
             data[section][key] = value

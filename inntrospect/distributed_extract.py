@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["cluster_client", "extract_on_cluster", "extract_block"]
 
-#: per worker process: the prepared extraction (one model at a time) and how often one was prepared
+#: per worker process: the prepared extraction (one at a time) and how often one was prepared
 _PREPARED: dict[tuple, Extraction] = {}
 _LOADS = {"count": 0}
 #: one block at a time per process: TensorFlow already uses every core it has
@@ -75,20 +75,21 @@ def _prepared(request: dict, extraction_id: str) -> Extraction:
     """This process's extraction of ``request``, prepared once; checked against the store."""
     from .extract import prepare_extraction
 
-    key = tuple(sorted((k, str(v)) for k, v in request.items()))
+    attrs = st.store_attrs(request["store"])
+    now = attrs.get("extraction", {}).get("id")
+    if now != extraction_id:
+        raise StoreMismatchError(
+            f"{request['store']} holds extraction {now} now, not {extraction_id} whose block this "
+            "task was to write: the extraction was started again since. Nothing was written."
+        )
+    # prepared again for every new extraction: the corpus or model files may have changed since
+    key = (extraction_id, *sorted((k, str(v)) for k, v in request.items()))
     ex = _PREPARED.get(key)
     if ex is None:
         _PREPARED.clear()  # one model per worker process
         ex = prepare_extraction(**request)
         _LOADS["count"] += 1
         _PREPARED[key] = ex
-    attrs = st.store_attrs(ex.path)
-    now = attrs.get("extraction", {}).get("id")
-    if now != extraction_id:
-        raise StoreMismatchError(
-            f"{ex.path} holds extraction {now} now, not {extraction_id} whose block this task "
-            "was to write: the extraction was started again since. Nothing was written."
-        )
     st.check_same(attrs, ex.attrs, ex.path)  # this worker sees the same model and corpus
     return ex
 

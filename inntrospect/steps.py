@@ -198,8 +198,9 @@ def write_results(path: str | os.PathLike, record: dict, results: dict, progress
     for layer, ds in results.items():
         (ds,) = compute(ds, progress=progress, desc=f"{step} {layer}")
         ds.attrs = {**ds.attrs, **node_attrs(record, layer)}
-        st.write_node(path, f"{STEPS[step]}/{layer}", ds)
+        st.write_node(path, f"{STEPS[step]}/{layer}", ds, consolidated=False)
         done[layer] = ds
+    st.consolidate(path)  # once for all the layers
     finish(path, record)
     return done
 

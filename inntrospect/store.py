@@ -229,18 +229,23 @@ def update_attrs(path: str | os.PathLike, **changes) -> None:
 
 
 def remove_node(path: str | os.PathLike, name: str) -> None:
-    """Delete a group or array of the store (and everything under it), if present."""
+    """Delete a group or array of the store (and everything under it), if present.
+
+    The consolidated metadata is refreshed, so no reader looks for what is gone.
+    """
     import zarr
 
-    root = zarr.open_group(zarr_store(path), mode="r+")
+    root = zarr.open_group(zarr_store(path), mode="r+", use_consolidated=False)
     if name in root:
         del root[name]
+        consolidate(path)
 
 
-def write_node(path: str | os.PathLike, name: str, ds) -> None:
+def write_node(path: str | os.PathLike, name: str, ds, *, consolidated: bool = True) -> None:
     """Write a small in-memory Dataset as the node ``name`` (replacing it), then consolidate.
 
-    Text labels are stored as Zarr v3 variable-length strings, like the sample table.
+    ``consolidated=False`` leaves that to the caller (one refresh after several
+    nodes: on object storage a refresh lists the whole store). Text labels are stored as Zarr v3 variable-length strings, like the sample table.
     """
     text = {k: v.astype(object) for k, v in ds.variables.items() if v.dtype.kind == "U"}
     ds = ds.assign_coords({k: v for k, v in text.items() if k in ds.coords}).assign(
@@ -250,7 +255,8 @@ def write_node(path: str | os.PathLike, name: str, ds) -> None:
         loc = location(path)
         ds.to_zarr(loc.url, group=name, mode="w", zarr_format=3, consolidated=False,
                    encoding=_one_chunk_per_group(ds), **loc.xarray_kwargs())
-    consolidate(path)
+    if consolidated:
+        consolidate(path)
 
 
 def _one_chunk_per_group(ds) -> dict:

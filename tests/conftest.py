@@ -100,3 +100,98 @@ class NoCompute:
 
     def __call__(self, dsk, keys, **kwargs):
         raise AssertionError("something computed while the graph was being built")
+
+
+class S3Server:
+    """A real S3-compatible server (moto) on loopback, and where tests put their stores in it."""
+
+    KEY, SECRET, REGION = "inntrospect-test", "inntrospect-secret", "us-east-1"
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self._n = 0
+
+    @property
+    def storage_options(self) -> dict:
+        """fsspec (s3fs) options that reach this server."""
+        return {"key": self.KEY, "secret": self.SECRET, "endpoint_url": self.endpoint,
+                "client_kwargs": {"region_name": self.REGION}}
+
+    def bucket(self) -> str:
+        """A new, empty bucket's name (S3 has no folders to make: s3fs.mkdir is refused by moto)."""
+        import boto3
+
+        self._n += 1
+        name = f"bkt-{self._n}-{os.getpid()}"
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.KEY,
+                     aws_secret_access_key=self.SECRET, region_name=self.REGION).create_bucket(Bucket=name)
+        return name
+
+    def location(self, name: str = "run.zarr"):
+        """An :class:`inntrospect.location.Location` ``s3://<new bucket>/<name>`` with this server's options."""
+        from inntrospect.location import Location
+
+        return Location(f"s3://{self.bucket()}/{name}", self.storage_options)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server, a process of its own (own session) on a free loopback port, for the session.
+
+    Yields an :class:`S3Server`; the server is ended at the end (SIGTERM, then SIGKILL).
+    """
+    import signal
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+
+    for module in ("moto.server", "s3fs", "boto3"):
+        pytest.importorskip(module, reason=f"{module} is needed for the object-storage tests "
+                                           "(pip install -e '.[test]')")
+    log_path = tmp_path_factory.mktemp("s3") / "moto.log"
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3Server.KEY, AWS_SECRET_ACCESS_KEY=S3Server.SECRET)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+
+    def stop() -> None:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            if proc.poll() is not None:
+                return
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                pass
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(endpoint, timeout=2):
+                    break
+            except urllib.error.HTTPError:  # it answers (an error status is an answer)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the moto S3 server did not start on {endpoint}:\n"
+                                       f"{log_path.read_text(errors='replace')[-4000:]}") from None
+                time.sleep(0.1)
+        yield S3Server(endpoint)
+    finally:
+        stop()

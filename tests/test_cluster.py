@@ -439,3 +439,71 @@ def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_worker
             if var in local[f"layers/{layer}"]:
                 np.testing.assert_array_equal(tree[f"layers/{layer}"][var].values,
                                               local[f"layers/{layer}"][var].values, err_msg=f"{layer} {var}")
+
+
+def _toml_inline(value) -> str:
+    """A TOML inline value (tables, strings) for a config written by a test."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
+@needs_shared
+def test_run_on_the_cluster_with_the_store_in_s3_equals_the_local_run(runs, dask_cluster, s3, tmp_path,
+                                                                       monkeypatch):
+    """``[store] path = "s3://…"``: the workers extract into and analyse a store on a real S3 server.
+
+    Nothing is written to a local disk, and every result equals the local run's.
+    """
+    from distributed import get_task_stream
+
+    for step in FIGURES:
+        monkeypatch.setitem(pipeline._STEPS, step, _skip)
+    loc = s3.location()
+    cfg = tmp_path / "s3.toml"
+    text = runs["remote_cfg"].read_text()
+    assert 'path = "run.zarr"\n' in text
+    cfg.write_text(text.replace('path = "run.zarr"\n', f'path = "{loc.url}"\nstorage_options = '
+                                f'{_toml_inline(s3.storage_options)}\n'))
+    dask_cluster.connect(2)
+    with get_task_stream(dask_cluster.client) as stream:
+        done = run(cfg, scheduler=dask_cluster.address, progress=False, echo=lambda line: print("s3:", line))
+    assert done == runs["remote_done"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s3.toml"]  # no local store, no lock file
+    assert not inntrospect.store.is_locked(loc) and loc.read_text("zarr.json") is not None
+    n_blocks = inntrospect.store.store_attrs(loc)["extraction"]["n_blocks"]
+    blocks = [t for t in stream.data if key_split(t["key"]) == "extract-block"]
+    assert len(blocks) == n_blocks and {t["worker"] for t in blocks} <= set(dask_cluster.worker_addresses().values())
+
+    local = runs["local"] / "run.zarr"
+    a, b = inntrospect.store.open_store(local), inntrospect.store.open_store(loc)
+    for layer in a.attrs["layers"]:
+        for var in ("acts", "grads", "prediction"):
+            if var in a[f"layers/{layer}"]:
+                np.testing.assert_array_equal(a[f"layers/{layer}"][var].values, b[f"layers/{layer}"][var].values)
+    for step in STEPS:
+        x, y = inntrospect.load(local, step), inntrospect.load(loc, step)
+        assert list(x) == list(y) and x, step
+        for layer in x:
+            _assert_same(x[layer], y[layer], f"{step} {layer} (s3)")
+
+
+@needs_shared
+def test_a_bad_sample_on_a_worker_raises_the_same_error_in_the_client(two_workers, tmp_path):
+    """A NaN input met on a worker stops the extraction with the local error; nothing claims completion."""
+    pytest.importorskip("tensorflow")
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    x = np.random.default_rng(0).random((130, 28, 28, 1), dtype=np.float32)
+    x[100, 3, 3, 0] = np.nan
+    np.save(nan / "a.npy", x)
+    (nan / "corpus.csv").write_text("a.npy,g\n")
+    path = tmp_path / "nan.zarr"
+    with two_workers.client.as_current(), pytest.raises(
+            inntrospect.errors.NonFiniteError, match=r"input of sample 100 \(a.npy, index 100\)"):
+        inntrospect.extract(CNN, nan, path, chunk_mib=0.1, batch_size=32, where="cluster")
+    assert inntrospect.store.store_attrs(path)["extraction"]["state"] == "incomplete"
+    block = inntrospect.store.store_attrs(path)["extraction"]["block"]
+    assert 100 // block not in _recorded(path)  # the block with the NaN is not recorded
+    with pytest.raises(inntrospect.errors.ConfigError, match="needs an active dask.distributed client"):
+        inntrospect.extract(CNN, nan, path, chunk_mib=0.1, batch_size=32, where="cluster")

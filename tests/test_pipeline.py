@@ -104,7 +104,7 @@ def test_reference_toolbox_json_configs_are_read_as_they_are(tmp_path, monkeypat
     assert c.extract_kwargs()["model"] == str(tmp_path / "models" / "MNIST_CNN_SHALLOW")  # cwd-relative
     assert c.extract_kwargs()["layers"] == ["conv2d_24", "flatten_8"]
     assert c.extract_kwargs()["corpus"] == str(tmp_path / "data" / "MNIST" / "corpus.csv")
-    assert c.store_path() == str(tmp_path / "output" / "MNIST_CNN.zarr")
+    assert str(c.store_path()) == str(tmp_path / "output" / "MNIST_CNN.zarr")
     assert c.plot_output() == tmp_path / "output" / "MNIST_CNN_figures"
     assert c.naps_kwargs()["aligned"] is True
     cfg.write_text(json.dumps({"model_name": "VGG16", "data_path": "d", "processed_corpus_path": "o",
