@@ -9,8 +9,8 @@ average before and after each script, the versions of the packages involved.
 
 Run::
 
-    python benchmarks/run_all.py --quick                    # every benchmark at tiny size (~1.5 min)
-    python benchmarks/run_all.py --out results.md           # full sizes (~22 min on 2 cores)
+    python benchmarks/run_all.py --quick                    # every benchmark at tiny size (~3 min)
+    python benchmarks/run_all.py --out results.md           # full sizes (~30 min on 2 cores)
     python benchmarks/run_all.py --only naps,scaling --quick
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # the order they run in: cheap and model-free first
-BENCHES = ["align", "circle", "layout", "naps", "scaling", "codecs", "extract"]
+BENCHES = ["align", "circle", "layout", "naps", "scaling", "codecs", "extract", "extract-cluster"]
 PACKAGES = ["inntrospect", "numpy", "numba", "scipy", "dask", "distributed", "zarr", "numcodecs", "xarray", "flox",
             "tensorflow", "tf_keras", "umap-learn", "scikit-learn", "pynndescent"]
 SEE = "see output"
@@ -222,8 +222,33 @@ def parse_extract(out: str) -> list[dict]:
     ]
 
 
+def parse_extract_cluster(out: str) -> list[dict]:
+    rate = {}
+    for m in re.finditer(r'^(in-process \(where="local"\)|LocalCluster (\d) workers? x 1 thread(?: \(of 2, --quick\))?)'
+                         r"\s+" + NUM + r"\s+\d+\.\d+\s", out, re.M):
+        rate["local" if m.group(2) is None else int(m.group(2))] = num(m.group(3))
+    loc, one, two = rate.get("local"), rate.get(1), rate.get(2)
+    r21 = search(r"^2 workers / 1 worker = ([\d.]+)x", out)
+    blocks = search(r"chunk_mib ([\d.]+): (\d+) blocks", out)
+    how = f", chunk_mib {blocks.group(1)}, {blocks.group(2)} blocks" if blocks else ""
+    rows = [
+        row("extract-cluster", f"`extract()` on LocalCluster 2 workers x 1 thread vs in-process (`where=\"local\"`)"
+            f"{how}", two, loc, two / loc if two and loc else None, unit="samples/s"),
+        row("extract-cluster", "`extract()` on LocalCluster 2 workers vs 1 worker", two, one,
+            num(r21.group(1)) if r21 else (two / one if two and one else None), "<= 2x on 2 cores", unit="samples/s"),
+        row("extract-cluster", "`extract()` on LocalCluster 1 worker vs in-process", one, loc,
+            one / loc if one and loc else None, unit="samples/s"),
+    ]
+    eq = search(r"results equal to the in-process run .*?across all (\d+) runs: (\w+)", out)
+    if eq:
+        rows.append(row("extract-cluster", f"stored acts, grads, predictions equal to in-process across {eq.group(1)} "
+                        "runs (np.array_equal)", "–", "–", "–", target="equal", met=eq.group(2) == "True"))
+    return rows
+
+
 PARSERS = {"align": parse_align, "circle": parse_circle, "layout": parse_layout, "naps": parse_naps,
-           "scaling": parse_scaling, "codecs": parse_codecs, "extract": parse_extract}
+           "scaling": parse_scaling, "codecs": parse_codecs, "extract": parse_extract,
+           "extract-cluster": parse_extract_cluster}
 
 
 # -- machine ------------------------------------------------------------------------
@@ -279,10 +304,10 @@ def main(argv=None) -> int:
           f"load average {load()}", flush=True)
     rows, runs = [], []
     for name in names:
-        script = HERE / f"bench_{name}.py"
+        script = HERE / f"bench_{name.replace('-', '_')}.py"
         cmd = [sys.executable, str(script)] + (["--quick"] if a.quick else [])
         l0 = load()
-        print(f"  {name:<8} ...", end=" ", flush=True)
+        print(f"  {name:<15} ...", end=" ", flush=True)
         t0 = time.perf_counter()
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=HERE.parent)
