@@ -354,6 +354,14 @@ def _loads(dask_worker=None) -> int:
     return distributed_extract._LOADS["count"]
 
 
+def _recorded_so_far(path: Path) -> set[int]:
+    """:func:`_recorded`, or nothing while the store is still being created."""
+    try:
+        return _recorded(path)
+    except Exception:  # noqa: BLE001 - not there yet, or half written
+        return set()
+
+
 def _recorded(path: Path) -> set[int]:
     import zarr
 
@@ -361,20 +369,24 @@ def _recorded(path: Path) -> set[int]:
     return set(np.flatnonzero(done).tolist())
 
 
-#: the client process killed in the middle of an extraction on the workers
-CLIENT = """\
-import sys
-from distributed import Client
-import inntrospect
-client = Client(sys.argv[1], timeout=60)
-inntrospect.extract(sys.argv[2], sys.argv[3], sys.argv[4], layers={layers!r}, chunk_mib=0.25,
-                    batch_size={batch}, on_block=lambda b, n: print(b, flush=True))
+#: the config of the extraction whose client (``inntrospect extract --scheduler``) is killed
+EXTRACT_CONFIG = """\
+[model]
+path = "{model}"
+layers = {layers}
+[corpus]
+path = "{corpus}"
+[store]
+path = "remote.zarr"
+chunk_mib = 0.25
+[extract]
+batch_size = {batch}
 """
 
 
 @needs_shared
 def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_workers, tmp_path, mnist_corpus):
-    """A client process extracting on the workers is SIGKILLed once a few blocks are recorded.
+    """``inntrospect extract --scheduler`` is SIGKILLed once a few blocks are recorded.
 
     Its running blocks finish and record themselves; the store stays
     incomplete. The same extraction run again (from this process, on the
@@ -387,25 +399,26 @@ def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_worker
     cluster = two_workers
     path = tmp_path / "remote.zarr"
     loads_before = cluster.client.run(_loads)
-    script = tmp_path / "client.py"
-    script.write_text(CLIENT.format(layers=CNN_LAYERS, batch=BATCH))
+    cfg = tmp_path / "extract.toml"
+    cfg.write_text(EXTRACT_CONFIG.format(model=CNN, layers=json.dumps(CNN_LAYERS), corpus=mnist_corpus,
+                                         batch=BATCH))
     log = open(tmp_path / "client.log", "w")
-    proc = subprocess.Popen([sys.executable, str(script), cluster.address, str(CNN), str(mnist_corpus),
-                             str(path)], stdout=subprocess.PIPE, stderr=log, text=True, env=python_env(),
-                            start_new_session=True)
-    reported = []
+    proc = subprocess.Popen([sys.executable, "-m", "inntrospect", "extract", str(cfg), "--scheduler",
+                             cluster.address, "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
+                            env=python_env(), start_new_session=True)
     deadline = time.monotonic() + 3 * TIMEOUT  # TensorFlow starts in the client and in each worker
-    try:
-        while len(reported) < 3:
-            line = proc.stdout.readline()
-            assert line and time.monotonic() < deadline, (tmp_path / "client.log").read_text()[-3000:]
-            reported.append(int(line))
+    try:  # killed once 3 blocks are recorded in the store
+        while len(_recorded_so_far(path)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "client.log").read_text()[-3000:]
+            time.sleep(0.02)
+        reported = _recorded(path)
         _signal(proc, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             _signal(proc, signal.SIGKILL)
         proc.wait(timeout=10)
         log.close()
+    assert f"dask: {cluster.address}; dashboard:" in (tmp_path / "client.log").read_text()
     n_blocks = inntrospect.store.store_attrs(path)["extraction"]["n_blocks"]
     with pytest.raises(inntrospect.errors.IncompleteStoreError):
         inntrospect.store.open_store(path)
@@ -416,7 +429,7 @@ def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_worker
         stable = stable + 1 if now == before else 0
         before = now
         time.sleep(0.1)
-    assert set(reported) <= before and 3 <= len(before) < n_blocks, (reported, before, n_blocks)
+    assert reported <= before and 3 <= len(before) < n_blocks, (reported, before, n_blocks)
 
     computed = []
     with cluster.client.as_current(), get_task_stream(cluster.client) as stream:
