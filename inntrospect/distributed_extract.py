@@ -21,10 +21,7 @@ the scheduler gives it to another worker, which writes all of it again.
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -94,21 +91,18 @@ def _prepared(request: dict, extraction_id: str) -> Extraction:
     return ex
 
 
-def extract_block(request: dict, extraction_id: str, block: int) -> dict:
+def extract_block(request: dict, extraction_id: str, block: int) -> int:
     """The task: write and record ``block`` of the extraction (a no-op when it is recorded)."""
     import zarr
 
     from .extract import _write_blocks
 
     with _LOCK:
-        t0 = time.perf_counter()
         ex = _prepared(request, extraction_id)
         done_arr = zarr.open_array(st.zarr_store(ex.path), path=st.BLOCKS_DONE, mode="r+")
-        written = not bool(done_arr[block])
-        if written:
+        if not done_arr[block]:
             _write_blocks(ex, done_arr, [block], np.zeros(ex.n_blocks, bool), False, None)
-        return {"block": block, "written": written, "seconds": time.perf_counter() - t0,
-                "worker": f"pid {os.getpid()} on {socket.gethostname()}", "loads": _LOADS["count"]}
+        return block
 
 
 def extract_on_cluster(client, ex: Extraction, todo: list[int], done: np.ndarray, progress: bool,
@@ -132,8 +126,7 @@ def extract_on_cluster(client, ex: Extraction, todo: list[int], done: np.ndarray
     computed: list[int] = []
     try:
         for future in as_completed(futures):
-            info = future.result()  # re-raises a worker's error (a NaN input, a missing file…)
-            b = info["block"]
+            b = future.result()  # re-raises a worker's error (a NaN input, a missing file…)
             computed.append(b)
             if bar is not None:
                 bar.update(min(B, n - b * B))

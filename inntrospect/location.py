@@ -55,13 +55,6 @@ class Location:
         return "://" not in self.url
 
     @property
-    def path(self) -> Path:
-        """The local folder (only for local stores)."""
-        if not self.is_local:
-            raise TypeError(f"{self.url} is not on a local disk.")
-        return Path(self.url)
-
-    @property
     def name(self) -> str:
         """The store's own name (its last path component)."""
         return self.url.rstrip("/").rsplit("/", 1)[-1]
@@ -97,14 +90,14 @@ class Location:
         return FsspecStore.from_url(self.url, storage_options=self.fsspec_options, read_only=read_only)
 
     def xarray_kwargs(self) -> dict:
-        """``filename_or_obj`` and ``storage_options`` for ``xarray.open_datatree``/``to_zarr``."""
+        """The ``storage_options`` keyword for ``xarray.open_datatree``/``to_zarr`` (none when local)."""
         if self.is_local:
             return {}
         return {"storage_options": self.fsspec_options}
 
     @property
     def fs(self):
-        """The fsspec filesystem of a remote store, and the path inside it."""
+        """The fsspec filesystem of a remote store."""
         import fsspec
 
         return fsspec.core.url_to_fs(self.url, **self.fsspec_options)[0]

@@ -76,6 +76,16 @@ def mnist_corpus_no_target(tmp_path_factory, mnist_corpus):
     return out / "corpus.csv"
 
 
+def nan_corpus(folder: Path) -> Path:
+    """A corpus of 130 random MNIST-shaped images in ``a.npy``, sample 100 holding a NaN."""
+    folder.mkdir()
+    x = np.random.default_rng(0).random((130, 28, 28, 1), dtype=np.float32)
+    x[100, 3, 3, 0] = np.nan
+    np.save(folder / "a.npy", x)
+    (folder / "corpus.csv").write_text("a.npy,g\n")
+    return folder
+
+
 def corpus_inputs(csv: Path) -> np.ndarray:
     """All samples of a corpus in corpus order (a plain reference reader)."""
     parts = []

@@ -29,7 +29,7 @@ from inntrospect import pipeline
 from inntrospect.pipeline import run
 from inntrospect.testing import store_from_arrays
 
-from .conftest import BATCH, CNN, CNN_LAYERS, needs_shared, python_env
+from .conftest import BATCH, CNN, CNN_LAYERS, nan_corpus, needs_shared, python_env
 from .test_pipeline import CONFIG
 
 distributed = pytest.importorskip("distributed")
@@ -199,6 +199,26 @@ def _two_runs(base, mnist_corpus, dask_cluster, get_task_stream) -> dict:
             "remote_done": remote_done, "stream": stream.data, "remote_cfg": remote_cfg}
 
 
+def _assert_same_extraction(a, b) -> None:
+    """The opened stores ``a`` and ``b`` hold bit-equal acts, grads and predictions in every layer."""
+    for layer in a.attrs["layers"]:
+        for var in ("acts", "grads", "prediction"):
+            if var in a[f"layers/{layer}"]:
+                np.testing.assert_array_equal(a[f"layers/{layer}"][var].values, b[f"layers/{layer}"][var].values,
+                                              err_msg=f"{layer} {var}")
+
+
+def _assert_same_results(a, b, what: str) -> None:
+    """Every analysis step's results in the stores at ``a`` and ``b`` agree (see :func:`_assert_same`)."""
+    for step in STEPS:
+        x, y = inntrospect.load(a, step), inntrospect.load(b, step)
+        assert list(x) == list(y) and x, step
+        for layer in x:
+            # NAPs are float64 sums of the same chunks merged in the same tree:
+            # equal to rounding; UMAP with a seed, given the same rows, exactly
+            _assert_same(x[layer], y[layer], f"{step} {layer}{what}")
+
+
 def _assert_same(a, b, what: str, rtol: float = 1e-12, atol: float = 1e-12) -> None:
     assert set(a.data_vars) == set(b.data_vars), what
     for name in a.data_vars:
@@ -217,18 +237,9 @@ def test_run_on_the_cluster_equals_the_local_run(runs):
     assert runs["local_done"] == runs["remote_done"] == {s: "ran" for s in (
         "extract", "align", *STEPS, "plots", "report")}
     local, remote = runs["local"] / "run.zarr", runs["remote"] / "run.zarr"
-    a, b = inntrospect.store.open_store(local), inntrospect.store.open_store(remote)
-    for layer in a.attrs["layers"]:  # extracted in this process, and on the workers
-        for var in ("acts", "grads", "prediction"):
-            if var in a[f"layers/{layer}"]:
-                np.testing.assert_array_equal(a[f"layers/{layer}"][var].values, b[f"layers/{layer}"][var].values)
-    for step in STEPS:
-        a, b = inntrospect.load(local, step), inntrospect.load(remote, step)
-        assert list(a) == list(b) and a, step
-        for layer in a:
-            # NAPs are float64 sums of the same chunks merged in the same tree:
-            # equal to rounding; UMAP with a seed, given the same rows, exactly
-            _assert_same(a[layer], b[layer], f"{step} {layer}")
+    # extracted in this process, and on the workers
+    _assert_same_extraction(inntrospect.store.open_store(local), inntrospect.store.open_store(remote))
+    _assert_same_results(local, remote, "")
     aligned_a, aligned_b = inntrospect.load(local, "align"), inntrospect.load(remote, "align")
     for layer in aligned_a:
         np.testing.assert_array_equal(aligned_a[layer].values, aligned_b[layer].values)
@@ -447,11 +458,7 @@ def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_worker
     local = inntrospect.extract(CNN, mnist_corpus, tmp_path / "local.zarr", layers=CNN_LAYERS,
                                 chunk_mib=0.25, batch_size=BATCH, where="local")
     assert set(CNN_LAYERS) < set(tree.attrs["layers"])
-    for layer in tree.attrs["layers"]:
-        for var in ("acts", "grads", "prediction"):
-            if var in local[f"layers/{layer}"]:
-                np.testing.assert_array_equal(tree[f"layers/{layer}"][var].values,
-                                              local[f"layers/{layer}"][var].values, err_msg=f"{layer} {var}")
+    _assert_same_extraction(tree, local)
 
 
 def _toml_inline(value) -> str:
@@ -489,28 +496,15 @@ def test_run_on_the_cluster_with_the_store_in_s3_equals_the_local_run(runs, dask
     assert len(blocks) == n_blocks and {t["worker"] for t in blocks} <= set(dask_cluster.worker_addresses().values())
 
     local = runs["local"] / "run.zarr"
-    a, b = inntrospect.store.open_store(local), inntrospect.store.open_store(loc)
-    for layer in a.attrs["layers"]:
-        for var in ("acts", "grads", "prediction"):
-            if var in a[f"layers/{layer}"]:
-                np.testing.assert_array_equal(a[f"layers/{layer}"][var].values, b[f"layers/{layer}"][var].values)
-    for step in STEPS:
-        x, y = inntrospect.load(local, step), inntrospect.load(loc, step)
-        assert list(x) == list(y) and x, step
-        for layer in x:
-            _assert_same(x[layer], y[layer], f"{step} {layer} (s3)")
+    _assert_same_extraction(inntrospect.store.open_store(local), inntrospect.store.open_store(loc))
+    _assert_same_results(local, loc, " (s3)")
 
 
 @needs_shared
 def test_a_bad_sample_on_a_worker_raises_the_same_error_in_the_client(two_workers, tmp_path):
     """A NaN input met on a worker stops the extraction with the local error; nothing claims completion."""
     pytest.importorskip("tensorflow")
-    nan = tmp_path / "nan"
-    nan.mkdir()
-    x = np.random.default_rng(0).random((130, 28, 28, 1), dtype=np.float32)
-    x[100, 3, 3, 0] = np.nan
-    np.save(nan / "a.npy", x)
-    (nan / "corpus.csv").write_text("a.npy,g\n")
+    nan = nan_corpus(tmp_path / "nan")
     path = tmp_path / "nan.zarr"
     with two_workers.client.as_current(), pytest.raises(
             inntrospect.errors.NonFiniteError, match=r"input of sample 100 \(a.npy, index 100\)"):

@@ -21,7 +21,16 @@ from inntrospect import (
 from inntrospect.extract import prepare_extraction, run_extraction
 from inntrospect.info import describe_store
 
-from .conftest import BATCH, CNN, CNN_LAYERS, MLP, MLP_LAYERS, corpus_inputs, needs_shared
+from .conftest import (
+    BATCH,
+    CNN,
+    CNN_LAYERS,
+    MLP,
+    MLP_LAYERS,
+    corpus_inputs,
+    nan_corpus,
+    needs_shared,
+)
 
 pytestmark = needs_shared
 tf = pytest.importorskip("tensorflow")
@@ -191,12 +200,7 @@ def test_bad_inputs_raise_and_leave_no_complete_store(tmp_path, mnist_corpus, mn
     with pytest.raises(ModelError, match="neither an existing model path nor a keras.applications"):
         inntrospect.extract("NoSuchNet", mnist_corpus, path)
     assert not path.exists()  # nothing was written by any of these
-    nan = tmp_path / "nan"
-    nan.mkdir()
-    x = np.random.default_rng(0).random((130, 28, 28, 1), dtype=np.float32)
-    x[100, 3, 3, 0] = np.nan
-    np.save(nan / "a.npy", x)
-    (nan / "corpus.csv").write_text("a.npy,g\n")
+    nan = nan_corpus(tmp_path / "nan")
     with pytest.raises(NonFiniteError, match=r"input of sample 100 \(a.npy, index 100\)"):
         inntrospect.extract(CNN, nan, path, chunk_mib=0.1, batch_size=32)
     assert inntrospect.open_store(path, allow_incomplete=True).attrs["extraction"]["state"] == "incomplete"
