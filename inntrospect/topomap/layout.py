@@ -114,15 +114,9 @@ class Layout:
         return x / np.where(norm > 0, norm, 1.0)
 
     def _umap(self, x):
-        import warnings
+        from ..umapfit import fit_umap
 
-        import umap
-
-        n_neighbors = min(15, len(x) - 1)
-        with warnings.catch_warnings():  # a seed makes UMAP single-threaded, and it says so each time
-            warnings.filterwarnings("ignore", message="n_jobs value .* overridden", category=UserWarning)
-            return umap.UMAP(n_components=2, metric=self.metric, random_state=self.seed,
-                             n_neighbors=n_neighbors).fit_transform(x)
+        return fit_umap(x, n_neighbors=min(15, len(x) - 1), metric=self.metric, seed=self.seed)
 
     def _tsne(self, x):
         from sklearn.manifold import TSNE
