@@ -2,26 +2,39 @@
 
 Per layer, the chosen samples' activations are flattened per sample and
 embedded in two dimensions with UMAP, to be drawn as a scatter coloured by
-group. Three plain parts, each testable alone:
+group. Plain parts, each testable alone:
 
 * :func:`choose_samples` — which samples: ``samples_per_group`` of each group,
   the first ones in store order (as the reference, which takes the first
   batches of each group) or a seeded random subset; sorted, so reads go forward;
-* :func:`streamed_pca` — wide layers (more values per sample than
-  ``pca_components``) are reduced first by an incremental PCA fitted over
-  batches of the chosen rows and applied batch by batch: memory holds one
-  batch and the PCA model, never a layer nor the whole subset;
-* :func:`embed_2d` — UMAP (the default) or PCA to 2-D.
+* :class:`Scratch` — the chosen rows of one layer, read once: the layer's
+  stored chunks are walked in order, each chunk holding chosen rows is read
+  alone and only its chosen rows are kept, as float32, cut into column blocks
+  (:func:`plan_blocks`: ``n × width`` float64 values fit in :data:`BLOCK_MIB`
+  MiB). The blocks stay in memory while the rows take at most
+  :data:`SCRATCH_MIB` MiB, else they go to an anonymous temporary file,
+  written and read back block by block with plain file I/O (gone when closed,
+  or when the process ends);
+* the PCA of wide layers (more values per sample than ``pca_components``),
+  from the scratch, one column block at a time, each block centred by its own
+  exact column means (every block holds all ``n`` rows):
+  :func:`gram_pca` (``"exact"``, up to :data:`EXACT_MAX_SAMPLES` rows)
+  accumulates the ``n × n`` Gram matrix of the centred rows and takes its top
+  eigenpairs, whose ``U √λ`` are exactly the PCA scores;
+  :func:`randomized_pca` (``"randomized"``, more rows) never forms it: a
+  seeded subspace iteration, one pass over the blocks per iteration, then
+  the Rayleigh–Ritz eigenpairs of ``Qᵀ G Q``. :func:`scratch_pca` chooses;
+  each result records its route in the attribute ``pca_method``;
+* :func:`embed_2d` — UMAP (the default, through :func:`inntrospect.umapfit.fit_umap`)
+  or PCA to 2-D.
 
 :func:`instance_projection` ties them together, eagerly (UMAP is eager), and
 with ``persist=True`` writes ``projection/<layer>`` into the store.
 
-Batches (:func:`plan_batches`) hold consecutive chosen rows: as many as fit in
-:data:`BATCH_MIB` MiB of float64 values, but never fewer than the PCA's
-number of components (an incremental PCA step needs that many rows); a short
-last batch is merged into the one before it. Each batch is read through the
-layer's dask array, one small take per stored chunk it touches, so only the
-chosen rows of each chunk are kept.
+Memory per layer: the chosen rows (float32, or on disk), one stored chunk,
+one float64 column block, and the Gram matrix (``n × n`` float64) or the
+iteration's few ``n × (k + oversampling)`` matrices; never the whole layer,
+never float64 copies of whole rows.
 
 Tiny layers: UMAP needs a few neighbours, so with fewer than
 :data:`MIN_UMAP_SAMPLES` chosen samples the 2-D coordinates are the first two
@@ -31,8 +44,9 @@ activations they are all 0; both cases warn, naming the layer.
 
 from __future__ import annotations
 
+import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -40,12 +54,30 @@ import numpy as np
 from . import steps
 from . import store as st
 
-__all__ = ["instance_projection", "choose_samples", "plan_batches", "streamed_pca", "embed_2d"]
+__all__ = ["instance_projection", "choose_samples", "plan_blocks", "Scratch", "gram_pca",
+           "randomized_pca", "scratch_pca", "embed_2d"]
 
 SAMPLINGS = ("random", "first")
 METHODS = ("umap", "pca")
-#: most float64 values one batch of rows holds, in MiB (the PCA needs at least its components' rows)
-BATCH_MIB = 64.0
+#: at most this many MiB of float64 values in one column block of ``n`` rows (at least one column)
+BLOCK_MIB = 32.0
+#: chosen rows of a layer taking more float32 MiB than this wait in a temporary file, not in memory
+#: (with one stored chunk, a float64 block and the libraries, a process then stays near 1.2 GB)
+SCRATCH_MIB = 768.0
+#: folder of that temporary file (None: Python's temporary folder, i.e. ``TMPDIR``)
+SCRATCH_DIR: str | None = None
+#: up to this many chosen samples the PCA is exact (Gram matrix); beyond, randomized. The Gram
+#: matrix takes n² float64 values and its eigenpairs ~n³ time (measured, one thread: 0.5 s at
+#: 2,048 rows, 5 s at 4,096, with 128 MiB), while each randomized pass costs ~n × features × 120
+EXACT_MAX_SAMPLES = 4096
+#: randomized PCA: columns beyond the components kept, and subspace iterations (passes over the rows)
+OVERSAMPLING = 10
+POWER_ITERATIONS = 4
+#: BLAS threads while the PCA runs (None: BLAS's own default). One, because the
+#: passes are large products on a machine whose cores are often busy with other work: there a
+#: multi-threaded OpenBLAS waits on its own threads (measured, 210 rows × 20,000 columns per
+#: block on 2 busy vCPUs: 35 ms a block with one thread, 200-460 ms with two)
+PCA_BLAS_THREADS: int | None = 1
 #: fewer chosen samples than this: no UMAP (too few neighbours), PCA to 2-D instead
 MIN_UMAP_SAMPLES = 5
 #: UMAP's neighbourhood size (its default), capped at the number of samples - 1
@@ -84,43 +116,218 @@ def choose_samples(labels: Sequence, samples_per_group: int = 100,
     return np.sort(out).astype(np.int64)
 
 
-def plan_batches(n: int, features: int, min_rows: int = 1, batch_mib: float | None = None) -> list[slice]:
-    """Consecutive slices of ``n`` rows: at most ``batch_mib`` MiB of float64 each, at least ``min_rows``.
+def plan_blocks(n: int, features: int, block_mib: float | None = None,
+                width: int | None = None) -> list[slice]:
+    """Consecutive column slices covering ``features``: ``n × width`` float64 values fit in ``block_mib`` MiB.
 
-    A short last batch is merged into the one before it, so every batch has at
-    least ``min_rows`` rows (when ``n`` does).
+    ``width`` (columns per block) overrides the budget; every block but the
+    last has that many columns, and each has at least one.
     """
-    mib = BATCH_MIB if batch_mib is None else batch_mib
-    rows = max(int(min_rows), 1, int(mib * 2**20 // (8 * max(features, 1))))
-    bounds = list(range(0, n, rows)) + [n]
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] < min_rows:
-        del bounds[-2]
-    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    if width is None:
+        mib = BLOCK_MIB if block_mib is None else block_mib
+        width = int(mib * 2**20 // (8 * max(n, 1)))
+    width = max(1, min(int(width), features))
+    return [slice(lo, min(lo + width, features)) for lo in range(0, features, width)]
 
 
-def _fresh_ipca(k: int):
-    from sklearn.decomposition import IncrementalPCA
+class Scratch:
+    """The chosen rows of one layer, flattened, float32, kept as column blocks.
 
-    return IncrementalPCA(n_components=k)
-
-
-def streamed_pca(batches, n_components: int, progress: bool = False, desc: str = "pca"):
-    """Fit an incremental PCA over ``batches`` and project them: ``(reduced, explained variance)``.
-
-    ``batches`` is a callable returning a fresh iterator of ``(rows, features)``
-    float arrays (it is walked twice: to fit, then to transform), each with at
-    least ``n_components`` rows. ``reduced`` is ``(n, n_components)``; the
-    explained variance is the fraction of the total variance the components
-    keep (1.0 when there is no variance at all).
+    Rows are written in consecutive runs with :meth:`put`; :meth:`blocks`
+    then yields each column block as an ``(n, width)`` float32 array. The
+    blocks live in memory when the rows take at most ``budget_mib`` MiB
+    (default :data:`SCRATCH_MIB`), else in an anonymous temporary file in
+    ``folder`` (default :data:`SCRATCH_DIR`) laid out block after block, each
+    block row-major, written and read back with plain unbuffered file I/O at
+    computed offsets (no memory map: the file's pages stay in the page cache,
+    not in this process). Use it as a context manager: closing removes the
+    file (which, where the system allows, has no name in ``folder`` at all).
     """
-    ipca = _fresh_ipca(n_components)
-    for x in _bar(batches(), progress, f"{desc} fit"):
-        ipca.partial_fit(x)
-    reduced = [ipca.transform(x) for x in _bar(batches(), progress, f"{desc} transform")]
-    total = float(np.sum(ipca.var_)) * ipca.n_samples_seen_
-    explained = float(np.sum(ipca.explained_variance_)) * (ipca.n_samples_seen_ - 1) / total \
-        if total > 0 else 1.0
-    return np.concatenate(reduced).astype(np.float64), min(explained, 1.0)
+
+    def __init__(self, n: int, features: int, width: int | None = None,
+                 budget_mib: float | None = None, folder: str | None = None):
+        self.n, self.features = int(n), int(features)
+        self.slices = plan_blocks(self.n, self.features, width=width)
+        budget = SCRATCH_MIB if budget_mib is None else budget_mib
+        self.on_disk = self.n * self.features * 4 > budget * 2**20
+        self._arrays: list[np.ndarray] | None = None
+        self._file = None
+        if self.on_disk:
+            self._file = tempfile.TemporaryFile(prefix="inntrospect-projection-", buffering=0,
+                                                dir=SCRATCH_DIR if folder is None else folder)
+        else:
+            self._arrays = [np.empty((self.n, s.stop - s.start), np.float32) for s in self.slices]
+
+    def put(self, start: int, rows: np.ndarray) -> None:
+        """Write ``rows`` (``(r, features)``) as the scratch rows ``start`` to ``start + r``."""
+        rows = np.asarray(rows, dtype=np.float32).reshape(len(rows), self.features)
+        for j, s in enumerate(self.slices):
+            part = rows[:, s]
+            if self._arrays is not None:
+                self._arrays[j][start : start + len(rows)] = part
+            else:
+                _write_at(self._file, np.ascontiguousarray(part),
+                          4 * (self.n * s.start + start * (s.stop - s.start)))
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Each column block in turn: an ``(n, width)`` float32 array."""
+        for j, s in enumerate(self.slices):
+            if self._arrays is not None:
+                yield self._arrays[j]
+            else:
+                out = np.empty((self.n, s.stop - s.start), np.float32)
+                _read_at(self._file, out, 4 * self.n * s.start)
+                yield out
+
+    def close(self) -> None:
+        """Free the blocks and remove the temporary file."""
+        self._arrays = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _write_at(file, arr: np.ndarray, offset: int) -> None:
+    """Write the C-contiguous ``arr`` into the unbuffered ``file`` from byte ``offset``."""
+    view = memoryview(arr).cast("B")
+    file.seek(offset)
+    while len(view):
+        view = view[file.write(view):]
+
+
+def _read_at(file, out: np.ndarray, offset: int) -> None:
+    """Fill the C-contiguous ``out`` from the unbuffered ``file``, from byte ``offset``."""
+    view = memoryview(out).cast("B")
+    file.seek(offset)
+    while len(view):
+        done = file.readinto(view)
+        if not done:
+            raise OSError(f"the projection's scratch file ended early, {len(view)} bytes short.")
+        view = view[done:]
+
+
+def _centred(block: np.ndarray) -> np.ndarray:
+    """``block`` as float64, each column minus its mean (float64, over all rows)."""
+    return np.subtract(block, block.mean(axis=0, dtype=np.float64), dtype=np.float64)
+
+
+def _blas_threads():
+    """Limit BLAS to :data:`PCA_BLAS_THREADS` threads for the passes over the blocks (when set)."""
+    import contextlib
+
+    if PCA_BLAS_THREADS is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=PCA_BLAS_THREADS, user_api="blas")
+
+
+def _top_eigen(g: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest eigenvalues (descending, negatives clipped to 0) of symmetric ``g`` (upper triangle
+    read), and their eigenvectors."""
+    from scipy.linalg import eigh
+
+    n = len(g)
+    lam, vec = eigh(g, lower=False, subset_by_index=[n - k, n - 1], overwrite_a=True, check_finite=False)
+    return np.maximum(lam[::-1], 0.0), vec[:, ::-1]
+
+
+def _scores(vec: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """PCA scores ``vec √lam``, each column's largest-magnitude entry made positive."""
+    s = vec * np.sqrt(lam)
+    if s.size:
+        signs = np.sign(s[np.argmax(np.abs(s), axis=0), np.arange(s.shape[1])])
+        s *= np.where(signs == 0, 1.0, signs)
+    return s
+
+
+def _explained(lam: np.ndarray, trace: float) -> float:
+    return min(float(np.sum(lam)) / trace, 1.0) if trace > 0 else 1.0
+
+
+def gram_pca(scratch: Scratch, n_components: int, progress: bool = False,
+             desc: str = "pca") -> tuple[np.ndarray, float]:
+    """Exact PCA scores of the scratch's rows: ``(scores (n, k) float64, explained variance)``.
+
+    Each column block, centred by its column means, adds ``Xc Xcᵀ`` to the
+    ``n × n`` float64 Gram matrix ``G`` (BLAS ``syrk``, in place). With ``G``'s
+    top eigenpairs ``(λ, U)`` the scores are ``U √λ``, the projections of the
+    centred rows on the top principal axes (as ``sklearn.decomposition.PCA``'s
+    ``transform``, up to each column's sign, which here makes each column's
+    largest-magnitude entry positive). The explained variance is the
+    fraction of ``trace(G)`` the ``k`` eigenvalues hold (1.0 when all rows
+    are equal).
+    """
+    from scipy.linalg.blas import dsyrk
+
+    n, k = scratch.n, min(int(n_components), scratch.n)
+    g = np.zeros((n, n), order="F")
+    with _blas_threads():
+        for block in _bar(scratch.blocks(), progress, desc, len(scratch.slices)):
+            xc = _centred(block)
+            g = dsyrk(1.0, xc.T, beta=1.0, c=g, trans=1, overwrite_c=True)  # upper triangle of G + Xc Xcᵀ
+        trace = float(np.trace(g))
+        lam, vec = _top_eigen(g, k)
+    return _scores(vec, lam), _explained(lam, trace)
+
+
+def _gram_times(scratch: Scratch, q: np.ndarray, bar) -> tuple[np.ndarray, float]:
+    """``(G q, trace G)`` in one pass over the blocks, ``G`` the Gram matrix of the centred rows."""
+    y = np.zeros_like(q)
+    trace = 0.0
+    for block in scratch.blocks():
+        xc = _centred(block)
+        y += xc @ (xc.T @ q)
+        trace += float(np.einsum("ij,ij->", xc, xc))
+        bar.update(1)
+    return y, trace
+
+
+def randomized_pca(scratch: Scratch, n_components: int, seed: int = 0,
+                   iterations: int | None = None, oversampling: int | None = None,
+                   progress: bool = False, desc: str = "pca") -> tuple[np.ndarray, float]:
+    """Randomized PCA scores of the scratch's rows, without the Gram matrix: ``(scores, explained variance)``.
+
+    Subspace iteration on ``G = Xc Xcᵀ`` (never formed): from a Gaussian
+    ``(n, k + oversampling)`` matrix drawn with ``numpy.random.default_rng(seed)``,
+    ``iterations`` times ``Q ← qr(G Q)``, each product one pass over the
+    column blocks (``Σ_b Xc_b (Xc_bᵀ Q)``); then one more pass gives
+    ``Qᵀ G Q``, whose top ``k`` eigenpairs ``(λ, V)`` give the scores
+    ``Q V √λ`` (signs as :func:`gram_pca`'s) and, with ``trace G`` summed on
+    the way, the explained variance. Defaults: :data:`POWER_ITERATIONS`,
+    :data:`OVERSAMPLING`. Accurate where the spectrum has a gap after the
+    ``k``-th component; the same inputs give the same scores.
+    """
+    iterations = POWER_ITERATIONS if iterations is None else int(iterations)
+    oversampling = OVERSAMPLING if oversampling is None else int(oversampling)
+    n, k = scratch.n, min(int(n_components), scratch.n)
+    p = min(n, k + oversampling)
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, p)))
+    bar = _bar(None, progress, desc, (iterations + 1) * len(scratch.slices))
+    with bar, _blas_threads():
+        for _ in range(iterations):
+            q, _ = np.linalg.qr(_gram_times(scratch, q, bar)[0])
+        gq, trace = _gram_times(scratch, q, bar)
+        b = q.T @ gq
+        lam, v = _top_eigen((b + b.T) / 2, k)
+    return _scores(q @ v, lam), _explained(lam, trace)
+
+
+def scratch_pca(scratch: Scratch, n_components: int, seed: int = 0, progress: bool = False,
+                desc: str = "pca") -> tuple[np.ndarray, float, str]:
+    """``(scores, explained variance, method)``: :func:`gram_pca` (``"exact"``) up to
+    :data:`EXACT_MAX_SAMPLES` rows, else :func:`randomized_pca` (``"randomized"``)."""
+    if scratch.n <= EXACT_MAX_SAMPLES:
+        return (*gram_pca(scratch, n_components, progress, desc), "exact")
+    return (*randomized_pca(scratch, n_components, seed, progress=progress, desc=desc), "randomized")
 
 
 def _pca_2d(x: np.ndarray) -> np.ndarray:
@@ -142,10 +349,11 @@ def embed_2d(x: np.ndarray, method: Literal["umap", "pca"] = "umap", seed: int =
              name: str = "the samples") -> np.ndarray:
     """2-D coordinates ``(n, 2)`` float64 of the rows of ``x``, by UMAP (default) or PCA.
 
-    UMAP runs with ``random_state=seed`` (so single-threaded: the same inputs
-    give the same coordinates) and ``n_neighbors=min(15, n - 1)``. With fewer
-    than :data:`MIN_UMAP_SAMPLES` rows it falls back to PCA; when all rows are
-    equal every coordinate is 0. Both fallbacks warn, naming ``name``.
+    UMAP runs through :func:`inntrospect.umapfit.fit_umap` with ``seed`` and
+    ``n_jobs=1`` (the same inputs give the same coordinates) and
+    ``n_neighbors=min(15, n - 1)``. With fewer than :data:`MIN_UMAP_SAMPLES`
+    rows it falls back to PCA; when all rows are equal every coordinate is 0.
+    Both fallbacks warn, naming ``name``.
     """
     _check_choice("method", method, METHODS)
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
@@ -165,44 +373,49 @@ def embed_2d(x: np.ndarray, method: Literal["umap", "pca"] = "umap", seed: int =
                       "Choose more samples per group for UMAP.", UserWarning, stacklevel=3)
         return _pca_2d(x)
     try:
-        import umap
+        from .umapfit import fit_umap
     except ImportError as err:  # pragma: no cover - umap-learn is a dependency
         raise ImportError("instance_projection needs umap-learn: pip install umap-learn "
                           "(or pass method='pca').") from err
-    with warnings.catch_warnings():  # a seed makes UMAP single-threaded, and it says so each time
-        warnings.filterwarnings("ignore", message="n_jobs value .* overridden", category=UserWarning)
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(N_NEIGHBORS, n - 1),
-                            random_state=seed, n_jobs=1)
-        return np.asarray(reducer.fit_transform(x), dtype=np.float64)
+    return fit_umap(x, n_neighbors=min(N_NEIGHBORS, n - 1), seed=seed, n_jobs=1)
 
 
 # -- reading ---------------------------------------------------------------------
-def _read_rows(data, rows: np.ndarray) -> np.ndarray:
-    """The given sorted rows of a (lazy) layer array, flattened per sample, float64.
+def _chosen_chunks(data, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``(position among the chosen rows, chosen rows)`` per stored chunk holding any, in order."""
+    chunks = getattr(data, "chunks", None)
+    lengths = chunks[0] if chunks is not None else (data.shape[0],)
+    bounds = np.cumsum((0, *lengths))
+    parts = np.split(rows, np.searchsorted(rows, bounds[1:-1]))
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    return [(int(s), p) for s, p in zip(starts, parts) if len(p)]
 
-    One take per stored chunk the rows fall in, computed together: only the
-    chosen rows of each chunk stay in memory.
+
+def _read_chunk(data, rows: np.ndarray) -> np.ndarray:
+    """The given rows of one stored chunk of a (lazy) layer array: ``(len(rows), features)`` float32.
+
+    One take on that chunk, computed alone: the chunk is read, its other rows dropped.
     """
-    import dask
-
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
-        return np.zeros((0, int(np.prod(data.shape[1:], dtype=np.int64))))
-    if not hasattr(data, "chunks") or data.chunks is None:  # a numpy array
-        return np.asarray(data[rows], dtype=np.float64).reshape(len(rows), -1)
-    bounds = np.cumsum((0, *data.chunks[0]))
-    cut = np.searchsorted(rows, bounds[1:-1])
-    parts = [data[part] for part in np.split(rows, cut) if len(part)]
-    out = np.concatenate(dask.compute(*parts))
-    return out.reshape(len(rows), -1).astype(np.float64, copy=False)
+    part = data[rows]
+    part = part.compute() if hasattr(part, "compute") else np.asarray(part)
+    return np.asarray(part, dtype=np.float32).reshape(len(rows), -1)
 
 
-def _bar(items, progress: bool, desc: str):
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
+def _read_chosen(data, rows: np.ndarray, put: Callable[[int, np.ndarray], None], progress: bool,
+                 desc: str) -> None:
+    """Walk the stored chunks in order, handing each one's chosen rows to ``put(position, rows)``."""
+    chunks = _chosen_chunks(data, np.asarray(rows, dtype=np.int64))
+    with _bar(None, progress, desc, len(chunks), "chunk") as bar:
+        for start, part in chunks:
+            put(start, _read_chunk(data, part))
+            bar.update(1)
 
-    return tqdm(items, desc=desc, unit="batch", leave=False)
+
+def _bar(items, progress: bool, desc: str, total: int | None = None, unit: str = "block"):
+    """``items`` with a transient progress bar (:func:`inntrospect.cluster.bar`); with ``items=None``, one to update."""
+    from .cluster import bar
+
+    return bar(items, progress=progress, desc=desc, total=total, unit=unit, leave=False)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -221,27 +434,23 @@ def _open(store):
 
 
 def _project_layer(data, rows: np.ndarray, pca_components: int, method: str, seed: int,
-                   layer: str, progress: bool) -> tuple[np.ndarray, int, float]:
-    """One layer: (xy, PCA components used or 0, explained variance)."""
+                   layer: str, progress: bool) -> tuple[np.ndarray, int, float, str]:
+    """One layer: (xy, PCA components used or 0, explained variance, PCA method or "none")."""
     features = int(np.prod(data.shape[1:], dtype=np.int64))
     n = len(rows)
-    k = min(pca_components, n, features)
     if pca_components > 0 and features > pca_components and n >= MIN_UMAP_SAMPLES:
-        batches = plan_batches(n, features, min_rows=k)
-        if len(batches) == 1:  # read once, for the fit and the transform
-            x = _read_rows(data, rows)
-            reduced, explained = streamed_pca(lambda: iter([x]), k)
-            del x
-        else:
-            def read() -> Iterator[np.ndarray]:
-                for b in batches:
-                    yield _read_rows(data, rows[b])
+        k = min(pca_components, n, features)
+        with Scratch(n, features) as scratch:
+            _read_chosen(data, rows, scratch.put, progress, f"read {layer}")
+            reduced, explained, how = scratch_pca(scratch, k, seed, progress, f"pca {layer}")
+        return embed_2d(reduced, method, seed, f"layer {layer}"), k, explained, how
+    x = np.empty((n, features), np.float32)  # no PCA: narrow rows (or very few, or asked for none)
 
-            reduced, explained = streamed_pca(read, k, progress, f"pca {layer}")
-        return embed_2d(reduced, method, seed, f"layer {layer}"), k, explained
-    batches = plan_batches(n, features)  # no PCA: narrow rows (or very few, or asked for none)
-    x = np.concatenate([_read_rows(data, rows[b]) for b in batches]) if n else np.zeros((0, features))
-    return embed_2d(x, method, seed, f"layer {layer}"), 0, 1.0
+    def put(start: int, part: np.ndarray) -> None:
+        x[start : start + len(part)] = part
+
+    _read_chosen(data, rows, put, progress, f"read {layer}")
+    return embed_2d(x, method, seed, f"layer {layer}"), 0, 1.0, "none"
 
 
 # -- public entry ----------------------------------------------------------------
@@ -267,14 +476,15 @@ def instance_projection(store, samples_per_group: int = 100,
         Layers to project (default: all layers of the store).
     pca_components : int
         Layers with more values per sample are first reduced to this many
-        principal components by a streamed, incremental PCA; 0 turns it off.
+        principal components (exact up to :data:`EXACT_MAX_SAMPLES` chosen
+        samples, randomized beyond; see :func:`scratch_pca`); 0 turns it off.
     method : {"umap", "pca"}
         The 2-D embedding: UMAP (default, as the reference) or the first two
         principal components (fast and deterministic; for tests and previews).
     persist : bool
         Also write ``projection/<layer>`` into the store (needs a path).
     progress : bool
-        Show progress bars over layers (and PCA batches).
+        Show progress bars over layers, the chunks read and the PCA's blocks.
 
     Returns
     -------
@@ -283,7 +493,8 @@ def instance_projection(store, samples_per_group: int = 100,
         ``group`` (``sample``), ``sample`` being the row index in the store.
         Attributes ``step``, ``layer``, ``params`` (as requested), ``inputs``,
         ``pca_components_used`` (0 without PCA),
-        ``explained_variance`` (1.0 without PCA); and ``id`` when persisted.
+        ``explained_variance`` (1.0 without PCA), ``pca_method``
+        (``"exact"``, ``"randomized"`` or ``"none"``); and ``id`` when persisted.
 
     Raises
     ------
@@ -331,12 +542,12 @@ def instance_projection(store, samples_per_group: int = 100,
 
     for layer in progress_bar(names, progress, "projection", len(names)):
         data = tree[f"layers/{layer}"]["acts"].data
-        xy, k, explained = _project_layer(data, rows, int(pca_components), method, int(seed),
-                                          layer, progress)
+        xy, k, explained, how = _project_layer(data, rows, int(pca_components), method, int(seed),
+                                               layer, progress)
         result[layer] = xr.Dataset(
             {"xy": (("sample", "coord"), xy), "group": ("sample", labels[rows])},
             coords={"sample": rows, "coord": ["x", "y"]},
             attrs={"step": "projection", "layer": layer, "params": params, "pca_components_used": k,
-                   "inputs": inputs, "explained_variance": float(explained)},
+                   "inputs": inputs, "explained_variance": float(explained), "pca_method": how},
         )
     return result

@@ -1,21 +1,32 @@
-"""Instance projection: sampling, the streamed PCA against sklearn's PCA, UMAP, persisting."""
+"""Instance projection: sampling, the scratch and its PCA against sklearn's PCA, UMAP, persisting."""
 
 from __future__ import annotations
+
+import os
 
 import hypothesis.strategies as hst
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 import inntrospect
 from inntrospect import projection
 from inntrospect.errors import IncompleteStoreError, LayerNotFoundError, StoreError
-from inntrospect.projection import choose_samples, instance_projection, plan_batches
+from inntrospect.projection import (
+    Scratch,
+    choose_samples,
+    gram_pca,
+    instance_projection,
+    plan_blocks,
+    randomized_pca,
+)
 from inntrospect.testing import store_from_arrays
+
+from .conftest import needs_shared
 
 
 def low_rank(rng, n, features, rank=8, noise=1e-3, centres=None, labels=None):
-    """Rows near a ``rank``-dimensional subspace (so an incremental PCA keeping more is exact)."""
+    """Rows near a ``rank``-dimensional subspace (so a PCA keeping more is exact)."""
     basis = rng.normal(size=(rank, features))
     x = rng.normal(size=(n, rank)) * np.linspace(3, 1, rank) @ basis
     return (x + noise * rng.normal(size=(n, features))).astype(np.float32)
@@ -68,40 +79,59 @@ def test_random_depends_on_the_seed():
     assert not np.array_equal(a, first)
 
 
-@given(hst.integers(1, 5000), hst.integers(1, 10_000), hst.integers(1, 60), hst.floats(0.001, 2))
+@given(hst.integers(1, 5000), hst.integers(1, 10_000), hst.floats(0.001, 2))
 @settings(max_examples=200, deadline=None)
-def test_batches_cover_the_rows_within_bounds(n, features, min_rows, mib):
-    batches = plan_batches(n, features, min_rows, mib)
-    assert batches[0].start == 0 and batches[-1].stop == n
-    assert all(a.stop == b.start for a, b in zip(batches, batches[1:]))
-    rows = max(min_rows, int(mib * 2**20 // (8 * features)))
-    sizes = [b.stop - b.start for b in batches]
-    assert all(s <= rows + min_rows for s in sizes)
-    if n >= min_rows:
-        assert min(sizes) >= min_rows
+def test_blocks_cover_the_features_within_bounds(n, features, mib):
+    blocks = plan_blocks(n, features, mib)
+    assert blocks[0].start == 0 and blocks[-1].stop == features
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+    sizes = [b.stop - b.start for b in blocks]
+    assert min(sizes) >= 1 and len(set(sizes[:-1])) <= 1  # one width, a shorter last block
+    assert all(s == 1 or n * s * 8 <= mib * 2**20 for s in sizes)  # within the budget (or 1 column)
+    if len(blocks) > 1:  # no wider budget would have been in reach
+        assert n * (sizes[0] + 1) * 8 > mib * 2**20
 
 
-# -- the streamed PCA ------------------------------------------------------------
-def test_streamed_pca_equals_sklearn_pca(wide_store, monkeypatch):
+# -- the scratch and its PCA -----------------------------------------------------
+def subspace_gap(a, b):
+    """Largest entry of the difference of the projectors on the column spans of ``a`` and ``b``."""
+    def projector(s):
+        return s @ np.linalg.solve(s.T @ s, s.T)
+
+    return np.abs(projector(a) - projector(b)).max()
+
+
+def scratch_of(x, width=None, budget_mib=None, folder=None, pieces=3):
+    """A :class:`Scratch` of the rows of ``x``, written in ``pieces`` consecutive runs."""
+    scratch = Scratch(len(x), x.shape[1], width, budget_mib, folder)
+    for part in np.array_split(np.arange(len(x)), pieces):
+        if len(part):
+            scratch.put(int(part[0]), x[part])
+    return scratch
+
+
+def test_instance_projection_pca_equals_sklearn_pca(wide_store, monkeypatch):
     from sklearn.decomposition import PCA
 
     path, arrays, labels = wide_store
     read = []
-    original = projection._read_rows
+    original = projection._read_chunk
 
     def counting(data, rows):
-        read.append(len(rows))
+        read.append(rows)
         return original(data, rows)
 
-    monkeypatch.setattr(projection, "_read_rows", counting)
-    monkeypatch.setattr(projection, "BATCH_MIB", 40 * 300 * 8 / 2**20)  # 40 rows of 300 values
+    monkeypatch.setattr(projection, "_read_chunk", counting)
+    monkeypatch.setattr(projection, "BLOCK_MIB", 40 * 400 * 8 / 2**20)  # 40 columns of 400 rows
     out = instance_projection(path, 150, "random", 3, layers=["conv"], pca_components=10,
                               method="pca")["conv"]
     rows = choose_samples(labels, 150, "random", 3)
     n = len(rows)  # 150 + 150 + all of "c"
     assert n < 450 and np.sum(labels[rows] == "c") == np.sum(labels == "c")
-    # bounded batches: fitted and transformed batch by batch, never the whole subset
-    assert len(read) > 2 and max(read) < 80 and sum(read) == 2 * n
+    # read once, a stored chunk (37 rows) at a time, keeping only its chosen rows
+    np.testing.assert_array_equal(np.concatenate(read), rows)
+    assert len(read) > 2 and max(len(r) for r in read) <= 37
+    assert all(r[0] // 37 == r[-1] // 37 for r in read)
     np.testing.assert_array_equal(out["sample"].values, rows)
     np.testing.assert_array_equal(out["group"].values, labels[rows])
 
@@ -110,9 +140,10 @@ def test_streamed_pca_equals_sklearn_pca(wide_store, monkeypatch):
     assert out.attrs["explained_variance"] == pytest.approx(ref.explained_variance_ratio_.sum(),
                                                             rel=1e-9)
     assert out.attrs["explained_variance"] > 0.999
+    assert out.attrs["pca_method"] == "exact" and out.attrs["pca_components_used"] == 10
     assert out.attrs["params"] == {"samples_per_group": 150, "sampling": "random", "seed": 3,
                                    "pca_components": 10, "method": "pca"}
-    # the 2-D PCA of the 10 streamed components = the first 2 components of the full PCA
+    # the 2-D PCA of the 10 components = the first 2 components of the full PCA
     want = ref.transform(full)[:, :2]
     got = out["xy"].values
     assert got.dtype == np.float64 and got.shape == (n, 2)
@@ -122,20 +153,177 @@ def test_streamed_pca_equals_sklearn_pca(wide_store, monkeypatch):
                                    atol=1e-6 * np.abs(want).max())
 
 
-def test_streamed_pca_subspace_matches_sklearn(wide_store):
+def test_gram_pca_matches_sklearn(wide_store):
     from sklearn.decomposition import PCA
 
     _, arrays, _ = wide_store
-    x = arrays["conv"][::2].astype(np.float64)
-    batches = plan_batches(len(x), x.shape[1], 12, 30 * 300 * 8 / 2**20)
-    assert len(batches) > 5
-    reduced, explained = projection.streamed_pca(lambda: (x[b] for b in batches), 12)
-    ref = PCA(12).fit(x)
+    x = arrays["conv"][::2]
+    with scratch_of(x, width=30) as scratch:
+        assert len(scratch.slices) > 5
+        reduced, explained = gram_pca(scratch, 12)
+    ref = PCA(12).fit(x.astype(np.float64))
     assert explained == pytest.approx(ref.explained_variance_ratio_.sum(), rel=1e-9)
-    want = ref.transform(x)
+    want = ref.transform(x.astype(np.float64))
+    assert reduced.shape == want.shape and reduced.dtype == np.float64
     for j in range(8):  # the signal's components; the rest are noise
         c = abs(np.corrcoef(reduced[:, j], want[:, j])[0, 1])
         assert c > 0.99999
+    assert subspace_gap(reduced[:, :8], want[:, :8]) < 1e-6
+    big = np.abs(reduced).argmax(axis=0)
+    assert np.all(reduced[big, np.arange(12)] > 0)  # deterministic signs
+
+
+@hst.composite
+def pca_case(draw):
+    n, features = draw(hst.integers(3, 60)), draw(hst.integers(1, 300))
+    k = draw(hst.integers(1, min(n - 1, features)))
+    width = draw(hst.sampled_from([1, 7, 13, 64, 1000]))
+    scale = draw(hst.sampled_from([1e-3, 1.0, 1e3]))
+    rank = draw(hst.integers(1, min(n, features)))
+    seed = draw(hst.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, rank)) @ rng.normal(size=(rank, features)) * scale
+    x += rng.normal(size=(1, features)) * 3 * scale  # an offset the centring removes
+    return x.astype(np.float32), k, width
+
+
+@given(pca_case())
+@settings(max_examples=150, deadline=None)
+def test_gram_pca_spans_sklearns_subspace(case):
+    from sklearn.decomposition import PCA
+
+    x, k, width = case
+    x64 = x.astype(np.float64)
+    s = np.linalg.svd(x64 - x64.mean(axis=0), compute_uv=False)
+    assume(s[k - 1] > 1e-3 * s[0])  # k components that hold variance
+    assume(k == len(s) or s[k - 1] > 1.01 * s[k])  # and a k-th distinct from the next
+    with scratch_of(x, width=width) as scratch:
+        assert len(scratch.slices) == -(-x.shape[1] // min(width, x.shape[1]))
+        scores, explained = gram_pca(scratch, k)
+    ref = PCA(k, svd_solver="full").fit(x64)
+    assert scores.shape == (len(x), k)
+    assert subspace_gap(scores, ref.transform(x64)) < 1e-6
+    assert explained == pytest.approx(ref.explained_variance_ratio_.sum(), abs=1e-8)
+
+
+def test_randomized_pca_spans_the_exact_subspace():
+    rng = np.random.default_rng(5)
+    x = low_rank(rng, 500, 700, rank=12, noise=1e-2)
+    with scratch_of(x, width=64) as scratch:
+        exact, explained = gram_pca(scratch, 12)
+        fast, fast_explained = randomized_pca(scratch, 12, seed=1)
+        again, _ = randomized_pca(scratch, 12, seed=1)
+    assert subspace_gap(fast, exact) < 1e-6
+    assert fast_explained == pytest.approx(explained, rel=1e-9)
+    np.testing.assert_array_equal(fast, again)  # seeded: the same scores
+    for j in range(12):  # the same components, one by one (distinct singular values)
+        np.testing.assert_allclose(fast[:, j], exact[:, j], atol=1e-6 * np.abs(exact).max())
+
+
+def test_many_samples_take_the_randomized_route(wide_store, monkeypatch):
+    path, arrays, labels = wide_store
+    monkeypatch.setattr(projection, "EXACT_MAX_SAMPLES", 100)
+    out = instance_projection(path, 150, "first", layers=["conv"], pca_components=10, method="pca",
+                              progress=True)
+    rows = choose_samples(labels, 150, "first")
+    assert len(rows) > 100 and out["conv"].attrs["pca_method"] == "randomized"
+    with scratch_of(arrays["conv"][rows]) as scratch:
+        exact, explained = gram_pca(scratch, 10)
+    assert out["conv"].attrs["explained_variance"] == pytest.approx(explained, rel=1e-9)
+    assert subspace_gap(out["conv"]["xy"].values, exact[:, :2]) < 1e-6
+
+
+def test_disk_scratch_equals_memory_and_leaves_nothing(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    x = low_rank(rng, 90, 257, rank=6, noise=0.1)
+    with scratch_of(x, width=20, budget_mib=1e9) as memory:
+        assert not memory.on_disk
+        want, want_explained = gram_pca(memory, 9)
+        blocks = [b.copy() for b in memory.blocks()]
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    with scratch_of(x, width=20, budget_mib=0, folder=str(folder), pieces=7) as disk:
+        assert disk.on_disk
+        for got, b in zip(disk.blocks(), blocks, strict=True):
+            np.testing.assert_array_equal(got, b)
+        got, explained = gram_pca(disk, 9)
+        fast, _ = randomized_pca(disk, 6)  # the signal's components (the rest: noise)
+    np.testing.assert_array_equal(got, want)
+    assert explained == want_explained
+    assert subspace_gap(fast, want[:, :6]) < 1e-6
+    assert list(folder.iterdir()) == []
+    # through instance_projection, into the default folder, and when the PCA fails
+    path = store_from_arrays(tmp_path / "d.zarr", {"w": x}, np.repeat(["a", "b"], 45), chunks=16)
+    in_memory = instance_projection(path, 45, "first", pca_components=9, method="pca")["w"]
+    monkeypatch.setattr(projection, "SCRATCH_DIR", str(folder))
+    monkeypatch.setattr(projection, "SCRATCH_MIB", 0.0)
+    on_disk = instance_projection(path, 45, "first", pca_components=9, method="pca",
+                                  progress=True)["w"]
+    np.testing.assert_array_equal(on_disk["xy"].values, in_memory["xy"].values)
+    np.testing.assert_allclose(on_disk["xy"].values, projection._pca_2d(want), rtol=1e-9,
+                               atol=1e-9 * np.abs(want).max())
+
+    def broken(*args, **kwargs):
+        assert len(os.listdir(folder)) <= 1  # (an unlinked file is not listed at all)
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(projection, "gram_pca", broken)
+    with pytest.raises(MemoryError, match="no room"):
+        instance_projection(path, 45, "first", pca_components=9, method="pca")
+    assert list(folder.iterdir()) == []
+
+
+def test_reading_keeps_only_the_chosen_rows(tmp_path):
+    import tracemalloc
+
+    n, shape = 480, (20, 25, 40)  # 20,000 values a sample; the layer: 38 MB
+    rng = np.random.default_rng(3)
+    wide = rng.normal(size=(n, *shape)).astype(np.float32)
+    labels = np.repeat(["a", "b", "c"], n // 3)
+    path = store_from_arrays(tmp_path / "m.zarr", {"wide": wide}, labels, chunks=12)
+    layer_bytes = wide.nbytes
+    rows = choose_samples(labels, 3, "random", 0)
+    data = inntrospect.open_store(path)["layers/wide"]["acts"].data
+    tracemalloc.start()
+    try:
+        with Scratch(len(rows), 20_000) as scratch:
+            projection._read_chosen(data, rows, scratch.put, False, "read")
+            scores, _ = gram_pca(scratch, 5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < layer_bytes / 10  # a chunk (12 rows, 1 MB) and the chosen rows, never the layer
+    want = wide[rows].reshape(len(rows), -1).astype(np.float64)
+    from sklearn.decomposition import PCA
+
+    assert subspace_gap(scores, PCA(5, svd_solver="full").fit_transform(want)) < 1e-6
+
+
+@needs_shared
+def test_pca_of_the_mnist_cnn_store_equals_sklearn(cnn_store):
+    import zarr
+    from sklearn.decomposition import PCA
+
+    tree = inntrospect.open_store(cnn_store)
+    layers = tree.attrs["layers"]
+    widest = max(layers, key=lambda k: np.prod(tree[f"layers/{k}"]["acts"].shape[1:]))
+    labels = tree[f"layers/{widest}"]["group"].values.astype(object).astype(str)
+    rows = choose_samples(labels, 30, "random", 0)
+    plain = zarr.open_group(str(cnn_store), mode="r")[f"layers/{widest}/acts"][:]
+    x = plain[rows].reshape(len(rows), -1).astype(np.float64)
+    assert x.shape[1] > 1000
+    out = instance_projection(cnn_store, 30, "random", 0, layers=[widest], method="pca")[widest]
+    assert out.attrs["pca_method"] == "exact" and out.attrs["pca_components_used"] == 50
+    ref = PCA(50, svd_solver="full").fit(x)
+    assert out.attrs["explained_variance"] == pytest.approx(ref.explained_variance_ratio_.sum(),
+                                                            rel=1e-9)
+    want = ref.transform(x)
+    assert subspace_gap(out["xy"].values, want[:, :2]) < 1e-6
+    data = tree[f"layers/{widest}"]["acts"].data
+    with Scratch(len(rows), x.shape[1]) as scratch:
+        projection._read_chosen(data, rows, scratch.put, False, "read")
+        scores, _ = gram_pca(scratch, 50)
+    assert subspace_gap(scores, want) < 1e-6
 
 
 def test_narrow_layers_and_no_pca_use_the_rows(wide_store):
@@ -145,11 +333,12 @@ def test_narrow_layers_and_no_pca_use_the_rows(wide_store):
     rows = choose_samples(labels, 30, "first")
     dense = out["dense"]
     assert dense.attrs["pca_components_used"] == 0 and dense.attrs["explained_variance"] == 1.0
+    assert dense.attrs["pca_method"] == "none" and out["conv"].attrs["pca_method"] == "exact"
     np.testing.assert_allclose(np.abs(dense["xy"].values),
                                np.abs(projection._pca_2d(arrays["dense"][rows])), rtol=1e-9)
     assert out["conv"].attrs["pca_components_used"] == 50
     off = instance_projection(path, 30, "first", layers="conv", method="pca", pca_components=0)
-    assert off["conv"].attrs["pca_components_used"] == 0
+    assert off["conv"].attrs["pca_components_used"] == 0 and off["conv"].attrs["pca_method"] == "none"
     np.testing.assert_allclose(np.abs(off["conv"]["xy"].values),
                                np.abs(projection._pca_2d(arrays["conv"][rows])), rtol=1e-6)
 
@@ -209,6 +398,7 @@ def test_persist_writes_and_loads(wide_store, tmp_path):
         assert [str(c) for c in ds["coord"].values] == ["x", "y"]
         assert ds.attrs["id"] == rec["id"] and ds.attrs["step"] == "projection"
         assert ds.attrs["explained_variance"] == done[layer].attrs["explained_variance"]
+        assert ds.attrs["pca_method"] == done[layer].attrs["pca_method"]
         assert ds.attrs["params"] == done[layer].attrs["params"]
     assert loaded["dense"].attrs["pca_components_used"] == 0
     with pytest.raises(StoreError, match="pass its path"):
