@@ -117,10 +117,11 @@ def extract_on_cluster(client, ex: Extraction, todo: list[int], done: np.ndarray
     n, B = ex.corpus.n_samples, ex.plan.block
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .cluster import bar as make_bar
 
         already = sum(min(B, n - b * B) for b in range(ex.n_blocks) if done[b])
-        bar = tqdm(total=n, initial=already, unit="sample", desc="extract on the cluster", smoothing=0.1)
+        bar = make_bar(total=n, initial=already, unit="sample", desc="extract on the cluster",
+                       smoothing=0.1)
     futures = [client.submit(extract_block, ex.request, extraction_id, b,
                              key=f"extract-block-{b}-{extraction_id}", retries=0) for b in todo]
     computed: list[int] = []

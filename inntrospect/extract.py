@@ -351,10 +351,10 @@ def _write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .cluster import bar as make_bar
 
         already = sum(min(B, n - b * B) for b in range(ex.n_blocks) if done[b])
-        bar = tqdm(total=n, initial=already, unit="sample", desc="extract", smoothing=0.1)
+        bar = make_bar(total=n, initial=already, unit="sample", desc="extract", smoothing=0.1)
     batch_bytes = ex.batch_size * sum(i.bytes_per_sample for i, _, _ in ex.arrays())
     chunk_bytes = sum(ex.plan.chunks[i.name] * i.bytes_per_sample for i, _, _ in ex.arrays())
     predictions = [open_(info.name, "prediction") for info in ex.model.layers]

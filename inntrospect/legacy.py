@@ -520,9 +520,9 @@ def _write_data(legacy: LegacyFolder, path: st.Location, plan: st.ChunkPlan, pro
     done = zarr.open_array(st.zarr_store(path), path=st.BLOCKS_DONE, mode="r+")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .cluster import bar as make_bar
 
-        bar = tqdm(total=legacy.n_samples, unit="sample", desc="import-legacy")
+        bar = make_bar(total=legacy.n_samples, unit="sample", desc="import-legacy")
     try:
         pos, recorded = 0, 0
         for f in legacy.files:

@@ -328,10 +328,10 @@ def report(
     _clean_figures(figures)
     figures.mkdir(exist_ok=True)
 
-    from tqdm.auto import tqdm
+    from .cluster import bar as make_bar
 
-    bar = tqdm(total=len(topomaps) + 1 + len(projections), desc="report figures",
-               disable=not progress, unit="fig")
+    bar = make_bar(total=len(topomaps) + 1 + len(projections), desc="report figures",
+                   progress=progress, unit="fig")
     with bar, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         rows = {}
