@@ -8,7 +8,11 @@ layer but the output, ``t_i`` the argmax of the output or the corpus target.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,15 +24,63 @@ from .source import ModelSource, model_source
 __all__ = ["LayerInfo", "KerasModel", "load_model"]
 
 
+#: TensorFlow's native start-up chatter, printed before its log level applies: absl's notice,
+#: INFO lines (oneDNN, "Could not find cuda drivers") and the failed CUDA probe of a CPU machine
+_TF_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\)"
+                       rb"|I\d{4} [\d:.]+ +\d+ \S+\] "
+                       rb"|E\d{4} [\d:.]+ +\d+ cuda\w*\.cc:\d+\] failed call to cuInit)")
+
+
 def _import_tf():
+    """Import TensorFlow (once) without its start-up INFO lines on standard error."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        import tensorflow as tf
+        with _native_stderr_filtered(_TF_NOISE):
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the CUDA probe logs here, inside the filter
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ModelError(
             "extracting activations needs TensorFlow: pip install 'inntrospect[tensorflow]'"
         ) from err
     return tf
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered(noise: re.Pattern):
+    """File descriptor 2 through a pipe that drops lines matching ``noise``, for native code's output.
+
+    TensorFlow's C++ start-up lines ignore ``TF_CPP_MIN_LOG_LEVEL``; they can
+    only be caught at the descriptor. Everything else passes through unchanged.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+    except (OSError, ValueError):  # no usable descriptor 2: nothing to filter
+        yield
+        return
+
+    def pump():
+        with os.fdopen(read, "rb") as pipe:
+            for line in pipe:
+                if not noise.match(line):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, name="inntrospect-tf-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump sees its end
+        thread.join(timeout=5)
+        os.close(saved)
 
 
 @dataclass(frozen=True)
