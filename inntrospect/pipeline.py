@@ -136,10 +136,35 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
 
 # -- the steps ----------------------------------------------------------------------
 def _extract(cfg, path, progress, overwrite=False):
+    from .cluster import active_client
+
+    client = active_client()
+    if client is not None and not str(client.scheduler.address).startswith("inproc://"):
+        _extract_here(cfg.extract_kwargs(), overwrite, progress)  # on the cluster's workers
+        return
+    # in a process of its own, which ends with it: TensorFlow's memory (GBs for VGG16) is given
+    # back before the later steps add theirs, and this process never imports TensorFlow
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_end_with_parent) as pool:
+        pool.submit(_extract_here, cfg.extract_kwargs(), overwrite, progress).result()
+
+
+def _extract_here(kwargs: dict, overwrite: bool, progress: bool) -> None:
     from .extract import prepare_extraction, run_extraction
 
-    ex = prepare_extraction(**cfg.extract_kwargs())
-    run_extraction(ex, overwrite=overwrite, progress=progress)
+    run_extraction(prepare_extraction(**kwargs), overwrite=overwrite, progress=progress)
+
+
+def _end_with_parent() -> None:
+    """In the extraction's process: be stopped if the pipeline's process dies (Linux; else nothing)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def _align(cfg, path, progress, **_):
