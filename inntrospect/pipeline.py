@@ -116,7 +116,8 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
     aligned = wanted["naps"]["aligned"]
     done: dict[str, str] = {}
     t0 = time.perf_counter()
-    with cluster(cfg, scheduler, quiet=not progress):
+    with cluster(cfg, scheduler, quiet=not progress) as client, contextlib.ExitStack() as stack:
+        aside = None  # the projection, computed in a process of its own beside the steps before it
         for step in PIPELINE:
             if step == "align" and not aligned:
                 done[step] = "skipped"
@@ -126,36 +127,73 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
                 echo(f"{step:<10} current, kept")
                 continue
             t = time.perf_counter()
+            if step == "projection" and aside is not None:
+                results, seconds = aside.result()
+                _persist_projection(path, results)
+                echo(f"projection done in {seconds + time.perf_counter() - t:.1f} s "
+                     "(computed beside the steps before it)")
+                done[step] = "ran"
+                continue
             _STEPS[step](cfg, path, progress, overwrite="extract" in redo)
             done[step] = "ran"
             echo(f"{step:<10} done in {time.perf_counter() - t:.1f} s")
+            if step == "extract" and _in_process(client) and (
+                    "projection" in redo or not _is_done(path, "projection", wanted["projection"])):
+                aside = _spawn(stack).submit(_project_here, cfg.projection_kwargs(), path, progress)
     echo(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report: "
          f"{cfg.plot_output() / 'report' / 'index.html'}")
     return done
 
 
 # -- the steps ----------------------------------------------------------------------
-def _extract(cfg, path, progress, overwrite=False):
-    from .cluster import active_client
+# With an in-process cluster, two steps run in processes of their own (spawned, so they share
+# nothing with this one): the extraction, so that TensorFlow's memory (GBs for VGG16) is given
+# back before the later steps add theirs and this process never imports TensorFlow; and the
+# projection, whose UMAP fits (single-threaded when seeded) then run on the second core while
+# align ... topomap run here. It only reads the layers those steps never write, and this process
+# stores its result at its place in the order. On a cluster of its own every step runs there.
+def _in_process(client) -> bool:
+    return client is None or str(client.scheduler.address).startswith("inproc://")
 
-    client = active_client()
-    if client is not None and not str(client.scheduler.address).startswith("inproc://"):
-        _extract_here(cfg.extract_kwargs(), overwrite, progress)  # on the cluster's workers
-        return
-    # in a process of its own, which ends with it: TensorFlow's memory (GBs for VGG16) is given
-    # back before the later steps add theirs, and this process never imports TensorFlow
+
+def _spawn(stack: contextlib.ExitStack):
+    """A one-process pool, closed with ``stack``; its process ends if this one dies."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_end_with_parent) as pool:
-        pool.submit(_extract_here, cfg.extract_kwargs(), overwrite, progress).result()
+    return stack.enter_context(ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=_end_with_parent))
+
+
+def _extract(cfg, path, progress, overwrite=False):
+    from .cluster import active_client
+
+    if not _in_process(active_client()):
+        _extract_here(cfg.extract_kwargs(), overwrite, progress)  # on the cluster's workers
+        return
+    with contextlib.ExitStack() as stack:
+        _spawn(stack).submit(_extract_here, cfg.extract_kwargs(), overwrite, progress).result()
 
 
 def _extract_here(kwargs: dict, overwrite: bool, progress: bool) -> None:
     from .extract import prepare_extraction, run_extraction
 
     run_extraction(prepare_extraction(**kwargs), overwrite=overwrite, progress=progress)
+
+
+def _project_here(kwargs: dict, path, progress: bool) -> tuple[dict, float]:
+    """The projections of every layer, not stored, and the seconds they took."""
+    from .projection import instance_projection
+
+    t = time.perf_counter()
+    results = instance_projection(path, **kwargs, progress=progress)
+    return results, time.perf_counter() - t
+
+
+def _persist_projection(path, results: dict) -> None:
+    from .projection import persist_projection
+
+    persist_projection(path, results)
 
 
 def _end_with_parent() -> None:

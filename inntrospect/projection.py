@@ -54,7 +54,7 @@ import numpy as np
 from . import steps
 from . import store as st
 
-__all__ = ["instance_projection", "choose_samples", "plan_blocks", "Scratch", "gram_pca",
+__all__ = ["instance_projection", "persist_projection", "choose_samples", "plan_blocks", "Scratch", "gram_pca",
            "randomized_pca", "scratch_pca", "embed_2d"]
 
 SAMPLINGS = ("random", "first")
@@ -454,6 +454,36 @@ def _project_layer(data, rows: np.ndarray, pca_components: int, method: str, see
 
 
 # -- public entry ----------------------------------------------------------------
+def persist_projection(store, results: dict) -> dict:
+    """Write projections computed by :func:`instance_projection` (``persist=False``) into the store.
+
+    For computing them elsewhere (another process, while other steps write)
+    and storing them afterwards. They must come from the extraction the store
+    holds now: else :class:`~inntrospect.errors.StaleResultError`, naming the
+    command to re-run. Returns them with their stored attributes.
+    """
+    from .errors import StaleResultError
+
+    steps.need_path(store, "persist_projection")
+    if not results:
+        raise ValueError("no projections to write.")
+    first = next(iter(results.values()))
+    with st.writer_lock(store):
+        extraction = st.store_attrs(store)["extraction"]["id"]
+        if any(ds.attrs["inputs"]["extraction"] != extraction for ds in results.values()):
+            raise StaleResultError(f"{store} was extracted anew while these projections were "
+                                   "computed; project again: inntrospect project CONFIG")
+        return _write(store, results, first.attrs["params"])
+
+
+def _write(store, results: dict, params: dict) -> dict:
+    """The projection step's record and nodes (the caller holds the writer lock)."""
+    attrs = st.store_attrs(store)
+    rec = steps.new_record("projection", params, {"extraction": attrs["extraction"]["id"]},
+                           list(results))
+    return steps.write_results(store, rec, results)
+
+
 def instance_projection(store, samples_per_group: int = 100,
                         sampling: Literal["random", "first"] = "random", seed: int = 0, *,
                         layers: Sequence[str] | str | None = None, pca_components: int = 50,
@@ -523,10 +553,7 @@ def instance_projection(store, samples_per_group: int = 100,
             results = instance_projection(store, samples_per_group, sampling, seed, layers=layers,
                                           pca_components=pca_components, method=method,
                                           progress=progress)
-            attrs = st.store_attrs(store)
-            rec = steps.new_record("projection", params, {"extraction": attrs["extraction"]["id"]},
-                                   list(results))
-            return steps.write_results(store, rec, results)
+            return _write(store, results, params)
     choose_samples([], samples_per_group, sampling, seed)  # validates before opening anything
     tree, attrs, path = _open(store)
     names = steps.select_layers(attrs.get("layers", []), layers, path if path is not None else "the store")

@@ -405,6 +405,30 @@ def test_persist_writes_and_loads(wide_store, tmp_path):
         instance_projection(inntrospect.open_store(path), persist=True)
 
 
+def test_projections_computed_elsewhere_are_persisted_as_if_persisted_at_once(wide_store, tmp_path):
+    """What the pipeline does: compute in another process, store afterwards; refused once re-extracted."""
+    import shutil
+
+    from inntrospect.projection import persist_projection
+
+    path = tmp_path / "copy.zarr"
+    shutil.copytree(wide_store[0], path)
+    direct = instance_projection(wide_store[0], 20, "first", pca_components=10, method="pca")
+    stored = persist_projection(path, instance_projection(path, 20, "first", pca_components=10,
+                                                          method="pca"))
+    loaded = inntrospect.load(path, "projection")
+    rec = inntrospect.store.store_attrs(path)["steps"]["projection"]
+    assert rec["params"] == direct["conv"].attrs["params"] and list(loaded) == ["conv", "dense"]
+    for layer in direct:
+        np.testing.assert_array_equal(loaded[layer]["xy"].values, direct[layer]["xy"].values)
+        assert stored[layer].attrs["id"] == rec["id"]
+    late = instance_projection(path, 20, "first", pca_components=10, method="pca")
+    extraction = dict(inntrospect.store.store_attrs(path)["extraction"], id="another-extraction")
+    inntrospect.store.update_attrs(path, extraction=extraction)
+    with pytest.raises(inntrospect.StaleResultError, match="inntrospect project"):
+        persist_projection(path, late)
+
+
 def test_an_opened_tree_works(wide_store):
     path = wide_store[0]
     a = instance_projection(inntrospect.open_store(path), 10, "first", layers=["dense"], method="pca")
