@@ -139,7 +139,9 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
             echo(f"{step:<10} done in {time.perf_counter() - t:.1f} s")
             if step == "extract" and _in_process(client) and (
                     "projection" in redo or not _is_done(path, "projection", wanted["projection"])):
-                aside = _spawn(stack).submit(_project_here, cfg.projection_kwargs(), path, progress)
+                # opened here, before any other step writes: the other process only reads chunks
+                aside = _spawn(stack).submit(_project_here, cfg.projection_kwargs(),
+                                             st.open_store(path), progress)
     echo(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report: "
          f"{cfg.plot_output() / 'report' / 'index.html'}")
     return done
@@ -150,8 +152,9 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
 # nothing with this one): the extraction, so that TensorFlow's memory (GBs for VGG16) is given
 # back before the later steps add theirs and this process never imports TensorFlow; and the
 # projection, whose UMAP fits (single-threaded when seeded) then run on the second core while
-# align ... topomap run here. It only reads the layers those steps never write, and this process
-# stores its result at its place in the order. On a cluster of its own every step runs there.
+# align ... topomap run here. It gets the store opened here before they start, so it only reads
+# chunks of the layers, which they never write; this process stores its result at its place in
+# the order. On a cluster of its own every step runs there.
 def _in_process(client) -> bool:
     return client is None or str(client.scheduler.address).startswith("inproc://")
 
@@ -181,12 +184,12 @@ def _extract_here(kwargs: dict, overwrite: bool, progress: bool) -> None:
     run_extraction(prepare_extraction(**kwargs), overwrite=overwrite, progress=progress)
 
 
-def _project_here(kwargs: dict, path, progress: bool) -> tuple[dict, float]:
-    """The projections of every layer, not stored, and the seconds they took."""
+def _project_here(kwargs: dict, tree, progress: bool) -> tuple[dict, float]:
+    """The projections of every layer of the opened store ``tree``, not stored, and their seconds."""
     from .projection import instance_projection
 
     t = time.perf_counter()
-    results = instance_projection(path, **kwargs, progress=progress)
+    results = instance_projection(tree, **kwargs, progress=progress)
     return results, time.perf_counter() - t
 
 
