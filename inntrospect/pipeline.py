@@ -117,7 +117,8 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
     done: dict[str, str] = {}
     t0 = time.perf_counter()
     with cluster(cfg, scheduler, quiet=not progress) as client, contextlib.ExitStack() as stack:
-        aside = None  # the projection, computed in a process of its own beside the steps before it
+        side = _spawn(stack) if _in_process(client) else None  # started at its first task
+        warm = aside = None  # UMAP's kernels loaded there, then the projection computed there
         for step in PIPELINE:
             if step == "align" and not aligned:
                 done[step] = "skipped"
@@ -134,14 +135,23 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
                      "(computed beside the steps before it)")
                 done[step] = "ran"
                 continue
+            if step == "layout" and warm is not None:
+                with contextlib.suppress(Exception):  # a failed warm-up: the layout says why itself
+                    warm.result()
             _STEPS[step](cfg, path, progress, overwrite="extract" in redo)
             done[step] = "ran"
             echo(f"{step:<10} done in {time.perf_counter() - t:.1f} s")
-            if step == "extract" and _in_process(client) and (
-                    "projection" in redo or not _is_done(path, "projection", wanted["projection"])):
-                # opened here, before any other step writes: the other process only reads chunks
-                aside = _spawn(stack).submit(_project_here, cfg.projection_kwargs(),
-                                             st.open_store(path), progress)
+            if step == "extract" and side is not None:
+                # after the extraction, whose process holds GBs until it ends: the side process
+                # loads (first after an install: compiles) UMAP's kernels beside align ... contrast,
+                # and the layout waits for it rather than compiling the same kernels twice
+                if any(s in redo or not _is_done(path, s, wanted[s])
+                       for s in _UMAP_BEFORE if s != "align" or aligned):
+                    warm = side.submit(_warm_up, cfg.layout_kwargs()["metric"])
+                if "projection" in redo or not _is_done(path, "projection", wanted["projection"]):
+                    # opened here, before any other step writes: the side process only reads chunks
+                    aside = side.submit(_project_here, cfg.projection_kwargs(), st.open_store(path),
+                                        progress)
     echo(f"pipeline finished in {time.perf_counter() - t0:.0f} s; report: "
          f"{cfg.plot_output() / 'report' / 'index.html'}")
     return done
@@ -149,7 +159,7 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
 
 # -- the steps ----------------------------------------------------------------------
 # With an in-process cluster, two steps run in processes of their own (spawned, so they share
-# nothing with this one): the extraction, so that TensorFlow's memory (GBs for VGG16) is given
+# nothing with this one), besides a warm-up of UMAP's compiled kernels: the extraction, so that TensorFlow's memory (GBs for VGG16) is given
 # back before the later steps add theirs and this process never imports TensorFlow; and the
 # projection, whose UMAP fits (single-threaded when seeded) then run on the second core while
 # align ... topomap run here. It gets the store opened here before they start, so it only reads
@@ -191,6 +201,21 @@ def _project_here(kwargs: dict, tree, progress: bool) -> tuple[dict, float]:
     t = time.perf_counter()
     results = instance_projection(tree, **kwargs, progress=progress)
     return results, time.perf_counter() - t
+
+
+#: steps that lead to a UMAP fit when they run (the layout follows them)
+_UMAP_BEFORE = ("align", "naps", "contrast", "layout", "projection")
+
+
+def _warm_up(metric: str) -> None:
+    import numpy as np
+
+    from .topomap.circle import distribute_in_circle
+    from .umapfit import warm_up
+
+    for m in dict.fromkeys(("euclidean", metric)):  # the projections' metric and the layout's
+        warm_up(m)
+    distribute_in_circle(np.random.default_rng(0).random((20, 2)), n_steps=1, method="exact")
 
 
 def _persist_projection(path, results: dict) -> None:

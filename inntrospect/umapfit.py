@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["import_umap", "fit_umap", "SMALL_DATA"]
+__all__ = ["import_umap", "fit_umap", "warm_up", "SMALL_DATA"]
 
 #: from this many points up, umap-learn would use NN-descent; here: exact neighbours from scikit-learn
 SMALL_DATA = 4096
@@ -84,8 +84,21 @@ def exact_knn(x: np.ndarray, n_neighbors: int, metric: str = "euclidean") -> tup
     return idx.astype(np.int32), dist.astype(np.float32)
 
 
+def warm_up(metric: str = "euclidean") -> None:
+    """Compile umap-learn's kernels into numba's cache (or load them), on tiny inputs, in seconds when warm.
+
+    Both routes of :func:`fit_umap` (umap-learn's own exact neighbours, and
+    neighbours handed in) with ``metric``, two epochs each: the same kernels,
+    of the same types, as real layouts and projections, so that a process
+    running them later loads them instead of compiling them again.
+    """
+    x = np.random.default_rng(0).normal(size=(300, 4))
+    fit_umap(x, metric=metric, n_epochs=2)
+    fit_umap(x, metric=metric, n_epochs=2, _exact_knn=True)
+
+
 def fit_umap(x: np.ndarray, *, n_neighbors: int = 15, metric: str = "euclidean", seed: int = 0,
-             n_components: int = 2, **kwargs) -> np.ndarray:
+             n_components: int = 2, _exact_knn: bool = False, **kwargs) -> np.ndarray:
     """``umap.UMAP(...).fit_transform(x)`` with exact neighbours from :data:`SMALL_DATA` rows up.
 
     Below :data:`SMALL_DATA` rows UMAP runs exactly as umap-learn runs it; from
@@ -95,7 +108,7 @@ def fit_umap(x: np.ndarray, *, n_neighbors: int = 15, metric: str = "euclidean",
     """
     umap = import_umap()
     x = np.asarray(x)
-    if len(x) >= SMALL_DATA:
+    if len(x) >= SMALL_DATA or _exact_knn:
         kwargs["precomputed_knn"] = (*exact_knn(x, n_neighbors, metric), None)
     with warnings.catch_warnings():
         # a seed makes UMAP single-threaded, and it says so each time; without a search index
