@@ -12,6 +12,7 @@ Run::
     python benchmarks/run_all.py --quick                    # every benchmark at tiny size (~3 min)
     python benchmarks/run_all.py --out results.md           # full sizes (~30 min on 2 cores)
     python benchmarks/run_all.py --only naps,scaling --quick
+    python benchmarks/run_all.py --only e2e             # the commands a user types, in fresh processes
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # the order they run in: cheap and model-free first
-BENCHES = ["align", "circle", "layout", "naps", "scaling", "codecs", "extract", "extract-cluster"]
+BENCHES = ["align", "circle", "layout", "naps", "scaling", "codecs", "extract", "extract-cluster", "startup",
+           "e2e"]
 PACKAGES = ["inntrospect", "numpy", "numba", "scipy", "dask", "distributed", "zarr", "numcodecs", "xarray", "flox",
             "tensorflow", "tf_keras", "umap-learn", "scikit-learn", "pynndescent"]
 SEE = "see output"
@@ -246,9 +248,41 @@ def parse_extract_cluster(out: str) -> list[dict]:
     return rows
 
 
+def parse_e2e(out: str) -> list[dict]:
+    """bench_e2e's targets table (what | before | now | target | met?) and its side-by-side line."""
+    rows = []
+    sec = out.split("### Targets", 1)[1] if "### Targets" in out else ""
+    for m in re.finditer(r"^\| (.+?) \| (.+?) \| (.+?) \| (.+?) \| (yes|no|–) \|$", sec, re.M):
+        what, before, now, target, met = m.groups()
+        b, n = re.match(NUM + r"(?:–[\d.]+)? (s|GB)", before), re.match(NUM + " (s|GB)", now)
+        rows.append(row("e2e", f"{what} (baseline: before this change)", now, before,
+                        num(b.group(1)) / num(n.group(1)) if b and n and b.group(2) == n.group(2) else "–", target,
+                        None if met == "–" else met == "yes"))
+    sbs = search(r"^side by side, flatten_8 layout in a fresh process: reference " + NUM + r" s, ours " + NUM
+                 + r" s, ratio " + NUM + "x", out)
+    if sbs:
+        rows.append(row("e2e", "flatten_8 layout in a fresh process (imports included): ours vs the reference "
+                        "recipe (s)", num(sbs.group(2)), num(sbs.group(1)), num(sbs.group(3)), unit="s"))
+    return rows or [row("e2e", "`inntrospect run` and each step in fresh processes")]
+
+
+def parse_startup(out: str) -> list[dict]:
+    """bench_startup's speed-up lines: umap-learn as is against umapfit, fresh processes."""
+    rows = []
+    for m in re.finditer(r"^speed-up (UMAP \d+ points): cold " + NUM + "x, warm " + NUM + "x", out, re.M):
+        rows.append(row("startup", f"{m.group(1)}, fresh process, cold cache (as is / ours)",
+                        ratio=num(m.group(2))))
+        rows.append(row("startup", f"{m.group(1)}, fresh process, warm cache (as is / ours)",
+                        ratio=num(m.group(3))))
+    imp = search(r"^speed-up import umap: " + NUM + "x", out)
+    if imp:
+        rows.append(row("startup", "import umap (as is imports TensorFlow)", ratio=num(imp.group(1))))
+    return rows or [row("startup", "UMAP start-up costs in fresh processes")]
+
+
 PARSERS = {"align": parse_align, "circle": parse_circle, "layout": parse_layout, "naps": parse_naps,
            "scaling": parse_scaling, "codecs": parse_codecs, "extract": parse_extract,
-           "extract-cluster": parse_extract_cluster}
+           "extract-cluster": parse_extract_cluster, "startup": parse_startup, "e2e": parse_e2e}
 
 
 # -- machine ------------------------------------------------------------------------
