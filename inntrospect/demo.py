@@ -77,9 +77,9 @@ def write_digits_corpus(out: Path, per_file: int = 50) -> Path:
 
 def train_digits_cnn(path: Path, seed: int = 0, epochs: int = 12) -> float:
     """Train a small CNN on the digits (seeded), save it to ``path``; return accuracy."""
-    import os
+    from .models.keras import import_tensorflow
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import_tensorflow()  # TensorFlow first, without its start-up INFO lines
     import keras
     from sklearn.datasets import load_digits
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import LayerNotFoundError, ModelError
 from .source import ModelSource, model_source
 
-__all__ = ["LayerInfo", "KerasModel", "load_model"]
+__all__ = ["LayerInfo", "KerasModel", "load_model", "import_tensorflow"]
 
 
 #: TensorFlow's native start-up chatter, printed before its log level applies: absl's notice,
@@ -31,7 +31,7 @@ _TF_NOISE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog
                        rb"|E\d{4} [\d:.]+ +\d+ cuda\w*\.cc:\d+\] failed call to cuInit)")
 
 
-def _import_tf():
+def import_tensorflow():
     """Import TensorFlow (once) without its start-up INFO lines on standard error."""
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
@@ -188,7 +188,7 @@ class KerasModel:
 
     # -- compute ---------------------------------------------------------------
     def _build_step(self, jit_compile: bool):
-        tf = _import_tf()
+        tf = import_tensorflow()
         model = self.model
         Model = _model_class(self.framework)
         inner = [info.name for info in self.layers[1:]]  # the input layer is x itself
@@ -274,7 +274,7 @@ def load_model(
 
 
 def _load(source: ModelSource):
-    _import_tf()
+    import_tensorflow()
     if source.kind == "savedmodel":
         try:
             import tf_keras
@@ -345,7 +345,7 @@ def _model_class(framework: str):
 
 
 def _versions(framework: str) -> dict:
-    tf = _import_tf()
+    tf = import_tensorflow()
     v = {"tensorflow": tf.__version__}
     if framework == "tf_keras":
         import tf_keras
