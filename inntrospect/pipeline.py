@@ -10,7 +10,10 @@ that step and everything after it, ``force`` everything (extraction too).
 The pipeline owns its dask cluster, like the command line: with ``[cluster]
 address`` (or ``scheduler=``) it connects to that scheduler, otherwise it
 starts an in-process ``LocalCluster`` and prints its dashboard link. Library
-functions never create one.
+functions never create one. With the in-process cluster, the extraction runs
+in a process that ends with it, and the projection in a side process beside
+align ... topomap (see the comment above :func:`_in_process`); the results are
+those of the steps run one by one.
 """
 
 from __future__ import annotations
@@ -129,8 +132,10 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
                 continue
             t = time.perf_counter()
             if step == "projection" and aside is not None:
+                from .projection import persist_projection
+
                 results, seconds = aside.result()
-                _persist_projection(path, results)
+                persist_projection(path, results)
                 echo(f"projection done in {seconds + time.perf_counter() - t:.1f} s "
                      "(computed beside the steps before it)")
                 done[step] = "ran"
@@ -141,10 +146,8 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
             _STEPS[step](cfg, path, progress, overwrite="extract" in redo)
             done[step] = "ran"
             echo(f"{step:<10} done in {time.perf_counter() - t:.1f} s")
-            if step == "extract" and side is not None:
-                # after the extraction, whose process holds GBs until it ends: the side process
-                # loads (first after an install: compiles) UMAP's kernels beside align ... contrast,
-                # and the layout waits for it rather than compiling the same kernels twice
+            if step == "extract" and side is not None:  # not before: that process holds GBs
+                # the layout waits for the warm-up rather than compile the same kernels beside it
                 if any(s in redo or not _is_done(path, s, wanted[s])
                        for s in _UMAP_BEFORE if s != "align" or aligned):
                     warm = side.submit(_warm_up, cfg.layout_kwargs()["metric"])
@@ -158,13 +161,16 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
 
 
 # -- the steps ----------------------------------------------------------------------
-# With an in-process cluster, two steps run in processes of their own (spawned, so they share
-# nothing with this one), besides a warm-up of UMAP's compiled kernels: the extraction, so that TensorFlow's memory (GBs for VGG16) is given
-# back before the later steps add theirs and this process never imports TensorFlow; and the
-# projection, whose UMAP fits (single-threaded when seeded) then run on the second core while
-# align ... topomap run here. It gets the store opened here before they start, so it only reads
-# chunks of the layers, which they never write; this process stores its result at its place in
-# the order. On a cluster of its own every step runs there.
+# With an in-process cluster, work also runs in processes of their own (spawned: they share
+# nothing with this one):
+# - the extraction, in a process that ends with it: TensorFlow's memory (GBs for VGG16) is given
+#   back before the later steps add theirs, and this process never imports TensorFlow;
+# - a side process, from the end of the extraction: it loads (first after an install: compiles)
+#   UMAP's kernels while align ... contrast run here, then computes the projection, whose seeded
+#   UMAP fits run on one core, while the layout runs here on the other. It gets the store opened
+#   here before those steps start, so it reads only chunks of the layers, which they never
+#   write; this process stores the projection at its place in the order.
+# With a cluster of its own, every step runs there, one after the other.
 def _in_process(client) -> bool:
     return client is None or str(client.scheduler.address).startswith("inproc://")
 
@@ -218,14 +224,8 @@ def _warm_up(metric: str) -> None:
     distribute_in_circle(np.random.default_rng(0).random((20, 2)), n_steps=1, method="exact")
 
 
-def _persist_projection(path, results: dict) -> None:
-    from .projection import persist_projection
-
-    persist_projection(path, results)
-
-
 def _end_with_parent() -> None:
-    """In the extraction's process: be stopped if the pipeline's process dies (Linux; else nothing)."""
+    """In a spawned process: be stopped if the pipeline's process dies (Linux; else nothing)."""
     import ctypes
     import signal
 
