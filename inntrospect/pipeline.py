@@ -120,7 +120,7 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
     done: dict[str, str] = {}
     t0 = time.perf_counter()
     with cluster(cfg, scheduler, quiet=not progress) as client, contextlib.ExitStack() as stack:
-        side = _spawn(stack) if _in_process(client) else None  # started at its first task
+        side = _Pool(stack) if _in_process(client) else None  # started at its first task
         warm = aside = None  # UMAP's kernels loaded there, then the projection computed there
         for step in PIPELINE:
             if step == "align" and not aligned:
@@ -175,13 +175,33 @@ def _in_process(client) -> bool:
     return client is None or str(client.scheduler.address).startswith("inproc://")
 
 
-def _spawn(stack: contextlib.ExitStack):
-    """A one-process pool, closed with ``stack``; its process ends if this one dies."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+class _Pool:
+    """One spawned process for tasks in turn, closed with ``stack``; it ends if this process dies.
 
-    return stack.enter_context(ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn"), initializer=_end_with_parent))
+    A spawned process would first run the caller's script again (as
+    ``__mp_main__``), so a script calling :func:`run` without an ``if __name__
+    == "__main__"`` guard would fail; its process starts with the script hidden.
+    """
+
+    def __init__(self, stack: contextlib.ExitStack):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = stack.enter_context(ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_end_with_parent))
+
+    def submit(self, fn, *args):
+        import sys
+
+        main = sys.modules["__main__"]
+        saved = {k: vars(main)[k] for k in ("__file__", "__spec__") if k in vars(main)}
+        try:  # what multiprocessing reads, when the first task starts the process, to re-run it
+            main.__spec__ = None
+            vars(main).pop("__file__", None)
+            return self._pool.submit(fn, *args)
+        finally:
+            vars(main).pop("__spec__", None)
+            vars(main).update(saved)
 
 
 def _extract(cfg, path, progress, overwrite=False):
@@ -191,7 +211,7 @@ def _extract(cfg, path, progress, overwrite=False):
         _extract_here(cfg.extract_kwargs(), overwrite, progress)  # on the cluster's workers
         return
     with contextlib.ExitStack() as stack:
-        _spawn(stack).submit(_extract_here, cfg.extract_kwargs(), overwrite, progress).result()
+        _Pool(stack).submit(_extract_here, cfg.extract_kwargs(), overwrite, progress).result()
 
 
 def _extract_here(kwargs: dict, overwrite: bool, progress: bool) -> None:

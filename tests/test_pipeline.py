@@ -131,3 +131,24 @@ def test_json_config_runs_the_pipeline_steps(tmp_path, mnist_corpus, monkeypatch
     assert main(["naps", str(cfg), "--no-progress"]) == 0
     assert "NAPs of 3 layers (aligned activations)" in capsys.readouterr().out
     assert (tmp_path / "out.zarr").is_dir()
+
+
+@needs_shared
+def test_run_from_a_script_without_a_main_guard(tmp_path, mnist_corpus):
+    """The processes run() spawns do not run the caller's script again (as multiprocessing would)."""
+    import subprocess
+    import sys
+
+    from .conftest import python_env
+
+    pytest.importorskip("tensorflow")
+    cfg = _config(tmp_path, mnist_corpus)
+    script = tmp_path / "run_it.py"
+    script.write_text("import inntrospect\nprint('SCRIPT RAN')\n"
+                      f"inntrospect.run({str(cfg)!r}, progress=False)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                         env=python_env(), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("SCRIPT RAN") == 1
+    assert "projection done" in res.stdout and "report     done" in res.stdout
+    assert inntrospect.store.store_attrs(tmp_path / "run.zarr")["steps"]["projection"]["state"] == "complete"
