@@ -131,26 +131,19 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
                 echo(f"{step:<10} current, kept")
                 continue
             t = time.perf_counter()
-            if step == "projection" and aside is not None:
-                from .projection import persist_projection
-
-                results, seconds = aside.result()
-                persist_projection(path, results)
-                echo(f"projection done in {seconds + time.perf_counter() - t:.1f} s "
-                     "(computed beside the steps before it)")
-                done[step] = "ran"
-                continue
             if step == "layout" and warm is not None:
                 with contextlib.suppress(Exception):  # a failed warm-up: the layout says why itself
                     warm.result()
-            _STEPS[step](cfg, path, progress, overwrite="extract" in redo)
+            _STEPS[step](cfg, path, progress, overwrite="extract" in redo, aside=aside)
             done[step] = "ran"
-            echo(f"{step:<10} done in {time.perf_counter() - t:.1f} s")
+            beside = " (computed beside the steps before it)" if step == "projection" and aside else ""
+            echo(f"{step:<10} done in {time.perf_counter() - t:.1f} s{beside}")
             if step == "extract" and side is not None:  # not before: that process holds GBs
                 # the layout waits for the warm-up rather than compile the same kernels beside it
                 if any(s in redo or not _is_done(path, s, wanted[s])
                        for s in _UMAP_BEFORE if s != "align" or aligned):
                     warm = side.submit(_warm_up, cfg.layout_kwargs()["metric"])
+                    _import_umap_aside()  # and here, in a thread, for the layout
                 if "projection" in redo or not _is_done(path, "projection", wanted["projection"]):
                     # opened here, before any other step writes: the side process only reads chunks
                     aside = side.submit(_project_here, cfg.projection_kwargs(), st.open_store(path),
@@ -204,7 +197,7 @@ class _Pool:
             vars(main).update(saved)
 
 
-def _extract(cfg, path, progress, overwrite=False):
+def _extract(cfg, path, progress, overwrite=False, **_):
     from .cluster import active_client
 
     if not _in_process(active_client()):
@@ -220,13 +213,11 @@ def _extract_here(kwargs: dict, overwrite: bool, progress: bool) -> None:
     run_extraction(prepare_extraction(**kwargs), overwrite=overwrite, progress=progress)
 
 
-def _project_here(kwargs: dict, tree, progress: bool) -> tuple[dict, float]:
-    """The projections of every layer of the opened store ``tree``, not stored, and their seconds."""
+def _project_here(kwargs: dict, tree, progress: bool) -> dict:
+    """The projections of every layer of the opened store ``tree``, not stored."""
     from .projection import instance_projection
 
-    t = time.perf_counter()
-    results = instance_projection(tree, **kwargs, progress=progress)
-    return results, time.perf_counter() - t
+    return instance_projection(tree, **kwargs, progress=progress)
 
 
 #: steps that lead to a UMAP fit when they run (the layout follows them)
@@ -242,6 +233,15 @@ def _warm_up(metric: str) -> None:
     for m in dict.fromkeys(("euclidean", metric)):  # the projections' metric and the layout's
         warm_up(m)
     distribute_in_circle(np.random.default_rng(0).random((20, 2)), n_steps=1, method="exact")
+
+
+def _import_umap_aside() -> None:
+    """Import umap-learn (2-3 s) in a thread while align ... contrast mostly wait for numpy and disk."""
+    import threading
+
+    from .umapfit import import_umap
+
+    threading.Thread(target=import_umap, name="inntrospect-import-umap", daemon=True).start()
 
 
 def _end_with_parent() -> None:
@@ -283,9 +283,12 @@ def _topomap(cfg, path, progress, **_):
     topomap_images(path, cfg.resolution(), progress=progress)
 
 
-def _projection(cfg, path, progress, **_):
-    from .projection import instance_projection
+def _projection(cfg, path, progress, aside=None, **_):
+    from .projection import instance_projection, persist_projection
 
+    if aside is not None:  # computed in the side process: stored here, at its turn
+        persist_projection(path, aside.result())
+        return
     instance_projection(path, **cfg.projection_kwargs(), persist=True, progress=progress)
 
 
