@@ -94,21 +94,22 @@ def warm_up(metric: str = "euclidean") -> None:
     """
     x = np.random.default_rng(0).normal(size=(300, 4))
     fit_umap(x, metric=metric, n_epochs=2)
-    fit_umap(x, metric=metric, n_epochs=2, _exact_knn=True)
+    fit_umap(x, metric=metric, n_epochs=2, given_neighbors=True)
 
 
 def fit_umap(x: np.ndarray, *, n_neighbors: int = 15, metric: str = "euclidean", seed: int = 0,
-             n_components: int = 2, _exact_knn: bool = False, **kwargs) -> np.ndarray:
+             n_components: int = 2, given_neighbors: bool | None = None, **kwargs) -> np.ndarray:
     """``umap.UMAP(...).fit_transform(x)`` with exact neighbours from :data:`SMALL_DATA` rows up.
 
     Below :data:`SMALL_DATA` rows UMAP runs exactly as umap-learn runs it; from
     there on it gets scikit-learn's exact k nearest neighbours as
     ``precomputed_knn`` instead of building an approximate graph with
-    NN-descent. Other keywords go to ``umap.UMAP``.
+    NN-descent (``given_neighbors`` forces either way). Other keywords go to
+    ``umap.UMAP``.
     """
     umap = import_umap()
     x = np.asarray(x)
-    if len(x) >= SMALL_DATA or _exact_knn:
+    if len(x) >= SMALL_DATA if given_neighbors is None else given_neighbors:
         kwargs["precomputed_knn"] = (*exact_knn(x, n_neighbors, metric), None)
     with warnings.catch_warnings():
         # a seed makes UMAP single-threaded, and it says so each time; without a search index
