@@ -57,10 +57,11 @@ def test_a_warm_process_compiles_nothing(small_run):
     """The second process to lay out and project loads every numba kernel from the on-disk cache."""
     code = (
         "from inntrospect.cli import main\n"
-        f"assert main(['layout', {str(small_run)!r}, '--no-progress']) == 0\n"
-        f"assert main(['project', {str(small_run)!r}, '--no-progress']) == 0\n"
+        "for step in ['layout', 'project']:\n"
+        f"    assert main([step, {str(small_run)!r}, '--no-progress']) == 0, step\n"
     )
-    _python(code)  # compiles what no earlier process of this install has (the cache's own place)
+    # the steps before, and whatever no earlier process of this install compiled (the cache's place)
+    _python(code.replace("['layout', 'project']", "['align', 'naps', 'contrast', 'layout', 'project']"))
     res = _python(code, dict(python_env(), NUMBA_DEBUG_CACHE="1"))
     log = res.stdout + res.stderr
     assert "data saved" not in log, "a warm process compiled (and saved) a kernel:\n" + log[-2000:]
@@ -71,7 +72,8 @@ def test_a_warm_process_compiles_nothing(small_run):
 
 def test_output_in_logs_has_no_progress_bars(small_run):
     """Standard error is not a terminal: no bars, no carriage returns; INNTROSPECT_PROGRESS=1 forces them."""
-    code = f"from inntrospect.cli import main\nmain(['naps', {str(small_run)!r}])\n"
+    code = (f"from inntrospect.cli import main\nmain(['align', {str(small_run)!r}, '--no-progress'])\n"
+            f"main(['naps', {str(small_run)!r}])\n")
     quiet = _python(code)
     assert "\r" not in quiet.stderr and "%|" not in quiet.stderr
     assert "NAPs of 2 layers" in quiet.stdout
