@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["import_umap", "fit_umap", "warm_up", "SMALL_DATA"]
+__all__ = ["import_umap", "fit_umap", "exact_knn", "warm_up", "SMALL_DATA"]
 
 #: from this many points up, umap-learn would use NN-descent; here: exact neighbours from scikit-learn
 SMALL_DATA = 4096
