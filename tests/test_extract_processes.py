@@ -22,8 +22,14 @@ pytestmark = [needs_shared, pytest.mark.slow]
 pytest.importorskip("tensorflow")
 
 EXTRACT = """
-import sys, inntrospect
-inntrospect.extract({model!r}, {corpus!r}, {store!r}, layers={layers!r}, chunk_mib=1, batch_size=16)
+import os, sys, time, inntrospect
+
+def hold(block, n_blocks):  # after 3 blocks the writer waits while the test tries a second writer
+    while block >= 2 and os.path.exists({hold!r}):
+        time.sleep(0.01)
+
+inntrospect.extract({model!r}, {corpus!r}, {store!r}, layers={layers!r}, chunk_mib=1, batch_size=16,
+                    on_block=hold)
 """
 
 
@@ -36,17 +42,22 @@ def test_kill_9_then_resume_gives_identical_arrays(tmp_path, mnist_arrays):
     x, y = mnist_arrays
     csv = write_mnist_corpus(tmp_path / "corpus", x, y, 2000, 300)
     path = tmp_path / "k.zarr"
-    code = EXTRACT.format(model=str(CNN), corpus=str(csv), store=str(path), layers=CNN_LAYERS)
+    held = tmp_path / "hold"
+    held.touch()
+    code = EXTRACT.format(model=str(CNN), corpus=str(csv), store=str(path), layers=CNN_LAYERS,
+                          hold=str(held))
     proc = subprocess.Popen([sys.executable, "-c", code], env=python_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120
-        while blocks_done(path) < 3:  # let it record a few blocks, then kill it mid-block
+        while blocks_done(path) < 3:  # let it record a few blocks
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline, "extraction did not start"
             time.sleep(0.01)
         with pytest.raises(StoreLockedError, match="being written by another process"):
             inntrospect.extract(CNN, csv, path, layers=CNN_LAYERS, batch_size=16)
+        held.unlink()  # let it go on, then kill it mid-block
+        time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
