@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from inntrospect.topomap.circle import (
@@ -64,6 +64,9 @@ def layouts(draw):
 @settings(max_examples=200, deadline=None)
 @given(layouts(), st.integers(0, 40))
 def test_exact_equals_reference(p, n_steps):
+    # Coincident points are pushed apart by the last bits of each one's force sum, which
+    # depend on the summation order; from there the two formulations may drift by ~1e-6.
+    assume(len(np.unique(p, axis=0)) == len(p))
     ref = distribute_reference(p, n_steps=n_steps, jitter=0)
     out = distribute_in_circle(p, n_steps=n_steps, jitter=0, method="exact")
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-6)
