@@ -3,8 +3,8 @@
 Shapes from the issue: (256, 13, 13, 128) and (64, 56, 56, 128) float32,
 activations 80 % zeros like ReLU outputs, gradients with one salient blob per
 sample at a random position. Prints samples/s, GB/s of activations and the
-speed-up of :func:`inntrospect.align.align_kernel` over
-:func:`inntrospect.align.align_reference`, with a fresh and with a reused output
+speed-up of :func:`inntrospect.analysis.alignment.align_kernel` over
+:func:`inntrospect.analysis.alignment.align_reference`, with a fresh and with a reused output
 (the NAP pipeline reuses its buffers), and two memory limits: a plain copy of the
 activations, and that copy plus one streaming read of the gradients (what any
 single-threaded kernel must at least do: read grads and acts, write the output).
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from inntrospect.align import align_kernel, align_reference
+from inntrospect.analysis.alignment import align_kernel, align_reference
 
 
 def make(n, h, w, c, seed=0):

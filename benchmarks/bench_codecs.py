@@ -82,7 +82,7 @@ def load_images(n: int) -> np.ndarray:
 
 def compute_arrays(model_path: Path, n: int, batch: int = 256):
     """Real arrays of ``n`` samples: ``{"acts": {layer: array}, "grads": {layer: array}}``."""
-    from inntrospect.models.keras import load_model
+    from inntrospect.extraction.models.keras import load_model
 
     t0 = time.perf_counter()
     m = load_model(str(model_path), layers=LAYERS)

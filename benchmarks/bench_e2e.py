@@ -121,7 +121,7 @@ def prepare_mnist(folder: Path, per_class: int) -> Path:
     sys.path.insert(0, str(ROOT / "examples" / "mnist"))
     from make_corpus import read_idx
 
-    from inntrospect.corpus import write_corpus
+    from inntrospect.extraction.corpus import write_corpus
 
     x = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")
     y = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
@@ -200,7 +200,7 @@ def prepare_vgg(folder: Path, groups: int, per_group: int, layers) -> Path:
         for i in range(per_group):
             x[g * per_group + i] = zoom(base + 0.3 * rng.random((8, 8, 3)), (28, 28, 1), order=1)
     labels = np.repeat(np.arange(groups), per_group)
-    from inntrospect.corpus import write_corpus
+    from inntrospect.extraction.corpus import write_corpus
 
     shutil.rmtree(folder / "corpus", ignore_errors=True)
     write_corpus(x, [f"g{g}" for g in labels], folder / "corpus", targets=labels, per_file=16)

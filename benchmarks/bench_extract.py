@@ -184,9 +184,9 @@ class Timers:
 
 def instrumented_run(ex, run_extraction) -> tuple[float, Timers]:
     """One extraction with timers around its steps (patched for this call only)."""
-    xm = importlib.import_module("inntrospect.extract")  # the module (the package re-exports a function)
+    xm = importlib.import_module("inntrospect.extraction.local")  # the module (the package re-exports a function)
     sm = importlib.import_module("inntrospect.store")
-    cm = importlib.import_module("inntrospect.corpus")
+    cm = importlib.import_module("inntrospect.extraction.corpus")
     timers = Timers()
     saved = [
         (xm, "_finish", xm._finish), (xm, "_check_finite", xm._check_finite),
@@ -248,8 +248,8 @@ def main(argv=None) -> None:
     t_tf = time.perf_counter() - t0
 
     import inntrospect
-    from inntrospect.corpus import read_corpus
-    from inntrospect.extract import (
+    from inntrospect.extraction.corpus import read_corpus
+    from inntrospect.extraction.local import (
         CODEC,
         choose_codecs,
         measure_ratios,

@@ -154,7 +154,7 @@ def equal_to(ref: dict, got: dict) -> tuple[bool, list[str]]:
 
 def _probe():
     """Runs on a worker: model preparations so far, CPU seconds, peak and current RSS (MB), pid."""
-    from inntrospect import distributed_extract as de
+    from inntrospect.extraction import distributed as de
 
     status = Path("/proc/self/status").read_text()
     kb = {k: int(line.split()[1]) for line in status.splitlines()

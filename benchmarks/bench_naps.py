@@ -113,7 +113,7 @@ def build_store(path: Path, source: Path, n: int, chunk_mib: float | None) -> di
     import numcodecs
     import zarr
 
-    from inntrospect.extract import CODEC, MIN_RATIO
+    from inntrospect.extraction.local import CODEC, MIN_RATIO
     from inntrospect.store import plan_chunks
     from inntrospect.testing import store_from_arrays
 
@@ -471,7 +471,7 @@ def main(argv=None) -> None:
     import inntrospect  # noqa: F401
 
     t0 = time.perf_counter()
-    from inntrospect.compiled import kernels
+    from inntrospect.analysis.compiled import kernels
 
     kernels()
     t_numba = time.perf_counter() - t0

@@ -50,8 +50,8 @@ print("FIT", time.perf_counter() - t)
 """
 OURS = """
 import time
-from inntrospect.umapfit import fit_umap
-import inntrospect.umapfit as u; u.import_umap()
+from inntrospect.analysis.umapfit import fit_umap
+import inntrospect.analysis.umapfit as u; u.import_umap()
 t = time.perf_counter()
 fit_umap(x, n_neighbors=15, seed=0)
 print("FIT", time.perf_counter() - t)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_startup-") as tmp:
         tmp = Path(tmp)
         plain, tf = child(IMPORT.format(stmt="import umap"), tmp / "c0")
-        ours, tf2 = child(IMPORT.format(stmt="from inntrospect.umapfit import import_umap; import_umap()"),
+        ours, tf2 = child(IMPORT.format(stmt="from inntrospect.analysis.umapfit import import_umap; import_umap()"),
                           tmp / "c0")
         rows.append(("import umap (TensorFlow imported: as is / ours)", plain, ours, f"{tf} / {tf2}"))
         for n in (128,) if quick else (4608, 128):

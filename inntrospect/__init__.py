@@ -4,8 +4,9 @@ The public API is flat. Nothing here imports TensorFlow; :func:`extract`
 imports it when called.
 """
 
-from .align import align
-from .corpus import read_corpus
+from .analysis.alignment import align
+from .analysis.profiles import contrastive_naps, naps
+from .analysis.stacking import stack
 from .errors import (
     ConfigError,
     CorpusError,
@@ -21,20 +22,19 @@ from .errors import (
     StoreLockedError,
     StoreMismatchError,
 )
-from .extract import extract
-from .legacy import import_legacy
-from .location import Location
-from .naps import contrastive_naps, naps
+from .extraction.corpus import read_corpus
+from .extraction.legacy import import_legacy
+from .extraction.local import extract
 from .pipeline import run
-from .stack import stack
-from .steps import load
 from .store import open_store
+from .store.backends import Location
+from .store.steps import load
 from .topomap.api import compare_layouts, topomap_images, topomap_layout
 
 #: functions whose modules import matplotlib or UMAP: loaded on first use
-_LAZY = {"plot_topomaps": "plots", "plot_overview": "plots", "plot_projection": "plots",
-         "plot_all": "plots",
-         "report": "reporting", "instance_projection": "projection"}
+_LAZY = {"plot_topomaps": "viz.plots", "plot_overview": "viz.plots", "plot_projection": "viz.plots",
+         "plot_all": "viz.plots",
+         "report": "viz.reporting", "instance_projection": "analysis.projection"}
 
 
 def __getattr__(name):

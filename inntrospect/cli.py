@@ -10,7 +10,7 @@ from .errors import InntrospectError
 
 def _cmd_extract(args) -> int:
     from .config import load_config
-    from .extract import estimate_ratio, prepare_extraction, run_extraction
+    from .extraction.local import estimate_ratio, prepare_extraction, run_extraction
 
     cfg = load_config(args.config)
     ex = prepare_extraction(**cfg.extract_kwargs())
@@ -36,7 +36,7 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_align(args) -> int:
-    from .align import align
+    from .analysis.alignment import align
     from .config import load_config
 
     path = load_config(args.config).store_path()
@@ -46,8 +46,8 @@ def _cmd_align(args) -> int:
 
 
 def _cmd_naps(args) -> int:
+    from .analysis.profiles import naps
     from .config import load_config
-    from .naps import naps
 
     cfg = load_config(args.config)
     kwargs = cfg.naps_kwargs()
@@ -60,8 +60,8 @@ def _cmd_naps(args) -> int:
 
 
 def _cmd_contrast(args) -> int:
+    from .analysis.profiles import contrastive_naps
     from .config import load_config
-    from .naps import contrastive_naps
 
     cfg = load_config(args.config)
     done = contrastive_naps(cfg.store_path(), **cfg.contrast_kwargs(), persist=True,
@@ -108,8 +108,8 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_project(args) -> int:
+    from .analysis.projection import instance_projection
     from .config import load_config
-    from .projection import instance_projection
 
     cfg = load_config(args.config)
     kwargs = cfg.projection_kwargs()
@@ -121,7 +121,7 @@ def _cmd_project(args) -> int:
 
 def _cmd_plot(args) -> int:
     from .config import load_config
-    from .plots import plot_all
+    from .viz.plots import plot_all
 
     cfg = load_config(args.config)
     out = cfg.plot_output()
@@ -132,7 +132,7 @@ def _cmd_plot(args) -> int:
 
 def _cmd_report(args) -> int:
     from .config import load_config
-    from .reporting import report
+    from .viz.reporting import report
 
     cfg = load_config(args.config)
     out = cfg.plot_output()
@@ -154,8 +154,8 @@ def _cmd_run(args) -> int:
 def _cmd_import_legacy(args) -> int:
     import json
 
-    from .info import describe_store
-    from .legacy import import_legacy
+    from .extraction.legacy import import_legacy
+    from .store.info import describe_store
 
     names = json.loads(args.layer_names) if args.layer_names else None
     path = import_legacy(args.folder, args.store, names, chunk_mib=args.chunk_mib,
@@ -167,7 +167,7 @@ def _cmd_import_legacy(args) -> int:
 def _cmd_info(args) -> int:
     from pathlib import Path
 
-    from .info import describe_store
+    from .store.info import describe_store
 
     store = args.store
     if Path(store).suffix in (".toml", ".json") and Path(store).is_file():  # a config: its store

@@ -160,9 +160,9 @@ class Config:
         return Path(out) if out is not None else self.path.parent / "figures"
 
     def store_path(self):
-        """The store's :class:`~inntrospect.location.Location`: a folder or an fsspec URL, with
+        """The store's :class:`~inntrospect.store.backends.Location`: a folder or an fsspec URL, with
         ``[store] storage_options``."""
-        from .location import location
+        from .store.backends import location
 
         return location(self.require("store", "path"), self.get("store", "storage_options"))
 

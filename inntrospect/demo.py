@@ -67,7 +67,7 @@ def write_digits_corpus(out: Path, per_file: int = 50) -> Path:
     """Write ``out/corpus.csv`` and batch files of the digits, scaled to [0, 1]."""
     from sklearn.datasets import load_digits
 
-    from .corpus import write_corpus
+    from .extraction.corpus import write_corpus
 
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[..., None]
@@ -77,7 +77,7 @@ def write_digits_corpus(out: Path, per_file: int = 50) -> Path:
 
 def train_digits_cnn(path: Path, seed: int = 0, epochs: int = 12) -> float:
     """Train a small CNN on the digits (seeded), save it to ``path``; return accuracy."""
-    from .models.keras import import_tensorflow
+    from .extraction.models.keras import import_tensorflow
 
     import_tensorflow()  # TensorFlow first, without its start-up INFO lines
     import keras
@@ -119,14 +119,14 @@ def _most_specific_units(con, nap) -> str:
 
 def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     """Run the demo into ``out``; return the store path."""
-    from .align import align
+    from .analysis.alignment import align
+    from .analysis.profiles import contrastive_naps, naps
+    from .analysis.projection import instance_projection
     from .config import load_config
-    from .extract import prepare_extraction, run_extraction
-    from .info import describe_store
-    from .naps import contrastive_naps, naps
-    from .projection import instance_projection
-    from .reporting import report
+    from .extraction.local import prepare_extraction, run_extraction
+    from .store.info import describe_store
     from .topomap.api import topomap_images, topomap_layout
+    from .viz.reporting import report
 
     out = Path(out)
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Steps, in order: ``extract``, ``align`` (only when ``[naps] aligned``),
 ``naps``, ``contrast``, ``layout``, ``topomap``, ``projection``, then the
 figures and the report (``plots``, ``report``), which are always redrawn. A
-step runs when its result is missing or stale (:mod:`inntrospect.steps`), or
+step runs when its result is missing or stale (:mod:`inntrospect.store.steps`), or
 was computed with other parameters than the config's; ``from_step`` redoes
 that step and everything after it, ``force`` everything (extraction too).
 
@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import steps
 from . import store as st
 from .errors import ConfigError
+from .store import steps
 
 __all__ = ["run", "PIPELINE"]
 
@@ -198,7 +198,7 @@ class _Pool:
 
 
 def _extract(cfg, path, progress, overwrite=False, **_):
-    from .cluster import active_client
+    from .scheduler import active_client
 
     if not _in_process(active_client()):
         _extract_here(cfg.extract_kwargs(), overwrite, progress)  # on the cluster's workers
@@ -208,14 +208,14 @@ def _extract(cfg, path, progress, overwrite=False, **_):
 
 
 def _extract_here(kwargs: dict, overwrite: bool, progress: bool) -> None:
-    from .extract import prepare_extraction, run_extraction
+    from .extraction.local import prepare_extraction, run_extraction
 
     run_extraction(prepare_extraction(**kwargs), overwrite=overwrite, progress=progress)
 
 
 def _project_here(kwargs: dict, tree, progress: bool) -> dict:
     """The projections of every layer of the opened store ``tree``, not stored."""
-    from .projection import instance_projection
+    from .analysis.projection import instance_projection
 
     return instance_projection(tree, **kwargs, progress=progress)
 
@@ -227,8 +227,8 @@ _UMAP_BEFORE = ("align", "naps", "contrast", "layout", "projection")
 def _warm_up(metric: str) -> None:
     import numpy as np
 
+    from .analysis.umapfit import warm_up
     from .topomap.circle import distribute_in_circle
-    from .umapfit import warm_up
 
     for m in dict.fromkeys(("euclidean", metric)):  # the projections' metric and the layout's
         warm_up(m)
@@ -239,7 +239,7 @@ def _import_umap_aside() -> None:
     """Import umap-learn (2-3 s) in a thread while align ... contrast mostly wait for numpy and disk."""
     import threading
 
-    from .umapfit import import_umap
+    from .analysis.umapfit import import_umap
 
     threading.Thread(target=import_umap, name="inntrospect-import-umap", daemon=True).start()
 
@@ -254,19 +254,19 @@ def _end_with_parent() -> None:
 
 
 def _align(cfg, path, progress, **_):
-    from .align import align
+    from .analysis.alignment import align
 
     align(path, persist=True, progress=progress)
 
 
 def _naps(cfg, path, progress, **_):
-    from .naps import naps
+    from .analysis.profiles import naps
 
     naps(path, **cfg.naps_kwargs(), persist=True, progress=progress)
 
 
 def _contrast(cfg, path, progress, **_):
-    from .naps import contrastive_naps
+    from .analysis.profiles import contrastive_naps
 
     contrastive_naps(path, **cfg.contrast_kwargs(), persist=True, progress=progress)
 
@@ -284,7 +284,7 @@ def _topomap(cfg, path, progress, **_):
 
 
 def _projection(cfg, path, progress, aside=None, **_):
-    from .projection import instance_projection, persist_projection
+    from .analysis.projection import instance_projection, persist_projection
 
     if aside is not None:  # computed in the side process: stored here, at its turn
         persist_projection(path, aside.result())
@@ -293,13 +293,13 @@ def _projection(cfg, path, progress, aside=None, **_):
 
 
 def _plots(cfg, path, progress, **_):
-    from .plots import plot_all
+    from .viz.plots import plot_all
 
     plot_all(path, cfg.plot_output(), cfg.get("plot", "mode", "row"), cfg.get("plot", "format", "png"))
 
 
 def _report(cfg, path, progress, **_):
-    from .reporting import report
+    from .viz.reporting import report
 
     out: Path = cfg.plot_output()
     csv = out / "compare_layouts.csv"

@@ -144,8 +144,8 @@ class S3Server:
         return name
 
     def location(self, name: str = "run.zarr"):
-        """An :class:`inntrospect.location.Location` ``s3://<new bucket>/<name>`` with this server's options."""
-        from inntrospect.location import Location
+        """An :class:`inntrospect.store.backends.Location` ``s3://<new bucket>/<name>`` with this server's options."""
+        from inntrospect.store.backends import Location
 
         return Location(f"s3://{self.bucket()}/{name}", self.storage_options)
 

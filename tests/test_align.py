@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from inntrospect.align import align_kernel, align_reference, shifts
+from inntrospect.analysis.alignment import align_kernel, align_reference, shifts
 
 from .conftest import NoCompute, needs_shared
 
@@ -75,7 +75,7 @@ def test_lazy_align_on_the_mnist_cnn_store(cnn_store):
     import dask
 
     import inntrospect
-    from inntrospect.align import align
+    from inntrospect.analysis.alignment import align
 
     tree = inntrospect.open_store(cnn_store)
     with dask.config.set(scheduler=NoCompute()):  # building the graph computes nothing

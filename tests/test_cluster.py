@@ -360,7 +360,7 @@ def test_a_worker_killed_in_the_middle_of_the_naps_changes_nothing(two_workers, 
 
 def _loads(dask_worker=None) -> int:
     """In a worker: how many times it has prepared an extraction (loaded a model)."""
-    from inntrospect import distributed_extract
+    from inntrospect.extraction import distributed as distributed_extract
 
     return distributed_extract._LOADS["count"]
 

@@ -151,7 +151,7 @@ def test_mnist_example_script_writes_a_valid_corpus(tmp_path):
 
 
 def test_write_corpus_round_trips(tmp_path):
-    from inntrospect.corpus import write_corpus
+    from inntrospect.extraction.corpus import write_corpus
 
     rng = np.random.default_rng(3)
     x = rng.random((23, 2, 3), dtype=np.float32)

@@ -293,7 +293,7 @@ def test_vgg16_config_layers_exist():
 @pytest.mark.parametrize("name", ["cnn", "mlp"])
 def test_mnist_config_layers_exist(name):
     pytest.importorskip("tf_keras")
-    from inntrospect.models.keras import load_model
+    from inntrospect.extraction.models.keras import load_model
 
     kw = load_config(EXAMPLES / f"mnist/{name}.toml").extract_kwargs()
     model = load_model(kw["model"], kw["layers"])  # raises LayerNotFoundError otherwise

@@ -18,8 +18,8 @@ from inntrospect import (
     NonFiniteError,
     StoreMismatchError,
 )
-from inntrospect.extract import prepare_extraction, run_extraction
-from inntrospect.info import describe_store
+from inntrospect.extraction.local import prepare_extraction, run_extraction
+from inntrospect.store.info import describe_store
 
 from .conftest import (
     BATCH,

@@ -14,7 +14,7 @@ import zarr
 
 import inntrospect
 from inntrospect import StoreLockedError
-from inntrospect.extract import prepare_extraction, run_extraction
+from inntrospect.extraction.local import prepare_extraction, run_extraction
 
 from .conftest import CNN, CNN_LAYERS, needs_shared, python_env, write_mnist_corpus
 

@@ -67,7 +67,7 @@ def test_small_layers_and_bad_parameters_are_refused():
 def test_compiled_graph_forces_equal_numpy(n, density, seed):
     from scipy.sparse import csr_matrix
 
-    from inntrospect.compiled import kernels
+    from inntrospect.analysis.compiled import kernels
     from inntrospect.topomap.layout import fr_displacement
 
     rng = np.random.default_rng(seed)
@@ -86,7 +86,7 @@ def test_compiled_graph_forces_equal_numpy(n, density, seed):
 def test_graph_layout_without_numba_keeps_the_clusters_apart(monkeypatch):
     from sklearn.metrics import silhouette_score
 
-    import inntrospect.compiled as compiled
+    import inntrospect.analysis.compiled as compiled
 
     monkeypatch.setattr(compiled, "_KERNELS", [None])
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Importing the reference toolbox's processed-corpus folder (inntrospect.legacy)."""
+"""Importing the reference toolbox's processed-corpus folder (inntrospect.extraction.legacy)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import inntrospect
-from inntrospect import legacy
-from inntrospect.align import align_reference
+from inntrospect.analysis.alignment import align_reference
 from inntrospect.errors import (
     ConfigError,
     CorpusError,
@@ -21,8 +20,9 @@ from inntrospect.errors import (
     StoreError,
     StoreLockedError,
 )
-from inntrospect.info import describe_store
+from inntrospect.extraction import legacy
 from inntrospect.store import store_attrs, writer_lock
+from inntrospect.store.info import describe_store
 
 from .conftest import needs_shared
 

@@ -14,15 +14,15 @@ import zarr
 from hypothesis import given, settings
 
 import inntrospect
-from inntrospect.align import align_reference
-from inntrospect.errors import GroupNotFoundError
-from inntrospect.naps import (
+from inntrospect.analysis.alignment import align_reference
+from inntrospect.analysis.profiles import (
     chunk_moments,
     contrast,
     finalize_moments,
     group_codes,
     merge_moments,
 )
+from inntrospect.errors import GroupNotFoundError
 from inntrospect.testing import store_from_arrays
 
 from .conftest import NoCompute, needs_shared
@@ -236,8 +236,8 @@ def test_persisted_results_are_read_back_and_open_with_plain_xarray(small_store)
 
 def test_stale_results_name_the_step_to_rerun(small_store, tmp_path):
     from inntrospect.errors import StaleResultError, StepNotFoundError
-    from inntrospect.info import describe_store
     from inntrospect.store import consolidate, store_attrs, update_attrs
+    from inntrospect.store.info import describe_store
 
     path = small_store[0]
     with pytest.raises(StepNotFoundError, match="no naps results yet. Run inntrospect naps"):

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 import inntrospect
-from inntrospect import chunkio
-from inntrospect import compiled as compiled_module
-from inntrospect.align import align_reference
+from inntrospect.analysis import compiled as compiled_module
+from inntrospect.analysis.alignment import align_reference
+from inntrospect.store import chunkio
 from inntrospect.testing import store_from_arrays
 
-naps_module = importlib.import_module("inntrospect.naps")  # the package re-exports the function
+naps_module = importlib.import_module("inntrospect.analysis.profiles")  # the package re-exports the function
 
 #: the worker's memory limit: an idle worker process takes ~65 MB, ~190 MB
 #: once inntrospect, xarray, zarr and the numba kernels are loaded

@@ -1,4 +1,4 @@
-"""Topomap and projection figures (inntrospect.plots): values drawn, not just files written."""
+"""Topomap and projection figures (inntrospect.viz.plots): values drawn, not just files written."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from inntrospect import plots
 from inntrospect.topomap.images import image_extent, interpolate
+from inntrospect.viz import plots
 
 MAGIC = {"png": (b"\x89PNG",), "pdf": (b"%PDF",), "svg": (b"<?xml", b"<svg")}
 WHITE = (255, 255, 255, 255)

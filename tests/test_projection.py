@@ -10,9 +10,8 @@ import pytest
 from hypothesis import assume, given, settings
 
 import inntrospect
-from inntrospect import projection
-from inntrospect.errors import IncompleteStoreError, LayerNotFoundError, StoreError
-from inntrospect.projection import (
+from inntrospect.analysis import projection
+from inntrospect.analysis.projection import (
     Scratch,
     choose_samples,
     gram_pca,
@@ -20,6 +19,7 @@ from inntrospect.projection import (
     plan_blocks,
     randomized_pca,
 )
+from inntrospect.errors import IncompleteStoreError, LayerNotFoundError, StoreError
 from inntrospect.testing import store_from_arrays
 
 from .conftest import needs_shared
@@ -409,7 +409,7 @@ def test_projections_computed_elsewhere_are_persisted_as_if_persisted_at_once(wi
     """What the pipeline does: compute in another process, store afterwards; refused once re-extracted."""
     import shutil
 
-    from inntrospect.projection import persist_projection
+    from inntrospect.analysis.projection import persist_projection
 
     path = tmp_path / "copy.zarr"
     shutil.copytree(wide_store[0], path)

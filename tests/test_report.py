@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 import inntrospect
-from inntrospect import steps
 from inntrospect.errors import StaleResultError, StepNotFoundError
-from inntrospect.reporting import report
-from inntrospect.store import store_attrs, write_node
+from inntrospect.store import steps, store_attrs, write_node
 from inntrospect.testing import store_from_arrays
+from inntrospect.viz.reporting import report
 
 from .test_plots import projection_ds, topomap_ds
 
@@ -211,7 +210,7 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
 
 
 def test_plots_read_a_store_path(built, tmp_path):
-    from inntrospect import plots
+    from inntrospect.viz import plots
 
     store, _ = built
     rows = plots.plot_topomaps(store, tmp_path, dpi=20)

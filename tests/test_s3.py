@@ -23,7 +23,7 @@ import inntrospect
 from inntrospect import pipeline
 from inntrospect import store as st
 from inntrospect.errors import IncompleteStoreError, StoreLockedError
-from inntrospect.location import Location
+from inntrospect.store.backends import Location
 
 from .conftest import BATCH, CNN, CNN_LAYERS, needs_shared
 from .test_pipeline import CONFIG
@@ -117,7 +117,7 @@ def resumed(s3, mnist_corpus):
     One conv layer only (its 10 blocks of 64 samples at ``chunk_mib=0.2``: the same
     blocks, so the same batches, as ``cnn_store``) keeps the S3 traffic small.
     """
-    from inntrospect.info import describe_store
+    from inntrospect.store.info import describe_store
 
     pytest.importorskip("tensorflow")
     loc = s3.location()
@@ -173,7 +173,7 @@ def test_align_naps_and_contrast_on_s3_equal_the_local_ones_and_numpy(resumed, c
     NAPs are float64 sums of those values, read from S3 through dask and locally
     straight from the chunk files, so they are equal to float64 rounding.
     """
-    from inntrospect.align import align_reference
+    from inntrospect.analysis.alignment import align_reference
 
     remote = resumed["loc"]
     local = tmp_path / "cnn.zarr"
@@ -246,9 +246,9 @@ def test_the_writer_lock_on_s3_is_a_lease_object(s3):
 
 
 def test_the_lease_is_renewed_while_held(s3, monkeypatch):
-    from inntrospect import location
+    from inntrospect.store import backends
 
-    monkeypatch.setattr(location, "RENEW_SECONDS", 0.2)
+    monkeypatch.setattr(backends, "RENEW_SECONDS", 0.2)
     loc = s3.location()
     fs, key = loc.fs, loc.url + ".lock"
     with st.writer_lock(loc):
@@ -269,7 +269,7 @@ def test_run_with_an_s3_store_in_the_config(s3, mnist_corpus, tmp_path, monkeypa
     """``[store] path = "s3://…"`` with ``storage_options``: extract, NAPs and contrast
     land in the bucket, and ``describe_store``/``inntrospect info`` read them there."""
     from inntrospect.cli import main
-    from inntrospect.info import describe_store
+    from inntrospect.store.info import describe_store
 
     for step in ("layout", "topomap", "projection", "plots", "report"):
         monkeypatch.setitem(pipeline._STEPS, step, _skip)

@@ -87,7 +87,7 @@ def test_tensorflow_start_up_lines_are_filtered_and_the_rest_passes():
     env = {k: v for k, v in python_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     code = (
         "import os, sys\n"
-        "from inntrospect.models.keras import import_tensorflow\n"
+        "from inntrospect.extraction.models.keras import import_tensorflow\n"
         "os.write(2, b'before\\n')\n"
         "tf = import_tensorflow()\n"
         "print(float(tf.constant(2.0) + 1))\n"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
-from inntrospect.umapfit import exact_knn, fit_umap, import_umap
+from inntrospect.analysis.umapfit import exact_knn, fit_umap, import_umap
 
 
 def _brute(x, k, metric):

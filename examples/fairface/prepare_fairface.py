@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inntrospect.corpus import write_corpus
+from inntrospect.extraction.corpus import write_corpus
 
 #: VGG16's input size (pixels per side)
 SIZE = 224

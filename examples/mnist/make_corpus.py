@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inntrospect.corpus import write_corpus
+from inntrospect.extraction.corpus import write_corpus
 
 
 def read_idx(path: str | Path) -> np.ndarray:

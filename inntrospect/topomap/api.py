@@ -10,7 +10,7 @@ Thin wrappers over the kernels of this package. Two steps write into the store:
   its topographic quality in the attributes.
 
 A new layout makes old images stale, and new NAPs make both stale
-(:mod:`inntrospect.steps`). :func:`compare_layouts` runs several methods on
+(:mod:`inntrospect.store.steps`). :func:`compare_layouts` runs several methods on
 the same profiles without writing anything.
 """
 
@@ -23,8 +23,8 @@ from typing import Literal
 
 import numpy as np
 
-from .. import steps
 from .. import store as st
+from ..store import steps
 from .circle import distribute_in_circle as _distribute
 from .images import image_extent, interpolate, triangulate, unit_values
 from .layout import METHODS, MIN_UNITS, Layout, profile_matrix
@@ -132,7 +132,7 @@ def topomap_layout(
     """
     import xarray as xr
 
-    from ..cluster import progress_bar
+    from ..scheduler import progress_bar
 
     path = steps.need_path(store, "topomap_layout")
     _check_choice("method", method, METHODS)
@@ -203,7 +203,7 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
     """
     import xarray as xr
 
-    from ..cluster import progress_bar
+    from ..scheduler import progress_bar
 
     path = steps.need_path(store, "topomap_images")
     if int(resolution) != resolution or resolution < 2:
@@ -274,7 +274,7 @@ def compare_layouts(
     """
     import pandas as pd
 
-    from ..cluster import progress_bar
+    from ..scheduler import progress_bar
 
     path = steps.need_path(store, "compare_layouts")
     for m in methods:

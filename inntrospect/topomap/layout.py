@@ -114,7 +114,7 @@ class Layout:
         return x / np.where(norm > 0, norm, 1.0)
 
     def _umap(self, x):
-        from ..umapfit import fit_umap
+        from ..analysis.umapfit import fit_umap
 
         return fit_umap(x, n_neighbors=min(15, len(x) - 1), metric=self.metric, seed=self.seed)
 
@@ -218,12 +218,12 @@ def fr_displacement(pos: np.ndarray, adj: np.ndarray, k: float) -> np.ndarray:
 def _fruchterman_reingold(adj, rng, iterations: int):
     """Force-directed placement (Fruchterman & Reingold 1991) in the unit square, O(n²) per step.
 
-    The forces run as a compiled parallel loop (:func:`inntrospect.compiled.fr_displacement`)
+    The forces run as a compiled parallel loop (:func:`inntrospect.analysis.compiled.fr_displacement`)
     when numba is there, else as :func:`fr_displacement` in numpy.
     """
     from scipy.sparse import csr_matrix
 
-    from ..compiled import kernels
+    from ..analysis.compiled import kernels
 
     n = len(adj)
     pos = rng.random((n, 2))

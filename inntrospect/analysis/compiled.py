@@ -2,7 +2,7 @@
 
 Plain-Python definitions, compiled on first use with the GIL released and
 cached on disk; :func:`kernels` returns them, or None without numba (or with
-``INNTROSPECT_NUMBA=0``), and :mod:`inntrospect.naps` and
+``INNTROSPECT_NUMBA=0``), and :mod:`inntrospect.analysis.profiles` and
 :mod:`inntrospect.topomap.layout` then use their numpy kernels. The tests
 run both ways.
 """

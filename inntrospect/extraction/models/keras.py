@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LayerNotFoundError, ModelError
+from ...errors import LayerNotFoundError, ModelError
 from .source import ModelSource, model_source
 
 __all__ = ["LayerInfo", "KerasModel", "load_model", "import_tensorflow"]
@@ -102,7 +102,7 @@ class KerasModel:
     Parameters
     ----------
     source
-        Where the model comes from (see :func:`inntrospect.models.model_source`).
+        Where the model comes from (see :func:`inntrospect.extraction.models.model_source`).
     layers
         Names of the layers of interest. The input and output layers are added;
         the result is in model order.

@@ -26,7 +26,7 @@ those buffers, a few chunks' worth, for the next NAP pass. The float64 group
 sums are a compiled loop (numba, which ``umap-learn`` brings; plain numpy when
 it is missing) that reads each chunk once, while it is still in cache. The
 alignment is fused into the sums: only the shifts are computed (from the
-gradients, by :func:`inntrospect.align.shifts`), each sample is added shifted
+gradients, by :func:`inntrospect.analysis.alignment.shifts`), each sample is added shifted
 into its group's sum, and no aligned copy is made. Chunks of other encodings,
 and trees given instead of paths, are read through their dask arrays.
 """
@@ -37,9 +37,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from . import chunkio, compiled, steps
-from . import store as st
-from .errors import GroupNotFoundError, StoreError
+from .. import store as st
+from ..errors import GroupNotFoundError, StoreError
+from ..store import chunkio, steps
+from . import compiled
 
 __all__ = [
     "group_codes",
@@ -179,8 +180,8 @@ def _fusable(shape: tuple, grads_shape: tuple) -> bool:
 
 
 def _shifts3(grads) -> np.ndarray:
-    """:func:`inntrospect.align.shifts` as ``(n, 3)``: 1 or 2 spatial axes padded with leading zeros."""
-    from .align import shifts
+    """:func:`inntrospect.analysis.alignment.shifts` as ``(n, 3)``: 1 or 2 spatial axes padded with leading zeros."""
+    from .alignment import shifts
 
     d = np.zeros((len(grads), 3), np.int64)
     d[:, 3 - (grads.ndim - 2):] = shifts(grads)
@@ -195,7 +196,7 @@ def _add_sums(kernels, x, index, sums, grads=None, shift=None) -> None:
     :func:`_shifts3` of ``grads``, computed here unless given), no aligned
     copy is made; otherwise the chunk is aligned into a buffer of this thread first.
     """
-    from .align import align_kernel
+    from .alignment import align_kernel
 
     n = len(x)
     if grads is not None and not _fusable(x.shape, grads.shape):
@@ -213,13 +214,13 @@ def _add_sums(kernels, x, index, sums, grads=None, shift=None) -> None:
 
 
 def _aligned_moments(acts, codes, grads, std: bool = False) -> dict:
-    """:func:`chunk_moments` of the aligned activations of a chunk (see :mod:`inntrospect.align`).
+    """:func:`chunk_moments` of the aligned activations of a chunk (see :mod:`inntrospect.analysis.alignment`).
 
     Without ``std`` and with numba, the alignment is fused into the sums
     (:func:`_add_sums`); otherwise the chunk is aligned into a buffer of this
     thread first.
     """
-    from .align import align_kernel
+    from .alignment import align_kernel
 
     kernels = compiled.kernels()
     if std or kernels is None or acts.dtype not in (np.float32, np.float64):
@@ -244,7 +245,7 @@ def _chunk(acts, codes, grads=None, std=False):
 def _stored_chunks(chunks, codes, std=False):
     """One task: consecutive stored chunks, each read into this thread's buffers and reduced.
 
-    ``chunks`` is a list of ``(acts, grads or None)`` :class:`~inntrospect.chunkio.ChunkFile`
+    ``chunks`` is a list of ``(acts, grads or None)`` :class:`~inntrospect.store.chunkio.ChunkFile`
     records, ``codes`` the group codes of all their samples. The buffers are
     reused by the next chunk, so nothing of them is returned: the chunks are
     added into one partial result (float64 sums of the groups present), new

@@ -22,8 +22,8 @@ import os
 import uuid
 from datetime import UTC, datetime
 
-from . import store as st
-from .errors import LayerNotFoundError, StaleResultError, StepNotFoundError, StoreError
+from .. import store as st
+from ..errors import LayerNotFoundError, StaleResultError, StepNotFoundError, StoreError
 
 __all__ = ["STEPS", "load", "new_record", "status", "is_current", "check_current", "begin", "finish",
            "write_results", "RERUN", "need_path", "select_layers"]
@@ -189,7 +189,7 @@ def write_results(path: str | os.PathLike, record: dict, results: dict, progress
     Dataset}`` (lazy is fine); returns them computed, with the record's node
     attributes. The caller holds the writer lock.
     """
-    from .cluster import compute
+    from ..scheduler import compute
 
     step = record["step"]
     begin(path, record)

@@ -7,7 +7,7 @@
 
 The folder can be copied, zipped or opened straight from disk: nothing is
 fetched from a server or the internet. Figures come from
-:mod:`inntrospect.plots`; the results are read with :func:`inntrospect.load`,
+:mod:`inntrospect.viz.plots`; the results are read with :func:`inntrospect.load`,
 so they are checked to be current first.
 """
 
@@ -22,7 +22,7 @@ import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import store as st
+from .. import store as st
 
 __all__ = ["report", "REPORT_FORMATS"]
 
@@ -183,7 +183,7 @@ def _rel(path: Path, root: Path) -> str:
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .. import __version__
 
     out = {"inntrospect": __version__, "python": platform.python_version()}
     for pkg in ("numpy", "xarray", "zarr", "dask", "scipy", "matplotlib", "umap-learn"):
@@ -200,7 +200,7 @@ def _group_counts(store) -> dict[str, int]:
     import numpy as np
     import zarr
 
-    from .store import store_attrs
+    from ..store import store_attrs
 
     try:  # one small array, not the whole tree
         layer = store_attrs(store)["layers"][0]
@@ -297,17 +297,17 @@ def report(
     >>> report("run.zarr", "run-report", config="run.toml")  # doctest: +SKIP
     PosixPath('run-report/index.html')
     """
+    from ..errors import StaleResultError, StepNotFoundError
+    from ..store import store_attrs
+    from ..store.steps import RERUN, load
     from . import plots
-    from .errors import StaleResultError, StepNotFoundError
-    from .steps import RERUN, load
-    from .store import store_attrs
 
     fmt = str(format).lower().lstrip(".")
     if fmt not in REPORT_FORMATS:
         raise ValueError(
             f"format must be one of {', '.join(map(repr, REPORT_FORMATS))} for a report (a "
             f"browser shows them inline); got {format!r}. For PDF figures use "
-            f"inntrospect.plots.plot_topomaps(store, out, format='pdf')."
+            f"inntrospect.plot_topomaps(store, out, format='pdf')."
         )
     store = st.location(store)
     out = Path(out)
@@ -328,7 +328,7 @@ def report(
     _clean_figures(figures)
     figures.mkdir(exist_ok=True)
 
-    from .cluster import bar as make_bar
+    from ..scheduler import bar as make_bar
 
     bar = make_bar(total=len(topomaps) + 1 + len(projections), desc="report figures",
                    progress=progress, unit="fig")
@@ -358,7 +358,7 @@ def report(
 
 def _page(store, attrs, topomaps, projections, rows, overview, proj, projection_note, out,
           config, compare_csv, dpi) -> str:
-    from . import __version__
+    from .. import __version__
     from .plots import TopomapDisplay
 
     model = attrs.get("model") or {}

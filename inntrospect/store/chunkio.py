@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import StoreError
+from ..errors import StoreError
 
 __all__ = ["ChunkFile", "chunk_files", "read_chunk", "buffer"]
 

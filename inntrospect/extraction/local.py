@@ -23,10 +23,10 @@ from typing import Literal
 
 import numpy as np
 
-from . import store as st
+from .. import store as st
+from ..errors import ConfigError, CorpusError, NonFiniteError
+from ..store.info import format_bytes
 from .corpus import Corpus, read_corpus
-from .errors import ConfigError, CorpusError, NonFiniteError
-from .info import format_bytes
 from .models.source import ModelSource, model_source
 
 __all__ = ["extract", "prepare_extraction", "run_extraction", "Extraction", "CODEC", "MIN_RATIO"]
@@ -298,11 +298,11 @@ def run_extraction(
 
     ``where="auto"`` computes the blocks on the workers of the active
     ``dask.distributed`` client when it has workers in other processes
-    (see :mod:`inntrospect.distributed_extract`), else in this process.
+    (see :mod:`inntrospect.extraction.distributed`), else in this process.
     """
     import zarr
 
-    from .distributed_extract import cluster_client, extract_on_cluster
+    from .distributed import cluster_client, extract_on_cluster
 
     client = cluster_client(where)
 
@@ -351,7 +351,7 @@ def _write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
 
     bar = None
     if progress:
-        from .cluster import bar as make_bar
+        from ..scheduler import bar as make_bar
 
         already = sum(min(B, n - b * B) for b in range(ex.n_blocks) if done[b])
         bar = make_bar(total=n, initial=already, unit="sample", desc="extract", smoothing=0.1)

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
+from .. import store as st
 from . import steps as steps_
-from . import store as st
 
 __all__ = ["describe_store", "format_bytes"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import StoreError
+from ..errors import StoreError
 
 __all__ = ["shifts", "align_kernel", "align_reference", "align"]
 
@@ -271,7 +271,7 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
     import dask.array as da
     import xarray as xr
 
-    from .store import open_store
+    from ..store import open_store
 
     if persist:
         if isinstance(store, xr.DataTree):
@@ -295,9 +295,9 @@ def _persist(path, progress: bool) -> dict:
     import dask.array as da
     import zarr
 
-    from . import steps
-    from . import store as st
-    from .cluster import compute
+    from .. import store as st
+    from ..scheduler import compute
+    from ..store import steps
 
     with st.writer_lock(path):
         lazy = {k: v for k, v in align(path).items() if v.name == "aligned"}

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelError
+from ...errors import ModelError
 
 __all__ = ["ModelSource", "model_source", "hash_path"]
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import IncompleteStoreError, StoreError, StoreLockedError, StoreMismatchError
-from .location import Location, location
+from ..errors import IncompleteStoreError, StoreError, StoreLockedError, StoreMismatchError
+from .backends import Location, location
 
 __all__ = [
     "Location",

@@ -25,7 +25,7 @@ group. Plain parts, each testable alone:
   seeded subspace iteration, one pass over the blocks per iteration, then
   the Rayleigh–Ritz eigenpairs of ``Qᵀ G Q``. :func:`scratch_pca` chooses;
   each result records its route in the attribute ``pca_method``;
-* :func:`embed_2d` — UMAP (the default, through :func:`inntrospect.umapfit.fit_umap`)
+* :func:`embed_2d` — UMAP (the default, through :func:`inntrospect.analysis.umapfit.fit_umap`)
   or PCA to 2-D.
 
 :func:`instance_projection` ties them together, eagerly (UMAP is eager), and
@@ -51,8 +51,8 @@ from typing import Literal
 
 import numpy as np
 
-from . import steps
-from . import store as st
+from .. import store as st
+from ..store import steps
 
 __all__ = ["instance_projection", "persist_projection", "choose_samples", "plan_blocks", "Scratch", "gram_pca",
            "randomized_pca", "scratch_pca", "embed_2d"]
@@ -349,7 +349,7 @@ def embed_2d(x: np.ndarray, method: Literal["umap", "pca"] = "umap", seed: int =
              name: str = "the samples") -> np.ndarray:
     """2-D coordinates ``(n, 2)`` float64 of the rows of ``x``, by UMAP (default) or PCA.
 
-    UMAP runs through :func:`inntrospect.umapfit.fit_umap` with ``seed`` and
+    UMAP runs through :func:`inntrospect.analysis.umapfit.fit_umap` with ``seed`` and
     ``n_jobs=1`` (the same inputs give the same coordinates) and
     ``n_neighbors=min(15, n - 1)``. With fewer than :data:`MIN_UMAP_SAMPLES`
     rows it falls back to PCA; when all rows are equal every coordinate is 0.
@@ -412,8 +412,8 @@ def _read_chosen(data, rows: np.ndarray, put: Callable[[int, np.ndarray], None],
 
 
 def _bar(items, progress: bool, desc: str, total: int | None = None, unit: str = "block"):
-    """``items`` with a transient progress bar (:func:`inntrospect.cluster.bar`); with ``items=None``, one to update."""
-    from .cluster import bar
+    """``items`` with a transient progress bar (:func:`inntrospect.scheduler.bar`); with ``items=None``, one to update."""
+    from ..scheduler import bar
 
     return bar(items, progress=progress, desc=desc, total=total, unit=unit, leave=False)
 
@@ -462,7 +462,7 @@ def persist_projection(store, results: dict) -> dict:
     holds now: else :class:`~inntrospect.errors.StaleResultError`, naming the
     command to re-run. Returns them with their stored attributes.
     """
-    from .errors import StaleResultError
+    from ..errors import StaleResultError
 
     steps.need_path(store, "persist_projection")
     if not results:
@@ -565,7 +565,7 @@ def instance_projection(store, samples_per_group: int = 100,
     rows = choose_samples(labels, samples_per_group, sampling, seed)
     import xarray as xr
 
-    from .cluster import progress_bar
+    from ..scheduler import progress_bar
 
     for layer in progress_bar(names, progress, "projection", len(names)):
         data = tree[f"layers/{layer}"]["acts"].data

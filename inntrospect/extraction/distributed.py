@@ -6,7 +6,7 @@ extraction complete once every block is. A worker prepares the extraction
 once per process (it loads the model from its path, since model objects do
 not pickle reliably, and reads the corpus table), checks that the store
 still holds the extraction the task belongs to and the same model and
-corpus, and then writes the block as a local run does (:mod:`inntrospect.extract`):
+corpus, and then writes the block as a local run does (:mod:`inntrospect.extraction.local`):
 whole chunks of every array, then the block's predictions, then its record
 in ``extraction/block_done``. Every chunk belongs to one block, so workers
 never write the same chunk.
@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import store as st
-from .errors import ConfigError, StoreMismatchError
+from .. import store as st
+from ..errors import ConfigError, StoreMismatchError
 
 if TYPE_CHECKING:
-    from .extract import Extraction
+    from .local import Extraction
 
 __all__ = ["cluster_client", "extract_on_cluster", "extract_block"]
 
@@ -49,7 +49,7 @@ def cluster_client(where: str):
     process (an in-process ``LocalCluster``, ``inproc://``), where the local
     writer pipeline does the same work without a second copy of the model.
     """
-    from .cluster import active_client
+    from ..scheduler import active_client
 
     if where not in ("auto", "local", "cluster"):
         raise ConfigError(f"where must be 'auto', 'local' or 'cluster', got {where!r}.")
@@ -70,7 +70,7 @@ def cluster_client(where: str):
 
 def _prepared(request: dict, extraction_id: str) -> Extraction:
     """This process's extraction of ``request``, prepared once; checked against the store."""
-    from .extract import prepare_extraction
+    from .local import prepare_extraction
 
     attrs = st.store_attrs(request["store"])
     now = attrs.get("extraction", {}).get("id")
@@ -95,7 +95,7 @@ def extract_block(request: dict, extraction_id: str, block: int) -> int:
     """The task: write and record ``block`` of the extraction (a no-op when it is recorded)."""
     import zarr
 
-    from .extract import _write_blocks
+    from .local import _write_blocks
 
     with _LOCK:
         ex = _prepared(request, extraction_id)
@@ -117,7 +117,7 @@ def extract_on_cluster(client, ex: Extraction, todo: list[int], done: np.ndarray
     n, B = ex.corpus.n_samples, ex.plan.block
     bar = None
     if progress:
-        from .cluster import bar as make_bar
+        from ..scheduler import bar as make_bar
 
         already = sum(min(B, n - b * B) for b in range(ex.n_blocks) if done[b])
         bar = make_bar(total=n, initial=already, unit="sample", desc="extract on the cluster",

@@ -132,7 +132,7 @@ def safe_file_stems(prefix: str, keys: Sequence[tuple[str, ...]]) -> dict[tuple[
 def _as_results(results, step: str) -> dict:
     """``{layer: Dataset}`` from a store path (checked current by ``load``) or a mapping."""
     if isinstance(results, str | os.PathLike):
-        from .steps import load
+        from ..store.steps import load
 
         return load(results, step)
     if isinstance(results, Mapping):
@@ -145,7 +145,7 @@ def _as_results(results, step: str) -> dict:
 
 
 def _select_layers(results: dict, layers, step: str) -> dict:
-    from .steps import select_layers
+    from ..store.steps import select_layers
 
     return {la: results[la] for la in select_layers(results, layers, f"the {step} results")}
 
@@ -261,7 +261,7 @@ class TopomapDisplay:
         params = attrs.get("params") or {}
         extent = attrs.get("extent")
         if extent is None:
-            from .topomap.images import image_extent
+            from ..topomap.images import image_extent
 
             extent = image_extent(np.asarray(ds["xy"].values))
         kwargs.setdefault("vmax", attrs.get("vmax"))
@@ -628,7 +628,7 @@ def plot_all(store, out, mode: Literal["row", "individual"] = "row", format: str
     """
     import logging
 
-    from .errors import StaleResultError, StepNotFoundError
+    from ..errors import StaleResultError, StepNotFoundError
 
     out = Path(out)
     files = plot_topomaps(store, out, mode=mode, format=format)

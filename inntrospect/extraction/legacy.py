@@ -45,8 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store as st
-from .errors import ConfigError, CorpusError, NonFiniteError, StoreError
+from .. import store as st
+from ..errors import ConfigError, CorpusError, NonFiniteError, StoreError
 
 __all__ = ["import_legacy", "read_legacy_folder", "LegacyFolder"]
 
@@ -369,7 +369,7 @@ def _choose_codecs(legacy: LegacyFolder, plan: st.ChunkPlan) -> dict:
     """
     import numcodecs
 
-    from .extract import CODEC, choose_codecs
+    from .local import CODEC, choose_codecs
 
     codec = numcodecs.Zstd(level=CODEC["level"])
     sizes: dict[str, dict[str, tuple[int, int]]] = {}
@@ -520,7 +520,7 @@ def _write_data(legacy: LegacyFolder, path: st.Location, plan: st.ChunkPlan, pro
     done = zarr.open_array(st.zarr_store(path), path=st.BLOCKS_DONE, mode="r+")
     bar = None
     if progress:
-        from .cluster import bar as make_bar
+        from ..scheduler import bar as make_bar
 
         bar = make_bar(total=legacy.n_samples, unit="sample", desc="import-legacy")
     try:

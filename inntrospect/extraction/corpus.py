@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CorpusError
+from ..errors import CorpusError
 
 __all__ = ["Corpus", "read_corpus", "write_corpus"]
 

@@ -1,0 +1,1 @@
+"""Analysis on the store: alignment, NAPs and contrasts, stacking, projections."""

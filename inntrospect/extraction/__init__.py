@@ -1,0 +1,1 @@
+"""Extraction: corpus, models, the block writer, local and cluster drivers, legacy import."""

@@ -1,5 +1,0 @@
-"""Model back-ends. Only :mod:`inntrospect.models.keras` imports TensorFlow."""
-
-from .source import ModelSource, model_source
-
-__all__ = ["ModelSource", "model_source"]
