@@ -77,7 +77,7 @@ def main(argv=None):
         n_small, n_large, sweep, a.repeats, a.ref_steps, grid = 300, 1000, [500], 1, 5, 64
 
     t0 = time.perf_counter()
-    circle._compiled()
+    circle.compiled_kernels()
     print(
         f"numba kernels compiled or loaded from cache in {time.perf_counter() - t0:.2f} s "
         f"(first call only); approx grid {grid}, auto threshold "

@@ -189,13 +189,13 @@ def instrumented_run(ex, run_extraction) -> tuple[float, Timers]:
     cm = importlib.import_module("inntrospect.extraction.corpus")
     timers = Timers()
     saved = [
-        (xm, "_finish", xm._finish), (xm, "_check_finite", xm._check_finite),
+        (xm, "wait_writes", xm.wait_writes), (xm, "check_finite", xm.check_finite),
         (sm, "create_store", sm.create_store), (sm, "consolidate", sm.consolidate),
         (cm.Corpus, "read", cm.Corpus.read),
     ]
     compute = ex.model.compute
-    xm._finish = timers.wrap("wait for writes (_finish)", xm._finish)
-    xm._check_finite = timers.wrap("_check_finite", xm._check_finite)
+    xm.wait_writes = timers.wrap("wait for writes (wait_writes)", xm.wait_writes)
+    xm.check_finite = timers.wrap("check_finite", xm.check_finite)
     sm.create_store = timers.wrap("store.create_store", sm.create_store)
     sm.consolidate = timers.wrap("store.consolidate (incl. in create_store)", sm.consolidate)
     cm.Corpus.read = timers.wrap("Corpus.read (batches)", cm.Corpus.read)

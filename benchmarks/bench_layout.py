@@ -175,7 +175,7 @@ def warm_up(n_rows: int, features: int, umap_too: bool = True) -> dict:
     from inntrospect.topomap.layout import Layout
 
     t = {}
-    t["circle kernels (numba, compiled or loaded from cache)"], _ = clock(circle._compiled)
+    t["circle kernels (numba, compiled or loaded from cache)"], _ = clock(circle.compiled_kernels)
     x = np.random.default_rng(1).standard_normal((n_rows, features))
     if umap_too:
         t[f"UMAP() on {n_rows} random rows (JIT warm-up, incl. pynndescent)"], _ = clock(

@@ -92,7 +92,7 @@ def fr_displacement(pos, indptr, indices, k, disp):  # pragma: no cover - compil
         disp[i, 1] = sy
 
 
-_KERNELS: list = []
+KERNELS: list = []
 _KERNELS_LOCK = threading.Lock()
 
 
@@ -118,9 +118,9 @@ class _Compiled:
 
 def kernels():
     """The compiled kernels, or None without numba (or with ``INNTROSPECT_NUMBA=0``): numpy then."""
-    if not _KERNELS:
+    if not KERNELS:
         with _KERNELS_LOCK:
-            if not _KERNELS:
+            if not KERNELS:
                 compiled = None
                 if os.environ.get("INNTROSPECT_NUMBA", "1") != "0":
                     try:
@@ -128,5 +128,5 @@ def kernels():
                     except ImportError:  # pragma: no cover - umap-learn depends on numba
                         numba = None
                     compiled = _Compiled(numba) if numba is not None else None
-                _KERNELS.append(compiled)
-    return _KERNELS[0]
+                KERNELS.append(compiled)
+    return KERNELS[0]

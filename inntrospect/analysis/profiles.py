@@ -213,7 +213,7 @@ def _add_sums(kernels, x, index, sums, grads=None, shift=None) -> None:
     kernels.shifted_sums(x, index, shift, units, sums.reshape(len(sums), *x.shape[1:]))
 
 
-def _aligned_moments(acts, codes, grads, std: bool = False) -> dict:
+def aligned_moments(acts, codes, grads, std: bool = False) -> dict:
     """:func:`chunk_moments` of the aligned activations of a chunk (see :mod:`inntrospect.analysis.alignment`).
 
     Without ``std`` and with numba, the alignment is fused into the sums
@@ -238,7 +238,7 @@ def _aligned_moments(acts, codes, grads, std: bool = False) -> dict:
 def _chunk(acts, codes, grads=None, std=False):
     """One task: the moments of a chunk (given as an array), aligned when gradients are given."""
     if grads is not None:
-        return _aligned_moments(acts, codes, grads, std)
+        return aligned_moments(acts, codes, grads, std)
     return chunk_moments(acts, codes, std)
 
 
@@ -360,7 +360,7 @@ def _stored_layer_naps(files, gfiles, n_groups: int, codes, shape: tuple, std: b
     """Lazy ``(nap, std or None)`` of tasks that read their chunk files themselves (:func:`_stored_chunks`).
 
     The graph is written out directly (one ``dask.delayed`` call per chunk costs
-    more than reading a small chunk): tasks of a few chunks (:func:`_task_chunks`),
+    more than reading a small chunk): tasks of a few chunks (:func:`task_chunks`),
     merges :data:`FAN_IN` at a time, the final division.
     """
     import operator
@@ -376,7 +376,7 @@ def _stored_layer_naps(files, gfiles, n_groups: int, codes, shape: tuple, std: b
     bounds = np.cumsum((0, *(f.n for f in files)))
     dsk: dict = {}
     keys = []
-    for i, (a, b) in enumerate(_task_chunks(codes, bounds, int(np.prod(shape, dtype=np.int64)))):
+    for i, (a, b) in enumerate(task_chunks(codes, bounds, int(np.prod(shape, dtype=np.int64)))):
         keys.append((f"naps-chunk-{token}", i))
         dsk[keys[-1]] = (_stored_chunks, list(zip(files[a:b], gfiles[a:b])), codes[bounds[a] : bounds[b]], std)
     level = 0
@@ -398,7 +398,7 @@ def _stored_layer_naps(files, gfiles, n_groups: int, codes, shape: tuple, std: b
     return out[0], (out[1] if std else None)
 
 
-def _task_chunks(codes, bounds, values: int) -> list[tuple[int, int]]:
+def task_chunks(codes, bounds, values: int) -> list[tuple[int, int]]:
     """Consecutive chunks ``[a, b)`` per task.
 
     At most :data:`CHUNKS_PER_TASK` (fewer for layers of fewer than

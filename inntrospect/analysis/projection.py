@@ -330,7 +330,7 @@ def scratch_pca(scratch: Scratch, n_components: int, seed: int = 0, progress: bo
     return (*randomized_pca(scratch, n_components, seed, progress=progress, desc=desc), "randomized")
 
 
-def _pca_2d(x: np.ndarray) -> np.ndarray:
+def pca_2d(x: np.ndarray) -> np.ndarray:
     """The first two principal components of ``x`` (rows), zero-padded to 2 columns."""
     x = np.asarray(x, dtype=np.float64)
     centred = x - x.mean(axis=0)
@@ -366,12 +366,12 @@ def embed_2d(x: np.ndarray, method: Literal["umap", "pca"] = "umap", seed: int =
                           "their 2-D coordinates are all 0.", UserWarning, stacklevel=3)
         return np.zeros((n, 2))
     if method == "pca":
-        return _pca_2d(x)
+        return pca_2d(x)
     if n < MIN_UMAP_SAMPLES:
         warnings.warn(f"only {n} samples of {name}: UMAP needs at least {MIN_UMAP_SAMPLES}, so "
                       "the 2-D coordinates are the first two principal components instead. "
                       "Choose more samples per group for UMAP.", UserWarning, stacklevel=3)
-        return _pca_2d(x)
+        return pca_2d(x)
     try:
         from .umapfit import fit_umap
     except ImportError as err:  # pragma: no cover - umap-learn is a dependency
@@ -391,7 +391,7 @@ def _chosen_chunks(data, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(int(s), p) for s, p in zip(starts, parts) if len(p)]
 
 
-def _read_chunk(data, rows: np.ndarray) -> np.ndarray:
+def read_chunk_rows(data, rows: np.ndarray) -> np.ndarray:
     """The given rows of one stored chunk of a (lazy) layer array: ``(len(rows), features)`` float32.
 
     One take on that chunk, computed alone: the chunk is read, its other rows dropped.
@@ -401,13 +401,13 @@ def _read_chunk(data, rows: np.ndarray) -> np.ndarray:
     return np.asarray(part, dtype=np.float32).reshape(len(rows), -1)
 
 
-def _read_chosen(data, rows: np.ndarray, put: Callable[[int, np.ndarray], None], progress: bool,
+def read_chosen(data, rows: np.ndarray, put: Callable[[int, np.ndarray], None], progress: bool,
                  desc: str) -> None:
     """Walk the stored chunks in order, handing each one's chosen rows to ``put(position, rows)``."""
     chunks = _chosen_chunks(data, np.asarray(rows, dtype=np.int64))
     with _bar(None, progress, desc, len(chunks), "chunk") as bar:
         for start, part in chunks:
-            put(start, _read_chunk(data, part))
+            put(start, read_chunk_rows(data, part))
             bar.update(1)
 
 
@@ -441,7 +441,7 @@ def _project_layer(data, rows: np.ndarray, pca_components: int, method: str, see
     if pca_components > 0 and features > pca_components and n >= MIN_UMAP_SAMPLES:
         k = min(pca_components, n, features)
         with Scratch(n, features) as scratch:
-            _read_chosen(data, rows, scratch.put, progress, f"read {layer}")
+            read_chosen(data, rows, scratch.put, progress, f"read {layer}")
             reduced, explained, how = scratch_pca(scratch, k, seed, progress, f"pca {layer}")
         return embed_2d(reduced, method, seed, f"layer {layer}"), k, explained, how
     x = np.empty((n, features), np.float32)  # no PCA: narrow rows (or very few, or asked for none)
@@ -449,7 +449,7 @@ def _project_layer(data, rows: np.ndarray, pca_components: int, method: str, see
     def put(start: int, part: np.ndarray) -> None:
         x[start : start + len(part)] = part
 
-    _read_chosen(data, rows, put, progress, f"read {layer}")
+    read_chosen(data, rows, put, progress, f"read {layer}")
     return embed_2d(x, method, seed, f"layer {layer}"), 0, 1.0, "none"
 
 

@@ -95,13 +95,13 @@ def extract_block(request: dict, extraction_id: str, block: int) -> int:
     """The task: write and record ``block`` of the extraction (a no-op when it is recorded)."""
     import zarr
 
-    from .local import _write_blocks
+    from .local import write_blocks
 
     with _LOCK:
         ex = _prepared(request, extraction_id)
         done_arr = zarr.open_array(st.zarr_store(ex.path), path=st.BLOCKS_DONE, mode="r+")
         if not done_arr[block]:
-            _write_blocks(ex, done_arr, [block], np.zeros(ex.n_blocks, bool), False, None)
+            write_blocks(ex, done_arr, [block], np.zeros(ex.n_blocks, bool), False, None)
         return block
 
 

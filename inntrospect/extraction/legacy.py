@@ -312,7 +312,7 @@ def read_legacy_folder(folder: str | os.PathLike, layer_names=None) -> LegacyFol
     return LegacyFolder(path, layers, files, groups, dtype)
 
 
-def _read_rows(path: Path) -> np.ndarray:
+def read_rows(path: Path) -> np.ndarray:
     """One batch file, memory-mapped (its rows are read as they are copied)."""
     try:
         return np.load(path, mmap_mode="r")
@@ -321,7 +321,7 @@ def _read_rows(path: Path) -> np.ndarray:
 
 
 # -- writing -----------------------------------------------------------------
-class _Stream:
+class ChunkStream:
     """Rows of one array into a chunk-sized buffer; each full chunk is one region write."""
 
     def __init__(self, array, chunk: int, shape: tuple[int, ...], what: str):
@@ -362,7 +362,7 @@ class _Stream:
         self.buf = None
 
 
-def _choose_codecs(legacy: LegacyFolder, plan: st.ChunkPlan) -> dict:
+def choose_legacy_codecs(legacy: LegacyFolder, plan: st.ChunkPlan) -> dict:
     """Extraction's rule: zstd-1 for arrays whose first rows shrink at least MIN_RATIO, else raw.
 
     The probe is the first ``min(128, chunk)`` samples of each array: at most one chunk in memory.
@@ -382,7 +382,7 @@ def _choose_codecs(legacy: LegacyFolder, plan: st.ChunkPlan) -> dict:
                 if got >= rows_wanted:
                     break
                 if f.n:
-                    rows = _read_rows(legacy.file_path(var, layer, f.file))
+                    rows = read_rows(legacy.file_path(var, layer, f.file))
                     take = min(f.n, rows_wanted - got)
                     np.copyto(a[got : got + take], rows[:take], casting="unsafe")
                     got += take
@@ -478,7 +478,7 @@ def import_legacy(
             "layers": [lay.name for lay in legacy.layers],
             "chunk_mib": plan.chunk_mib,
             "chunks": plan.chunks,
-            "codecs": _choose_codecs(legacy, plan),
+            "codecs": choose_legacy_codecs(legacy, plan),
             "extraction": {
                 "id": uuid.uuid4().hex,
                 "state": "incomplete",
@@ -513,7 +513,7 @@ def _write_data(legacy: LegacyFolder, path: st.Location, plan: st.ChunkPlan, pro
                                config={"write_empty_chunks": True})
 
     streams = [
-        (layer, var, _Stream(open_(layer.name, var), plan.chunks[layer.name], layer.shape,
+        (layer, var, ChunkStream(open_(layer.name, var), plan.chunks[layer.name], layer.shape,
                              f"{legacy.path / var / layer.folder}"))
         for layer in legacy.layers for var in (("acts", "grads") if layer.has_grads else ("acts",))
     ]
@@ -528,7 +528,7 @@ def _write_data(legacy: LegacyFolder, path: st.Location, plan: st.ChunkPlan, pro
         for f in legacy.files:
             if f.n:
                 for layer, var, stream in streams:
-                    rows = _read_rows(legacy.file_path(var, layer, f.file))
+                    rows = read_rows(legacy.file_path(var, layer, f.file))
                     stream.push(rows, f.file)
                     del rows  # one batch file per array at a time
             pos += f.n

@@ -329,7 +329,7 @@ def run_extraction(
         done = np.asarray(done_arr[:], dtype=bool)
         todo = [b for b in range(ex.n_blocks) if not done[b]]
         if client is None:
-            computed = _write_blocks(ex, done_arr, todo, done, progress, on_block)
+            computed = write_blocks(ex, done_arr, todo, done, progress, on_block)
         else:
             computed = extract_on_cluster(client, ex, todo, done, progress, on_block)
         if np.asarray(done_arr[:], dtype=bool).all():
@@ -340,7 +340,7 @@ def run_extraction(
     return computed
 
 
-def _write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
+def write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
     import zarr
 
     n, B = ex.corpus.n_samples, ex.plan.block
@@ -365,7 +365,7 @@ def _write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
         """Record blocks whose writes have all finished, in order."""
         while pending and (wait_all or all(f.done() for f in pending[0][4])):
             b, lo, hi, preds, futures = pending.popleft()
-            _finish(futures)
+            wait_writes(futures)
             for arr in predictions:
                 arr[lo:hi] = preds
             done_arr[b] = 1  # recorded only once all of the block is written
@@ -387,11 +387,11 @@ def _write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
                     s.start(lo)
                 preds = np.empty(hi - lo, np.int64)
                 for start, x in ex.corpus.batches(lo, hi, ex.batch_size):
-                    _check_finite(ex, x, start, "input")
+                    check_finite(ex, x, start, "input")
                     acts, grads, pred = ex.model.compute(
                         x, _targets(ex, start, start + len(x)), pad_to=ex.batch_size
                     )
-                    _check_finite(ex, acts[-1], start, "output")
+                    check_finite(ex, acts[-1], start, "output")
                     preds[start - lo : start - lo + len(x)] = pred
                     for s, var, i in streams:
                         s.push((acts if var == "acts" else grads)[i])
@@ -410,13 +410,13 @@ def _write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
     return computed
 
 
-def _finish(futures: list[Future]) -> None:
+def wait_writes(futures: list[Future]) -> None:
     wait(futures)
     for f in futures:
         f.result()  # re-raise a failed write
 
 
-def _check_finite(ex: Extraction, a: np.ndarray, start: int, what: str) -> None:
+def check_finite(ex: Extraction, a: np.ndarray, start: int, what: str) -> None:
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
         bad = start + int(np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))[0])
         f = int(np.searchsorted(ex.corpus.offsets, bad, side="right")) - 1

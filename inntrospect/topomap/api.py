@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import store as st
 from ..store import steps
-from .circle import distribute_in_circle as _distribute
+from . import circle
 from .images import image_extent, interpolate, triangulate, unit_values
 from .layout import METHODS, MIN_UNITS, Layout, profile_matrix
 from .quality import topographic_quality
@@ -73,7 +73,7 @@ def layout_units(nap, method: str = "umap", metric: str = "euclidean", seed: int
     xy = Layout(method, metric, seed).fit(profile_matrix(nap)).xy_
     t1 = time.perf_counter()
     if distribute_in_circle:
-        xy = _distribute(xy, seed=seed)
+        xy = circle.distribute_in_circle(xy, seed=seed)
     return xy, t1 - t0, time.perf_counter() - t1
 
 

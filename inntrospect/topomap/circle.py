@@ -140,7 +140,7 @@ def distribute_reference(p, n_steps: int = 100, jitter: float = 1e-6, seed=None)
 
 # --------------------------------------------------------------------------- exact
 # Kernel sources are plain Python here; numba compiles them on first use.
-# ``prange``, ``_f2i``, ``_i2f`` and ``_rows`` are filled in by _compiled() before
+# ``prange``, ``_f2i``, ``_i2f`` and ``_rows`` are filled in by compiled_kernels() before
 # compiling the drivers.
 prange = range
 
@@ -229,7 +229,7 @@ _KERNELS: dict = {}
 _LOCK = threading.Lock()
 
 
-def _compiled():
+def compiled_kernels():
     """Compile (or load from numba's on-disk cache) the exact kernels, once per process."""
     with _LOCK:
         if not _KERNELS:
@@ -273,7 +273,7 @@ def _compile():
 def _run_exact(p: np.ndarray, n_steps: int, jitter: float, seed) -> np.ndarray:
     n = len(p)
     rng = _rng(jitter, seed)
-    kernel = _compiled()["parallel" if n >= _PARALLEL_FROM else "serial"]
+    kernel = compiled_kernels()["parallel" if n >= _PARALLEL_FROM else "serial"]
     x = np.ascontiguousarray(p[:, 0])
     y = np.ascontiguousarray(p[:, 1])
     acc = np.empty((_CHUNKS, 2, n))

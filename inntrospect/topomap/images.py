@@ -13,7 +13,7 @@ method="linear")`` for each group ``g``, to the last bit (it is the same
 ``scipy.interpolate.LinearNDInterpolator``), but the Delaunay triangulation
 and its barycentric transforms are computed once and shared by all groups
 (``griddata`` redoes both per group), and the transforms are computed with
-one BLAS thread (see :func:`_one_blas_thread`). Measured on 4608 units, 10
+one BLAS thread (see :func:`one_blas_thread`). Measured on 4608 units, 10
 groups and the default 100 x 100 grid, on a busy 2-core machine (medians of 5):
 35-90 ms, against 330-670 ms for ``griddata`` per group run with one BLAS
 thread too (x7.5-9.4), and 1.2-3.8 s with OpenBLAS' default threads (x30-50).
@@ -136,7 +136,7 @@ def grid(xy, resolution: int = 100) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(x, y, indexing="xy")
 
 
-def _one_blas_thread():
+def one_blas_thread():
     """Limit BLAS/LAPACK to one thread while scipy computes the barycentric transforms.
 
     ``Delaunay.transform`` makes one tiny LAPACK call per triangle; with a
@@ -175,7 +175,7 @@ def triangulate(xy):
 
     xy = _check_xy(xy)
     try:
-        with _one_blas_thread():
+        with one_blas_thread():
             tri = Delaunay(xy)
             tri.transform  # noqa: B018 -- computed here, under the thread limit
     except QhullError as err:
@@ -275,7 +275,7 @@ def interpolate(
                 f"triangulation was made from other coordinates ({tri.points.shape[0]} "
                 f"points) than xy ({len(xy)} units); make it with triangulate(xy)."
             )
-        with _one_blas_thread():
+        with one_blas_thread():
             tri.transform  # noqa: B018 -- cached; computed here if it was not yet
     interp = LinearNDInterpolator(tri, values.T, fill_value=fill)
     out = interp(np.stack([gx.ravel(), gy.ravel()], axis=1))  # (pixel, group)

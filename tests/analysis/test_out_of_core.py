@@ -118,7 +118,7 @@ def test_naps_of_a_store_4x_the_worker_memory_on_a_local_cluster(tmp_path, reque
 
     # it ran on the cluster: one task per few stored chunks
     chunk_tasks = [t for t in stream.data if "naps-chunk" in str(t["key"])]
-    assert len(chunk_tasks) == sum(len(naps_module._task_chunks(codes, np.arange(0, n + 1, c), 1))
+    assert len(chunk_tasks) == sum(len(naps_module.task_chunks(codes, np.arange(0, n + 1, c), 1))
                                    for c in (chunk, 8192))
     # the same worker throughout: never killed, restarted or replaced
     assert list(after) == list(before)
@@ -147,7 +147,7 @@ def test_naps_of_a_store_4x_the_worker_memory_on_a_local_cluster(tmp_path, reque
 def kernels(request, monkeypatch):
     """Run a test with the compiled kernels and again with the plain numpy fallback."""
     if request.param == "numpy":
-        monkeypatch.setattr(compiled_module, "_KERNELS", [None])
+        monkeypatch.setattr(compiled_module, "KERNELS", [None])
     else:
         pytest.importorskip("numba")
     return request.param
@@ -162,7 +162,7 @@ def test_fused_alignment_equals_aligning_then_averaging(kernels, spatial):
     grads[:4] = 1.0  # constant saliency: not shifted
     labels = rng.choice(list("abc"), n)
     names, codes = naps_module.group_codes(labels)
-    got = naps_module.finalize_moments(naps_module._aligned_moments(acts, codes, grads),
+    got = naps_module.finalize_moments(naps_module.aligned_moments(acts, codes, grads),
                                        len(names), acts.shape[1:])[0]
     ref = align_reference(acts, grads).astype(np.float64)
     expected = np.stack([ref[labels == g].mean(0) for g in names])

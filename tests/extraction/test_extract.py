@@ -21,7 +21,7 @@ from inntrospect import (
 from inntrospect.extraction.local import prepare_extraction, run_extraction
 from inntrospect.store.info import describe_store
 
-from .conftest import (
+from ..conftest import (
     BATCH,
     CNN,
     CNN_LAYERS,

@@ -130,7 +130,7 @@ def test_input_shape_check(tmp_path):
 
 
 def test_mnist_example_script_writes_a_valid_corpus(tmp_path):
-    from .conftest import mnist_example
+    from ..conftest import mnist_example
 
     images = (np.arange(7 * 4 * 4) % 256).astype(np.uint8).reshape(7, 4, 4)
     labels = np.array([3, 1, 3, 3, 0, 1, 3], np.uint8)

@@ -16,7 +16,7 @@ from inntrospect.testing import store_from_arrays
 from inntrospect.topomap.circle import distribute_in_circle
 from inntrospect.topomap.layout import Layout, profile_matrix
 
-from .conftest import needs_shared
+from ..conftest import needs_shared
 
 GROUPS = np.repeat(["a", "b", "c"], 40)
 

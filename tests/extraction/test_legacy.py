@@ -24,7 +24,7 @@ from inntrospect.extraction import legacy
 from inntrospect.store import store_attrs, writer_lock
 from inntrospect.store.info import describe_store
 
-from .conftest import needs_shared
+from ..conftest import needs_shared
 
 SHAPES = {"layer000": (6, 5, 3), "layer001": (4, 4, 2), "layer002": (7,)}  # 2 spatial, 1 dense
 # group -> files in json order (not sorted, to check the json order is kept), rows per file
@@ -153,7 +153,7 @@ def test_layer_names_mapping_and_list(tmp_path):
 # -- streaming ------------------------------------------------------------------
 def test_one_batch_file_per_array_at_a_time(tmp_path, monkeypatch):
     write_folder(tmp_path / "c")
-    real = legacy._read_rows
+    real = legacy.read_rows
     alive: dict = {}
     peak: dict = {}
     calls = []
@@ -171,8 +171,8 @@ def test_one_batch_file_per_array_at_a_time(tmp_path, monkeypatch):
         weakref.finalize(a, gone)
         return a
 
-    monkeypatch.setattr(legacy, "_read_rows", spy)
-    monkeypatch.setattr(legacy, "_choose_codecs", lambda lf, plan: {
+    monkeypatch.setattr(legacy, "read_rows", spy)
+    monkeypatch.setattr(legacy, "choose_legacy_codecs", lambda lf, plan: {
         lay.name: {v: None for v in (("acts", "grads") if lay.has_grads else ("acts",))}
         for lay in lf.layers})
     legacy.import_legacy(tmp_path / "c", tmp_path / "s.zarr", chunk_mib=0.002)
@@ -295,7 +295,7 @@ def test_store_locked(folder, tmp_path):
 
 
 def test_interrupted_import_is_incomplete(folder, tmp_path, monkeypatch):
-    real, calls = legacy._Stream.push, []
+    real, calls = legacy.ChunkStream.push, []
 
     def failing(self, rows, file):
         calls.append(file)
@@ -303,7 +303,7 @@ def test_interrupted_import_is_incomplete(folder, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(self, rows, file)
 
-    monkeypatch.setattr(legacy._Stream, "push", failing)
+    monkeypatch.setattr(legacy.ChunkStream, "push", failing)
     with pytest.raises(KeyboardInterrupt):
         legacy.import_legacy(folder, tmp_path / "s.zarr", chunk_mib=0.002)
     assert store_attrs(tmp_path / "s.zarr")["extraction"]["state"] == "incomplete"
@@ -312,7 +312,7 @@ def test_interrupted_import_is_incomplete(folder, tmp_path, monkeypatch):
     with pytest.raises(IncompleteStoreError):
         inntrospect.naps(tmp_path / "s.zarr")
     assert "incomplete" in describe_store(tmp_path / "s.zarr")
-    monkeypatch.setattr(legacy._Stream, "push", real)
+    monkeypatch.setattr(legacy.ChunkStream, "push", real)
     legacy.import_legacy(folder, tmp_path / "s.zarr", chunk_mib=0.002, overwrite=True)
     assert inntrospect.open_store(tmp_path / "s.zarr") is not None
 

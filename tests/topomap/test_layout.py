@@ -88,7 +88,7 @@ def test_graph_layout_without_numba_keeps_the_clusters_apart(monkeypatch):
 
     import inntrospect.analysis.compiled as compiled
 
-    monkeypatch.setattr(compiled, "_KERNELS", [None])
+    monkeypatch.setattr(compiled, "KERNELS", [None])
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 0.1, (20, 6)), rng.normal(3, 0.1, (20, 6))])
     xy = Layout("graph", seed=0).fit(x).xy_

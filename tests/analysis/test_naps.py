@@ -25,7 +25,7 @@ from inntrospect.analysis.profiles import (
 from inntrospect.errors import GroupNotFoundError
 from inntrospect.testing import store_from_arrays
 
-from .conftest import NoCompute, needs_shared
+from ..conftest import NoCompute, needs_shared
 
 
 def numpy_naps(x, labels):

@@ -21,7 +21,7 @@ SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 def _griddata_images(xy, values, resolution, fill=np.nan):
     """The reference: ``griddata`` per group (with one BLAS thread, its fastest setting)."""
     gx, gy = im.grid(xy, resolution)
-    with im._one_blas_thread():
+    with im.one_blas_thread():
         return np.stack(
             [griddata(xy, v, (gx, gy), method="linear", fill_value=fill) for v in values]
         )

@@ -25,8 +25,8 @@ from inntrospect import store as st
 from inntrospect.errors import IncompleteStoreError, StoreLockedError
 from inntrospect.store.backends import Location
 
-from .conftest import BATCH, CNN, CNN_LAYERS, needs_shared
-from .test_pipeline import CONFIG
+from ..conftest import BATCH, CNN, CNN_LAYERS, needs_shared
+from ..test_pipeline import CONFIG
 
 pytestmark = needs_shared
 

@@ -10,7 +10,7 @@ from hypothesis.extra import numpy as hnp
 
 from inntrospect.analysis.alignment import align_kernel, align_reference, shifts
 
-from .conftest import NoCompute, needs_shared
+from ..conftest import NoCompute, needs_shared
 
 
 @st.composite

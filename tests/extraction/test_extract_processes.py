@@ -16,7 +16,7 @@ import inntrospect
 from inntrospect import StoreLockedError
 from inntrospect.extraction.local import prepare_extraction, run_extraction
 
-from .conftest import CNN, CNN_LAYERS, needs_shared, python_env, write_mnist_corpus
+from ..conftest import CNN, CNN_LAYERS, needs_shared, python_env, write_mnist_corpus
 
 pytestmark = [needs_shared, pytest.mark.slow]
 pytest.importorskip("tensorflow")

@@ -22,7 +22,7 @@ from inntrospect.analysis.projection import (
 from inntrospect.errors import IncompleteStoreError, LayerNotFoundError, StoreError
 from inntrospect.testing import store_from_arrays
 
-from .conftest import needs_shared
+from ..conftest import needs_shared
 
 
 def low_rank(rng, n, features, rank=8, noise=1e-3, centres=None, labels=None):
@@ -115,13 +115,13 @@ def test_instance_projection_pca_equals_sklearn_pca(wide_store, monkeypatch):
 
     path, arrays, labels = wide_store
     read = []
-    original = projection._read_chunk
+    original = projection.read_chunk_rows
 
     def counting(data, rows):
         read.append(rows)
         return original(data, rows)
 
-    monkeypatch.setattr(projection, "_read_chunk", counting)
+    monkeypatch.setattr(projection, "read_chunk_rows", counting)
     monkeypatch.setattr(projection, "BLOCK_MIB", 40 * 400 * 8 / 2**20)  # 40 columns of 400 rows
     out = instance_projection(path, 150, "random", 3, layers=["conv"], pca_components=10,
                               method="pca")["conv"]
@@ -260,7 +260,7 @@ def test_disk_scratch_equals_memory_and_leaves_nothing(tmp_path, monkeypatch):
     on_disk = instance_projection(path, 45, "first", pca_components=9, method="pca",
                                   progress=True)["w"]
     np.testing.assert_array_equal(on_disk["xy"].values, in_memory["xy"].values)
-    np.testing.assert_allclose(on_disk["xy"].values, projection._pca_2d(want), rtol=1e-9,
+    np.testing.assert_allclose(on_disk["xy"].values, projection.pca_2d(want), rtol=1e-9,
                                atol=1e-9 * np.abs(want).max())
 
     def broken(*args, **kwargs):
@@ -287,7 +287,7 @@ def test_reading_keeps_only_the_chosen_rows(tmp_path):
     tracemalloc.start()
     try:
         with Scratch(len(rows), 20_000) as scratch:
-            projection._read_chosen(data, rows, scratch.put, False, "read")
+            projection.read_chosen(data, rows, scratch.put, False, "read")
             scores, _ = gram_pca(scratch, 5)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -321,7 +321,7 @@ def test_pca_of_the_mnist_cnn_store_equals_sklearn(cnn_store):
     assert subspace_gap(out["xy"].values, want[:, :2]) < 1e-6
     data = tree[f"layers/{widest}"]["acts"].data
     with Scratch(len(rows), x.shape[1]) as scratch:
-        projection._read_chosen(data, rows, scratch.put, False, "read")
+        projection.read_chosen(data, rows, scratch.put, False, "read")
         scores, _ = gram_pca(scratch, 50)
     assert subspace_gap(scores, want) < 1e-6
 
@@ -335,12 +335,12 @@ def test_narrow_layers_and_no_pca_use_the_rows(wide_store):
     assert dense.attrs["pca_components_used"] == 0 and dense.attrs["explained_variance"] == 1.0
     assert dense.attrs["pca_method"] == "none" and out["conv"].attrs["pca_method"] == "exact"
     np.testing.assert_allclose(np.abs(dense["xy"].values),
-                               np.abs(projection._pca_2d(arrays["dense"][rows])), rtol=1e-9)
+                               np.abs(projection.pca_2d(arrays["dense"][rows])), rtol=1e-9)
     assert out["conv"].attrs["pca_components_used"] == 50
     off = instance_projection(path, 30, "first", layers="conv", method="pca", pca_components=0)
     assert off["conv"].attrs["pca_components_used"] == 0 and off["conv"].attrs["pca_method"] == "none"
     np.testing.assert_allclose(np.abs(off["conv"]["xy"].values),
-                               np.abs(projection._pca_2d(arrays["conv"][rows])), rtol=1e-6)
+                               np.abs(projection.pca_2d(arrays["conv"][rows])), rtol=1e-6)
 
 
 def test_tiny_and_constant_layers_do_not_crash(tmp_path):

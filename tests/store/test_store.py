@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from inntrospect import ConfigError, StoreError, StoreLockedError, store
 from inntrospect.config import load_config
 
-from .conftest import python_env
+from ..conftest import python_env
 
 
 @given(
@@ -141,7 +141,7 @@ def test_config_errors(tmp_path, text, match):
 
 
 def test_example_configs_point_at_the_shared_models():
-    from .conftest import CNN, MLP, ROOT
+    from ..conftest import CNN, MLP, ROOT
 
     for name, model in [("cnn", CNN), ("mlp", MLP)]:
         kw = load_config(ROOT / "examples" / "mnist" / f"{name}.toml").extract_kwargs()

@@ -16,7 +16,7 @@ from inntrospect.topomap.circle import (
     distribute_reference,
 )
 
-from .conftest import ROOT, python_env
+from ..conftest import ROOT, python_env
 
 
 def minmax(p):
