@@ -184,8 +184,8 @@ class Timers:
 
 def instrumented_run(ex, run_extraction) -> tuple[float, Timers]:
     """One extraction with timers around its steps (patched for this call only)."""
-    xm = importlib.import_module("inntrospect.extraction.local")  # the module (the package re-exports a function)
-    sm = importlib.import_module("inntrospect.store")
+    xm = importlib.import_module("inntrospect.extraction.writer")
+    sm = importlib.import_module("inntrospect.store.nodes")
     cm = importlib.import_module("inntrospect.extraction.corpus")
     timers = Timers()
     saved = [
@@ -197,6 +197,9 @@ def instrumented_run(ex, run_extraction) -> tuple[float, Timers]:
     xm.wait_writes = timers.wrap("wait for writes (wait_writes)", xm.wait_writes)
     xm.check_finite = timers.wrap("check_finite", xm.check_finite)
     sm.create_store = timers.wrap("store.create_store", sm.create_store)
+    st_pkg = importlib.import_module("inntrospect.store")
+    saved.append((st_pkg, "create_store", st_pkg.create_store))
+    st_pkg.create_store = sm.create_store
     sm.consolidate = timers.wrap("store.consolidate (incl. in create_store)", sm.consolidate)
     cm.Corpus.read = timers.wrap("Corpus.read (batches)", cm.Corpus.read)
     ex.model.compute = timers.wrap("model.compute", compute)
@@ -249,13 +252,9 @@ def main(argv=None) -> None:
 
     import inntrospect
     from inntrospect.extraction.corpus import read_corpus
-    from inntrospect.extraction.local import (
-        CODEC,
-        choose_codecs,
-        measure_ratios,
-        prepare_extraction,
-        run_extraction,
-    )
+    from inntrospect.extraction.local import prepare_extraction, run_extraction
+    from inntrospect.extraction.prepare import measure_ratios
+    from inntrospect.store.codecs import CODEC, choose_codecs
 
     sys.path.insert(0, str(ROOT / "examples" / "mnist"))
     from make_corpus import write_mnist_corpus

@@ -160,7 +160,7 @@ def _probe():
     kb = {k: int(line.split()[1]) for line in status.splitlines()
           for k in ("VmHWM", "VmRSS") if line.startswith(k + ":")}
     t = os.times()
-    return {"loads": de._LOADS["count"], "peak_mb": kb.get("VmHWM", 0) / 1024, "rss_mb": kb.get("VmRSS", 0) / 1024,
+    return {"loads": de.MODEL_LOADS["count"], "peak_mb": kb.get("VmHWM", 0) / 1024, "rss_mb": kb.get("VmRSS", 0) / 1024,
             "pid": os.getpid(), "cpu": t.user + t.system}
 
 

@@ -113,8 +113,8 @@ def build_store(path: Path, source: Path, n: int, chunk_mib: float | None) -> di
     import numcodecs
     import zarr
 
-    from inntrospect.extraction.local import CODEC, MIN_RATIO
     from inntrospect.store import plan_chunks
+    from inntrospect.store.codecs import CODEC, MIN_RATIO
     from inntrospect.testing import store_from_arrays
 
     src = zarr.open_group(str(source), mode="r")

@@ -7,23 +7,15 @@ time, so stores larger than memory can be built from generated data.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import store as st
+from .errors import ParameterError
 
 __all__ = ["store_from_arrays"]
-
-
-@dataclass(frozen=True)
-class _Layer:
-    name: str
-    shape: tuple[int, ...]
-    has_grads: bool
 
 
 def store_from_arrays(
@@ -52,42 +44,36 @@ def store_from_arrays(
         "grads": None}``; or per layer and variable, ``{layer: {"acts": ...,
         "grads": ...}}`` (arrays left out are stored raw).
     """
-    import zarr
-
     path = Path(path)
     grads = dict(grads or {})
     groups = np.asarray(groups).astype(str)
     n = len(groups)
-    layers = [_Layer(k, tuple(v.shape[1:]), k in grads) for k, v in acts.items()]
+    layers = [st.LayerSpec(k, tuple(v.shape[1:]), k in grads) for k, v in acts.items()]
     for k, v in [*acts.items(), *grads.items()]:
         if v.shape[0] != n:
-            raise ValueError(f"{k} has {v.shape[0]} samples, groups has {n}.")
+            raise ParameterError(f"{k} has {v.shape[0]} samples, groups has {n}: give one group label "
+                                 "per sample.")
     per = {k: chunks for k in acts} if isinstance(chunks, int) else dict(chunks)
     block = max(per.values())
     plan = st.ChunkPlan(per, block, 0.0)
-    attrs = {
-        "format": st.FORMAT, "format_version": st.FORMAT_VERSION,
-        "model": {"framework": "arrays", "path": None, "sha256": None},
-        "corpus": {"path": None, "n_samples": n, "n_files": 0},
-        "layers": list(acts), "chunk_mib": 0.0, "chunks": per,
-        "codecs": {k: {var: _codec_of(codec, k, var) for var in ("acts", "grads")
-                       if var == "acts" or k in grads} for k in acts},
-        "extraction": {"id": uuid.uuid4().hex, "state": "incomplete", "gradient_target": None,
-                       "block": block, "n_blocks": plan.n_blocks(n)},
-    }
+    attrs = st.new_extraction(st.root_attrs(
+        model={"framework": "arrays", "path": None, "sha256": None},
+        corpus={"path": None, "n_samples": n, "n_files": 0}, layers=layers, plan=plan, n_samples=n,
+        gradient_target=None,
+        codecs={k: {var: _codec_of(codec, k, var) for var in ("acts", "grads")
+                    if var == "acts" or k in grads} for k in acts}))
     table = {"group": groups, "file": np.full(n, ""), "index_in_file": np.arange(n),
              "target": np.full(n, -1)}
     st.remove_store(path)
     st.create_store(path, attrs, layers, plan, table)
-    root = zarr.open_group(str(path), mode="r+")
     for source, var in ((acts, "acts"), (grads, "grads")):
         for name, arr in source.items():
-            out = root[f"layers/{name}/{var}"]
+            out = st.open_array(path, name, var, write=True)
             step = per[name]
             for lo in range(0, n, step):
                 out[lo : lo + step] = np.asarray(arr[lo : lo + step], dtype=np.float32)
-    root[st.BLOCKS_DONE][:] = 1
-    st.update_attrs(path, extraction={**attrs["extraction"], "state": "complete"})
+    st.blocks_done(path, write=True)[:] = 1
+    st.finish_extraction(path)
     return path
 
 

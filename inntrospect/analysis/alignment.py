@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import ParameterError, StoreError
 
 __all__ = ["shifts", "align_kernel", "align_reference", "align"]
 
@@ -209,7 +209,8 @@ def align_kernel(acts: np.ndarray, grads: np.ndarray, out: np.ndarray | None = N
     returned as they are.
     """
     if acts.shape != grads.shape:
-        raise ValueError(f"acts {acts.shape} and grads {grads.shape} must have one shape.")
+        raise ParameterError(f"acts {acts.shape} and grads {grads.shape} must have one shape: pass "
+                             "the activations and gradients of the same layer and samples.")
     spatial = acts.shape[1:-1]
     if not spatial:
         return acts
@@ -271,16 +272,16 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
     import dask.array as da
     import xarray as xr
 
-    from ..store import open_store
+    from .. import store as st
 
     if persist:
         if isinstance(store, xr.DataTree):
             raise StoreError("align(persist=True) writes into the store: pass its path, not an opened tree.")
-        return _persist(store, progress)
-    tree = store if isinstance(store, xr.DataTree) else open_store(store)
+        return _persist(st.Store.open(store), progress)
+    tree = store if isinstance(store, xr.DataTree) else st.Store.open(store).tree()
     result = {}
     for name in tree.attrs["layers"]:
-        node = tree[f"layers/{name}"]
+        node = tree[st.layer_path(name)]
         acts = node["acts"]
         if "grads" not in node or acts.ndim <= 2:
             result[name] = acts
@@ -290,33 +291,23 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
     return result
 
 
-def _persist(path, progress: bool) -> dict:
+def _persist(store, progress: bool) -> dict:
     """Write ``aligned`` chunk by chunk (one task per stored chunk) and record the step."""
     import dask.array as da
-    import zarr
 
     from .. import store as st
     from ..scheduler import compute
     from ..store import steps
 
-    with st.writer_lock(path):
-        lazy = {k: v for k, v in align(path).items() if v.name == "aligned"}
-        attrs = st.store_attrs(path)
-        rec = steps.new_record("align", {}, {"extraction": attrs["extraction"]["id"]}, list(lazy))
-        steps.begin(path, rec)
-        root = zarr.open_group(st.zarr_store(path), mode="r+")
-        writes = []
-        for layer, arr in lazy.items():
-            acts = root[f"layers/{layer}/acts"]
-            target = root.create_array(
-                f"layers/{layer}/aligned", shape=acts.shape, chunks=acts.chunks, dtype="float32",
-                fill_value=np.nan, dimension_names=arr.dims, overwrite=True,
-                compressors=st.zarr_codecs(attrs["codecs"][layer]["acts"]),
-                attributes={"coordinates": acts.attrs.get("coordinates", ""),
-                            **steps.node_attrs(rec, layer)},
-            )
-            writes.append(da.store(arr.data, target, lock=False, compute=False))
-        st.consolidate(path)
-        compute(*writes, progress=progress, desc="align")
-        steps.finish(path, rec)
-    return steps.load(path, "align")
+    with store.writing():
+        lazy = {k: v for k, v in align(store).items() if v.name == "aligned"}
+        with steps.recording(store, "align", {}, {}, lazy) as rec:
+            writes = []
+            for layer, arr in lazy.items():
+                target = st.create_derived_array(
+                    store, layer, "aligned", dims=arr.dims, codec=store.attrs["codecs"][layer]["acts"],
+                    attributes=steps.node_attrs(rec, layer))
+                writes.append(da.store(arr.data, target, lock=False, compute=False))
+            st.consolidate(store)
+            compute(*writes, progress=progress, desc="align")
+    return steps.load(store, "align")

@@ -52,6 +52,7 @@ from typing import Literal
 import numpy as np
 
 from .. import store as st
+from ..errors import MissingDependencyError, ParameterError
 from ..store import steps
 
 __all__ = ["instance_projection", "persist_projection", "choose_samples", "plan_blocks", "Scratch", "gram_pca",
@@ -97,7 +98,8 @@ def choose_samples(labels: Sequence, samples_per_group: int = 100,
     _check_choice("sampling", sampling, SAMPLINGS)
     if isinstance(samples_per_group, bool) or int(samples_per_group) != samples_per_group \
             or samples_per_group < 1:
-        raise ValueError(f"samples_per_group must be a positive integer, got {samples_per_group!r}.")
+        raise ParameterError(f"samples_per_group must be a positive integer, got {samples_per_group!r}. "
+                             f"Pass how many samples of each group to project, e.g. 100.")
     n = int(samples_per_group)
     labels = np.asarray(labels)
     if labels.dtype.kind != "U":
@@ -375,8 +377,8 @@ def embed_2d(x: np.ndarray, method: Literal["umap", "pca"] = "umap", seed: int =
     try:
         from .umapfit import fit_umap
     except ImportError as err:  # pragma: no cover - umap-learn is a dependency
-        raise ImportError("instance_projection needs umap-learn: pip install umap-learn "
-                          "(or pass method='pca').") from err
+        raise MissingDependencyError("instance_projection needs umap-learn: pip install umap-learn "
+                                     "(or pass method='pca').") from err
     return fit_umap(x, n_neighbors=min(N_NEIGHBORS, n - 1), seed=seed, n_jobs=1)
 
 
@@ -420,7 +422,7 @@ def _bar(items, progress: bool, desc: str, total: int | None = None, unit: str =
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+        raise ParameterError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
 def _open(store):
@@ -429,7 +431,8 @@ def _open(store):
 
     if isinstance(store, xr.DataTree):
         return store, dict(store.attrs), None
-    tree = st.open_store(store)  # raises IncompleteStoreError
+    store = st.Store.open(store)
+    tree = store.tree()  # raises IncompleteStoreError
     return tree, dict(tree.attrs), store
 
 
@@ -464,24 +467,16 @@ def persist_projection(store, results: dict) -> dict:
     """
     from ..errors import StaleResultError
 
-    steps.need_path(store, "persist_projection")
+    store = steps.writable(store, "persist_projection")
     if not results:
-        raise ValueError("no projections to write.")
+        raise ParameterError("expected projections of at least one layer, got none. Pass what "
+                             "instance_projection(store, persist=False) returned.")
     first = next(iter(results.values()))
-    with st.writer_lock(store):
-        extraction = st.store_attrs(store)["extraction"]["id"]
-        if any(ds.attrs["inputs"]["extraction"] != extraction for ds in results.values()):
+    with store.writing():
+        if any(ds.attrs["inputs"]["extraction"] != store.extraction_id for ds in results.values()):
             raise StaleResultError(f"{store} was extracted anew while these projections were "
                                    "computed; project again: inntrospect project CONFIG")
-        return _write(store, results, first.attrs["params"])
-
-
-def _write(store, results: dict, params: dict) -> dict:
-    """The projection step's record and nodes (the caller holds the writer lock)."""
-    attrs = st.store_attrs(store)
-    rec = steps.new_record("projection", params, {"extraction": attrs["extraction"]["id"]},
-                           list(results))
-    return steps.write_results(store, rec, results)
+        return steps.persist(store, "projection", first.attrs["params"], {}, results)
 
 
 def instance_projection(store, samples_per_group: int = 100,
@@ -544,16 +539,17 @@ def instance_projection(store, samples_per_group: int = 100,
     _check_choice("sampling", sampling, SAMPLINGS)
     _check_choice("method", method, METHODS)
     if isinstance(pca_components, bool) or int(pca_components) != pca_components or pca_components < 0:
-        raise ValueError(f"pca_components must be an integer >= 0 (0: no PCA), got {pca_components!r}.")
+        raise ParameterError(f"pca_components must be an integer >= 0 (0: no PCA), got "
+                             f"{pca_components!r}. Pass e.g. 50 (the default).")
     params = {"samples_per_group": int(samples_per_group), "sampling": sampling, "seed": int(seed),
               "pca_components": int(pca_components), "method": method}
     if persist:
-        steps.need_path(store, "instance_projection(persist=True)")
-        with st.writer_lock(store):
+        store = steps.writable(store, "instance_projection(persist=True)")
+        with store.writing():
             results = instance_projection(store, samples_per_group, sampling, seed, layers=layers,
                                           pca_components=pca_components, method=method,
                                           progress=progress)
-            return _write(store, results, params)
+            return steps.persist(store, "projection", params, {}, results)
     choose_samples([], samples_per_group, sampling, seed)  # validates before opening anything
     tree, attrs, path = _open(store)
     names = steps.select_layers(attrs.get("layers", []), layers, path if path is not None else "the store")
@@ -561,14 +557,14 @@ def instance_projection(store, samples_per_group: int = 100,
     result = {}
     if not names:
         return result
-    labels = np.asarray(tree[f"layers/{names[0]}"]["group"].values).astype(object).astype(str)
+    labels = np.asarray(tree[st.layer_path(names[0])]["group"].values).astype(object).astype(str)
     rows = choose_samples(labels, samples_per_group, sampling, seed)
     import xarray as xr
 
     from ..scheduler import progress_bar
 
     for layer in progress_bar(names, progress, "projection", len(names)):
-        data = tree[f"layers/{layer}"]["acts"].data
+        data = tree[st.layer_path(layer)]["acts"].data
         xy, k, explained, how = _project_layer(data, rows, int(pca_components), method, int(seed),
                                                layer, progress)
         result[layer] = xr.Dataset(

@@ -31,13 +31,13 @@ from .. import store as st
 from ..errors import ConfigError, StoreMismatchError
 
 if TYPE_CHECKING:
-    from .local import Extraction
+    from .prepare import Extraction
 
 __all__ = ["cluster_client", "extract_on_cluster", "extract_block"]
 
 #: per worker process: the prepared extraction (one at a time) and how often one was prepared
 _PREPARED: dict[tuple, Extraction] = {}
-_LOADS = {"count": 0}
+MODEL_LOADS = {"count": 0}
 #: one block at a time per process: TensorFlow already uses every core it has
 _LOCK = threading.Lock()
 
@@ -70,10 +70,10 @@ def cluster_client(where: str):
 
 def _prepared(request: dict, extraction_id: str) -> Extraction:
     """This process's extraction of ``request``, prepared once; checked against the store."""
-    from .local import prepare_extraction
+    from .prepare import prepare_extraction
 
-    attrs = st.store_attrs(request["store"])
-    now = attrs.get("extraction", {}).get("id")
+    store = st.Store.open(request["store"])
+    now = store.extraction_id
     if now != extraction_id:
         raise StoreMismatchError(
             f"{request['store']} holds extraction {now} now, not {extraction_id} whose block this "
@@ -85,21 +85,19 @@ def _prepared(request: dict, extraction_id: str) -> Extraction:
     if ex is None:
         _PREPARED.clear()  # one model per worker process
         ex = prepare_extraction(**request)
-        _LOADS["count"] += 1
+        MODEL_LOADS["count"] += 1
         _PREPARED[key] = ex
-    st.check_same(attrs, ex.attrs, ex.path)  # this worker sees the same model and corpus
+    st.check_same(store.attrs, ex.attrs, ex.path)  # this worker sees the same model and corpus
     return ex
 
 
 def extract_block(request: dict, extraction_id: str, block: int) -> int:
     """The task: write and record ``block`` of the extraction (a no-op when it is recorded)."""
-    import zarr
-
-    from .local import write_blocks
+    from .writer import write_blocks
 
     with _LOCK:
         ex = _prepared(request, extraction_id)
-        done_arr = zarr.open_array(st.zarr_store(ex.path), path=st.BLOCKS_DONE, mode="r+")
+        done_arr = st.blocks_done(ex.path, write=True)
         if not done_arr[block]:
             write_blocks(ex, done_arr, [block], np.zeros(ex.n_blocks, bool), False, None)
         return block
@@ -113,7 +111,7 @@ def extract_on_cluster(client, ex: Extraction, todo: list[int], done: np.ndarray
     if ex.request is None:
         raise ConfigError("this extraction was not made by prepare_extraction(); it cannot be "
                           "sent to a cluster.")
-    extraction_id = st.store_attrs(ex.path)["extraction"]["id"]
+    extraction_id = st.Store.open(ex.path).extraction_id
     n, B = ex.corpus.n_samples, ex.plan.block
     bar = None
     if progress:

@@ -37,8 +37,6 @@ import hashlib
 import json
 import os
 import re
-import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,17 +57,10 @@ _CODEC_PROBE_ROWS = 128
 
 
 @dataclass(frozen=True)
-class LegacyLayer:
-    """One layer folder: store name, folder name (``layerNNN``), shape per sample, grads?"""
+class LegacyLayer(st.LayerSpec):
+    """One layer folder: a layer of the store (name, shape per sample, grads?) and its folder ``layerNNN``."""
 
-    name: str
-    folder: str
-    shape: tuple[int, ...]
-    has_grads: bool
-
-    @property
-    def bytes_per_sample(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * 4
+    folder: str = ""
 
 
 @dataclass(frozen=True)
@@ -304,7 +295,7 @@ def read_legacy_folder(folder: str | os.PathLike, layer_names=None) -> LegacyFol
         if not shape:
             raise CorpusError(f"{path / 'acts' / folder_name} holds scalars per sample; expected "
                               "at least a unit axis (samples, ..., units).")
-        layers.append(LegacyLayer(name, folder_name, tuple(shape), has_grads))
+        layers.append(LegacyLayer(name, tuple(shape), has_grads, folder_name))
     files = [LegacyFile(g, f, counts[f]) for g, f in order]
     if sum(f.n for f in files) == 0:
         raise CorpusError(f"the batch files of {path} hold no samples.")
@@ -369,9 +360,7 @@ def choose_legacy_codecs(legacy: LegacyFolder, plan: st.ChunkPlan) -> dict:
     """
     import numcodecs
 
-    from .local import CODEC, choose_codecs
-
-    codec = numcodecs.Zstd(level=CODEC["level"])
+    codec = numcodecs.Zstd(level=st.CODEC["level"])
     sizes: dict[str, dict[str, tuple[int, int]]] = {}
     for layer in legacy.layers:
         rows_wanted = min(_CODEC_PROBE_ROWS, plan.chunks[layer.name], legacy.n_samples)
@@ -389,11 +378,7 @@ def choose_legacy_codecs(legacy: LegacyFolder, plan: st.ChunkPlan) -> dict:
                     del rows
             sizes.setdefault(layer.name, {})[var] = (a.nbytes, len(codec.encode(a)))
             del a
-    return choose_codecs(sizes)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return st.choose_codecs(sizes)
 
 
 def import_legacy(
@@ -448,47 +433,23 @@ def import_legacy(
     ...                      {"layer000": "conv2d_24"})  # doctest: +SKIP
     >>> inntrospect.naps(path)["conv2d_24"].nap.compute()  # doctest: +SKIP
     """
-    import zarr
-
     legacy = read_legacy_folder(folder, layer_names)
     path = st.location(store)
     n = legacy.n_samples
-    plan = st.plan_chunks(
-        {lay.name: lay.bytes_per_sample for lay in legacy.layers},
-        chunk_mib,
-        sum(lay.bytes_per_sample * (2 if lay.has_grads else 1) for lay in legacy.layers),
-        max_samples=min(st.MAX_CHUNK_SAMPLES, 1 << max(0, n - 1).bit_length()),
-    )
+    plan = st.plan_for(legacy.layers, chunk_mib, n)
     with st.writer_lock(path):
-        if path.exists() and not overwrite:
-            being_created = st.is_store(path) and "extraction" not in st.store_attrs(path)
-            if not being_created and (path.read_text("zarr.json") is not None or path.is_nonempty_non_store()):
-                what = "a store" if st.is_store(path) else "something that is not a store"
-                raise StoreError(
-                    f"{path} already exists and holds {what}. Choose another store path, or pass "
-                    "overwrite=True (--overwrite) to replace it."
-                )
+        if not overwrite and (what := st.occupant(path)):
+            raise StoreError(
+                f"{path} already exists and holds {what}. Choose another store path, or pass "
+                "overwrite=True (--overwrite) to replace it."
+            )
         st.remove_store(path)
-        attrs = {
-            "format": st.FORMAT,
-            "format_version": st.FORMAT_VERSION,
-            "model": {"framework": "legacy", "source": str(legacy.path), "path": str(legacy.path),
-                      "sha256": None},
-            "corpus": legacy.identity(),
-            "layers": [lay.name for lay in legacy.layers],
-            "chunk_mib": plan.chunk_mib,
-            "chunks": plan.chunks,
-            "codecs": choose_legacy_codecs(legacy, plan),
-            "extraction": {
-                "id": uuid.uuid4().hex,
-                "state": "incomplete",
-                "gradient_target": None,  # unknown: the folder does not say
-                "block": plan.block,
-                "n_blocks": plan.n_blocks(n),
-                "started": _now(),
-                "source": "import-legacy",
-            },
-        }
+        attrs = st.new_extraction(st.root_attrs(
+            model={"framework": "legacy", "source": str(legacy.path), "path": str(legacy.path),
+                   "sha256": None},
+            corpus=legacy.identity(), layers=legacy.layers, plan=plan, n_samples=n,
+            gradient_target=None,  # unknown: the folder does not say
+            codecs=choose_legacy_codecs(legacy, plan), source="import-legacy"))
         table = {
             "group": np.array([f.group for f in legacy.files for _ in range(f.n)], dtype=object),
             "file": np.array([f.file for f in legacy.files for _ in range(f.n)], dtype=object),
@@ -498,26 +459,21 @@ def import_legacy(
         st.create_store(path, attrs, legacy.layers, plan, table)
         del table
         _write_data(legacy, path, plan, progress)
-        root = zarr.open_group(st.zarr_store(path), mode="r+")
-        root[st.BLOCKS_DONE][:] = 1
-        st.update_attrs(path, extraction={**attrs["extraction"], "state": "complete",
-                                          "finished": _now()})
+        st.blocks_done(path, write=True)[:] = 1
+        st.finish_extraction(path)
     return path
 
 
 def _write_data(legacy: LegacyFolder, path: st.Location, plan: st.ChunkPlan, progress: bool) -> None:
-    import zarr
-
     def open_(layer, var):
-        return zarr.open_array(st.zarr_store(path), path=f"layers/{layer}/{var}", mode="r+",
-                               config={"write_empty_chunks": True})
+        return st.open_array(path, layer, var, write=True)
 
     streams = [
         (layer, var, ChunkStream(open_(layer.name, var), plan.chunks[layer.name], layer.shape,
                              f"{legacy.path / var / layer.folder}"))
         for layer in legacy.layers for var in (("acts", "grads") if layer.has_grads else ("acts",))
     ]
-    done = zarr.open_array(st.zarr_store(path), path=st.BLOCKS_DONE, mode="r+")
+    done = st.blocks_done(path, write=True)
     bar = None
     if progress:
         from ..scheduler import bar as make_bar

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ParameterTypeError
+
 __all__ = ["Location", "location"]
 
 #: an object-storage lease lasts this long unless renewed (a crashed writer's lease expires)
@@ -64,7 +66,8 @@ class Location:
 
     def __fspath__(self) -> str:
         if not self.is_local:  # os.fspath() of a URL would silently make a local folder named s3:
-            raise TypeError(f"{self.url} is an object-store URL, not a local path.")
+            raise ParameterTypeError(f"{self.url} is an object-store URL, not a local path; open it "
+                                     "through inntrospect (or fsspec), not as a file.")
         return self.url
 
     # -- zarr and fsspec ------------------------------------------------------------
@@ -172,14 +175,20 @@ class Location:
 
 
 def location(store, storage_options: Mapping[str, Any] | None = None) -> Location:
-    """The :class:`Location` of ``store``: a Location, a URL, or a local path (made absolute)."""
+    """The :class:`Location` of ``store``: a Location, a URL, or a local path (made absolute).
+
+    An opened store (:class:`~inntrospect.store.handle.Store`) gives its own.
+    """
+    if isinstance(getattr(store, "location", None), Location):  # an opened store
+        store = store.location
     if isinstance(store, Location):
         if storage_options:
             return Location(store.url, {**store.storage_options, **storage_options})
         return store
     text = os.fspath(store) if isinstance(store, os.PathLike) else store
     if not isinstance(text, str):
-        raise TypeError(f"a store is a path, a URL or an inntrospect.Location, not {type(store).__name__}.")
+        raise ParameterTypeError(f"a store is a path, a URL or an inntrospect.Location, not "
+                                 f"{type(store).__name__}.")
     if text.startswith("file://"):
         text = text[len("file://"):]
     if "://" in text:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from .. import store as st
 from . import steps as steps_
+from .format import BLOCKS_DONE
+from .handle import Store
+from .nodes import array_meta, blocks_done, group_labels, has_node, is_locked, node_bytes
 
 __all__ = ["describe_store", "format_bytes"]
 
@@ -29,17 +30,14 @@ def _codec_name(spec: dict | None) -> str:
 
 def describe_store(path: str | os.PathLike) -> str:
     """A readable summary: provenance, extraction state, layers, groups, steps."""
-    import zarr
-
-    path = st.location(path)
-    attrs = st.store_attrs(path)
+    store = Store.open(path)
+    path, attrs = store.location, store.attrs
     ex = attrs.get("extraction", {})
-    root = zarr.open_group(st.zarr_store(path, read_only=True), mode="r")
     model, corpus = attrs.get("model", {}), attrs.get("corpus", {})
-    n_done = int(np.asarray(root[st.BLOCKS_DONE][:]).astype(bool).sum()) if st.BLOCKS_DONE in root else 0
+    n_done = int(np.asarray(blocks_done(path)[:]).astype(bool).sum()) if has_node(path, BLOCKS_DONE) else 0
     state = ex.get("state", "being created")
     if state != "complete":
-        running = "running now" if st.is_locked(path) else "not running: run the same extraction to resume"
+        running = "running now" if is_locked(path) else "not running: run the same extraction to resume"
         state = f"{state}: {n_done} of {ex.get('n_blocks', '?')} blocks written ({running})"
     lines = [
         f"store:      {path} (format {attrs.get('format_version')})",
@@ -54,28 +52,28 @@ def describe_store(path: str | os.PathLike) -> str:
     ]
     total = 0
     for name in attrs.get("layers", []):
-        meta = json.loads(path.read_text(f"layers/{name}/acts/zarr.json"))
-        size = path.size(f"layers/{name}")
+        meta = array_meta(path, name)
+        size = node_bytes(path, name)
         total += size
         codecs = attrs.get("codecs", {}).get(name, {})
         names = "/".join(_codec_name(codecs[v]) for v in ("acts", "grads") if v in codecs)
         lines.append(
-            f"{name:<24} {', '.join(meta['dimension_names']):<28} {str(tuple(meta['shape'])):<22} "
-            f"{meta['chunk_grid']['configuration']['chunk_shape'][0]:>6} {names:>17} {format_bytes(size):>10}"
+            f"{name:<24} {', '.join(meta['dims']):<28} {str(meta['shape']):<22} "
+            f"{meta['chunk']:>6} {names:>17} {format_bytes(size):>10}"
         )
     lines.append(f"{'total':<24} {'':<28} {'':<22} {'':>6} {'':>17} {format_bytes(total):>10}")
     if attrs.get("layers"):
-        labels = np.array([str(g) for g in root[f"layers/{attrs['layers'][0]}/group"][:]])
+        labels = group_labels(path, attrs["layers"][0])
         names, counts = np.unique(labels, return_counts=True)
         lines += ["", f"groups ({len(names)}): " + ", ".join(f"{g} ({c})" for g, c in zip(names, counts))]
-    lines += ["", "steps:"] + _describe_steps(path, attrs)
+    lines += ["", "steps:"] + _describe_steps(store)
     return "\n".join(lines)
 
 
-def _describe_steps(path, attrs: dict) -> list[str]:
+def _describe_steps(store: Store) -> list[str]:
     """One line per analysis step: current, stale (and why, and what to run), or absent."""
-    records = attrs.get("steps", {})
-    status = steps_.status(path, attrs)
+    records = store.records
+    status = steps_.status(store)
     lines = []
     for step in steps_.STEPS:
         rec = records.get(step)

@@ -18,15 +18,23 @@ to re-run. Nothing asks questions.
 
 from __future__ import annotations
 
-import os
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from .. import store as st
-from ..errors import LayerNotFoundError, StaleResultError, StepNotFoundError, StoreError
+from ..errors import (
+    LayerNotFoundError,
+    ParameterTypeError,
+    StaleResultError,
+    StepNotFoundError,
+    StoreError,
+)
+from .format import layer_path, timestamp
+from .handle import Store
+from .nodes import consolidate, open_tree, remove_node, write_node
 
 __all__ = ["STEPS", "load", "new_record", "status", "is_current", "check_current", "begin", "finish",
-           "write_results", "RERUN", "need_path", "select_layers"]
+           "write_results", "persist", "recording", "RERUN", "writable", "select_layers", "check_node", "node_attrs"]
 
 #: derived steps in pipeline order, and where their nodes live in the store
 STEPS = {"align": "layers", "naps": "naps", "contrast": "contrast", "layout": "layout",
@@ -43,13 +51,13 @@ RERUN = {
 }
 
 
-def need_path(store, what: str):
-    """The store's path, or an error when an opened tree came instead."""
+def writable(store, what: str) -> Store:
+    """The store's handle, or an error when an opened tree came instead (it cannot be written)."""
     import xarray as xr
 
     if isinstance(store, xr.DataTree):
         raise StoreError(f"{what} writes into the store: pass its path, not an opened tree.")
-    return st.location(store)
+    return Store.open(store)
 
 
 def select_layers(available, layers, what: str) -> list[str]:
@@ -74,15 +82,11 @@ def select_layers(available, layers, what: str) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def new_record(step: str, params: dict, inputs: dict, layers: list[str]) -> dict:
     """A fresh record of ``step`` with a new id; ``inputs`` maps input names to ids."""
     return {
         "step": step, "id": uuid.uuid4().hex, "state": "running", "params": dict(params),
-        "inputs": dict(inputs), "layers": list(layers), "started": _now(),
+        "inputs": dict(inputs), "layers": list(layers), "started": timestamp(),
     }
 
 
@@ -118,9 +122,9 @@ def _reason(attrs: dict, step: str) -> tuple[str, str] | None:
     return None
 
 
-def status(path: str | os.PathLike, attrs: dict | None = None) -> dict[str, str | None]:
+def status(store) -> dict[str, str | None]:
     """``{step: None if current, else why not}`` for every step with a record."""
-    attrs = st.store_attrs(path) if attrs is None else attrs
+    attrs = Store.open(store).attrs
     out = {}
     for s in STEPS:
         if s in attrs.get("steps", {}):
@@ -134,7 +138,7 @@ def is_current(attrs: dict, step: str) -> bool:
     return _reason(attrs, step) is None
 
 
-def check_current(path: str | os.PathLike, step: str, attrs: dict | None = None) -> dict:
+def check_current(store, step: str) -> dict:
     """The record of ``step`` if its result is current; else a clear error naming the fix.
 
     Raises
@@ -144,15 +148,16 @@ def check_current(path: str | os.PathLike, step: str, attrs: dict | None = None)
     StaleResultError
         The step's inputs have changed since, or it was interrupted.
     """
-    attrs = st.store_attrs(path) if attrs is None else attrs
+    store = Store.open(store)
+    attrs = store.attrs
     rec = attrs.get("steps", {}).get(step)
     if rec is None:
-        raise StepNotFoundError(f"{path} has no {step} results yet. Run {RERUN[step]}.")
+        raise StepNotFoundError(f"{store} has no {step} results yet. Run {RERUN[step]}.")
     why = _reason(attrs, step)
     if why:
         first, message = why
         then = f", then {RERUN[step]}" if first != step else ""
-        raise StaleResultError(f"{path}: {message}. Re-run {RERUN[first]}{then}.")
+        raise StaleResultError(f"{store}: {message}. Re-run {RERUN[first]}{then}.")
     return rec
 
 
@@ -165,43 +170,68 @@ def check_node(path, step: str, layer: str, node_attrs_: dict, rec: dict) -> Non
         )
 
 
-def begin(path: str | os.PathLike, record: dict) -> None:
+def begin(store, record: dict) -> None:
     """Mark ``record``'s step as running (its old result is no longer trusted)."""
-    steps = dict(st.store_attrs(path).get("steps", {}))
-    steps[record["step"]] = record
-    st.update_attrs(path, steps=steps)
+    store = Store.open(store)
+    store.update_attrs(steps={**store.records, record["step"]: record})
 
 
-def finish(path: str | os.PathLike, record: dict) -> dict:
+def finish(store, record: dict) -> dict:
     """Mark ``record``'s step complete: from now on its result is current."""
-    record = {**record, "state": "complete", "finished": _now()}
-    steps = dict(st.store_attrs(path).get("steps", {}))
-    steps[record["step"]] = record
-    st.update_attrs(path, steps=steps)
+    store = Store.open(store)
+    record = {**record, "state": "complete", "finished": timestamp()}
+    store.update_attrs(steps={**store.records, record["step"]: record})
     return record
 
 
-def write_results(path: str | os.PathLike, record: dict, results: dict, progress: bool = False) -> dict:
-    """Run a step into the store: replace its nodes by ``results`` computed layer by layer.
+@contextmanager
+def recording(store, step: str, params: dict, inputs: dict, layers, **extra) -> Iterator[dict]:
+    """Record a run of ``step``: running on entry, complete when the block ends without error.
 
-    The step is marked running first and complete last, so an interrupted run
-    leaves a result that is refused as stale. ``results`` is ``{layer:
-    Dataset}`` (lazy is fine); returns them computed, with the record's node
-    attributes. The caller holds the writer lock.
+    The record's inputs are the store's extraction and ``inputs`` (``{step:
+    record id}``); ``extra`` adds keys to it. The block writes the step's nodes
+    and gives each :func:`node_attrs` of the record it gets. The caller holds the
+    writer lock (:meth:`Store.writing`).
+    """
+    store = Store.open(store)
+    record = new_record(step, params, {"extraction": store.extraction_id, **inputs}, list(layers))
+    record.update(extra)
+    begin(store, record)
+    yield record
+    finish(store, record)
+
+
+def persist(store, step: str, params: dict, inputs: dict, results: dict, *,
+            progress: bool = False, **extra) -> dict:
+    """Store ``results`` (``{layer: Dataset}``) as ``step``'s: the one way a step's results enter the store.
+
+    A :func:`recording` of the step around :func:`write_results`; returns the
+    results computed, with their node attributes.
+    """
+    with recording(store, step, params, inputs, results, **extra) as record:
+        return write_results(store, record, results, progress)
+
+
+def write_results(store, record: dict, results: dict, progress: bool = False) -> dict:
+    """Replace the nodes of ``record``'s step by ``results`` computed layer by layer.
+
+    ``results`` is ``{layer: Dataset}`` (lazy is fine); returns them computed,
+    with the record's node attributes. Inside :func:`recording` (the step is
+    marked running first and complete last, so an interrupted run leaves a
+    result that is refused as stale).
     """
     from ..scheduler import compute
 
     step = record["step"]
-    begin(path, record)
-    st.remove_node(path, STEPS[step])
+    store = Store.open(store)
+    remove_node(store, STEPS[step])
     done = {}
     for layer, ds in results.items():
         (ds,) = compute(ds, progress=progress, desc=f"{step} {layer}")
         ds.attrs = {**ds.attrs, **node_attrs(record, layer)}
-        st.write_node(path, f"{STEPS[step]}/{layer}", ds, consolidated=False)
+        write_node(store, f"{STEPS[step]}/{layer}", ds, consolidated=False)
         done[layer] = ds
-    st.consolidate(path)  # once for all the layers
-    finish(path, record)
+    consolidate(store)  # once for all the layers
     return done
 
 
@@ -222,16 +252,18 @@ def load(store, step: str) -> dict:
     import xarray as xr
 
     if isinstance(store, xr.DataTree):
-        raise TypeError("load() needs the store's path, to check its results are current.")
+        raise ParameterTypeError("load() needs the store's path, to check its results are current; "
+                                 "pass the path (or URL) rather than an opened tree.")
+    store = Store.open(store)
     rec = check_current(store, step)
     if step == "align":
-        tree = st.open_store(store)
+        tree = store.tree()
     else:  # only the step's own nodes: opening the whole tree costs more as it grows
-        tree = st.open_tree(store, chunks={}, group=STEPS[step])
+        tree = open_tree(store, chunks={}, group=STEPS[step])
     out = {}
     for layer in rec["layers"]:
         if step == "align":
-            node = tree[f"layers/{layer}"]
+            node = tree[layer_path(layer)]
             arr = node["aligned"] if "aligned" in node else None
             check_node(store, step, layer, {} if arr is None else arr.attrs, rec)
             out[layer] = arr

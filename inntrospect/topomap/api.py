@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from .. import store as st
+from ..errors import ParameterError
 from ..store import steps
 from . import circle
 from .images import image_extent, interpolate, triangulate, unit_values
@@ -40,14 +41,14 @@ SOURCES = ("contrast", "naps")
 
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
+        raise ParameterError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
 
 
-def _profiles(path, source: str, layers: Sequence[str] | None) -> tuple[dict, dict]:
+def _profiles(store: st.Store, source: str, layers: Sequence[str] | None) -> tuple[dict, dict]:
     """The current source results ``{layer: Dataset}`` and their record."""
     _check_choice("source", source, SOURCES)
-    results = steps.load(path, source)  # checks the results are current
-    rec = st.store_attrs(path)["steps"][source]
+    results = steps.load(store, source)  # checks the results are current
+    rec = store.records[source]
     names = steps.select_layers(results, layers, f"the {source} results")
     return {name: results[name] for name in names}, rec
 
@@ -134,7 +135,7 @@ def topomap_layout(
 
     from ..scheduler import progress_bar
 
-    path = steps.need_path(store, "topomap_layout")
+    store = steps.writable(store, "topomap_layout")
     _check_choice("method", method, METHODS)
     _check_choice("metric", metric, ("euclidean", "cosine"))
     params = {"method": method, "metric": metric, "seed": int(seed),
@@ -155,17 +156,14 @@ def topomap_layout(
         return out
 
     if not persist:
-        results, rec = _profiles(path, source, layers)
+        results, rec = _profiles(store, source, layers)
         keep, _ = _split(results)
         return compute(keep, rec["id"])
-    with st.writer_lock(path):
-        results, rec = _profiles(path, source, layers)
+    with store.writing():
+        results, rec = _profiles(store, source, layers)
         keep, skipped = _split(results)
-        attrs = st.store_attrs(path)
-        record = steps.new_record("layout", params, {"extraction": attrs["extraction"]["id"],
-                                                     source: rec["id"]}, list(keep))
-        record["skipped"] = skipped
-        return steps.write_results(path, record, compute(keep, rec["id"]))
+        return steps.persist(store, "layout", params, {source: rec["id"]}, compute(keep, rec["id"]),
+                             skipped=skipped)
 
 
 def topomap_images(store, resolution: int = 100, *, persist: bool = True, progress: bool = False) -> dict:
@@ -205,16 +203,17 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
 
     from ..scheduler import progress_bar
 
-    path = steps.need_path(store, "topomap_images")
+    store = steps.writable(store, "topomap_images")
     if int(resolution) != resolution or resolution < 2:
-        raise ValueError(f"resolution must be an integer >= 2 (pixels per side); got {resolution!r}.")
+        raise ParameterError(f"resolution must be an integer >= 2 (pixels per side); got {resolution!r}. "
+                             "Pass e.g. 100 (the default).")
     resolution = int(resolution)
 
     def compute():
-        layout_rec = steps.check_current(path, "layout")
+        layout_rec = steps.check_current(store, "layout")
         source = layout_rec["params"]["source"]
-        layouts = steps.load(path, "layout")
-        profiles = steps.load(path, source)
+        layouts = steps.load(store, "layout")
+        profiles = steps.load(store, source)
         out = {}
         for layer, lay in progress_bar(layouts.items(), progress, "topomap images", len(layouts)):
             xy = lay["xy"].values
@@ -237,13 +236,10 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
 
     if not persist:
         return compute()[0]
-    with st.writer_lock(path):
+    with store.writing():
         results, layout_rec = compute()
-        attrs = st.store_attrs(path)
-        record = steps.new_record(
-            "topomap", {**layout_rec["params"], "resolution": resolution},
-            {"extraction": attrs["extraction"]["id"], "layout": layout_rec["id"]}, list(results))
-        return steps.write_results(path, record, results)
+        return steps.persist(store, "topomap", {**layout_rec["params"], "resolution": resolution},
+                             {"layout": layout_rec["id"]}, results)
 
 
 def compare_layouts(
@@ -276,12 +272,12 @@ def compare_layouts(
 
     from ..scheduler import progress_bar
 
-    path = steps.need_path(store, "compare_layouts")
+    store = steps.writable(store, "compare_layouts")
     for m in methods:
         _check_choice("method", m, METHODS)
     if not methods:
-        raise ValueError(f"no layout methods given; choose from {', '.join(METHODS)}.")
-    results, _ = _profiles(path, source, layers)
+        raise ParameterError(f"no layout methods given; choose from {', '.join(METHODS)}.")
+    results, _ = _profiles(store, source, layers)
     keep, _ = _split(results)
     rows = []
     jobs = [(layer, m) for layer in keep for m in methods]

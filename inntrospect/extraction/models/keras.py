@@ -14,14 +14,14 @@ import re
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from ...errors import LayerNotFoundError, ModelError
+from ...store.format import LayerSpec
 from .source import ModelSource, model_source
 
-__all__ = ["LayerInfo", "KerasModel", "load_model", "import_tensorflow"]
+__all__ = ["KerasModel", "load_model", "import_tensorflow"]
 
 
 #: TensorFlow's native start-up chatter, printed before its log level applies: absl's notice,
@@ -83,19 +83,6 @@ def _native_stderr_filtered(noise: re.Pattern):
         os.close(saved)
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """A chosen layer: its name, per-sample shape and whether gradients are stored."""
-
-    name: str
-    shape: tuple[int, ...]
-    has_grads: bool
-
-    @property
-    def bytes_per_sample(self) -> int:
-        return 4 * int(np.prod(self.shape, dtype=np.int64))
-
-
 class KerasModel:
     """A loaded Keras model (Keras 3 or tf_keras) with the layers to record.
 
@@ -140,7 +127,7 @@ class KerasModel:
         self._step = None
 
     # -- layers ----------------------------------------------------------------
-    def _select(self, wanted: Sequence[str] | None) -> list[LayerInfo]:
+    def _select(self, wanted: Sequence[str] | None) -> list[LayerSpec]:
         wanted = list(wanted or [])
         unknown = [w for w in wanted if w not in self.layer_names]
         if unknown:
@@ -161,7 +148,7 @@ class KerasModel:
                     f"layer {name!r} is used more than once in the model or has several "
                     f"outputs ({err}); pick a layer with one output."
                 ) from err
-            infos.append(LayerInfo(name, shape, name != self._output_layer.name))
+            infos.append(LayerSpec(name, shape, name != self._output_layer.name))
         return infos
 
     def fix_shapes(self, sample_shape: tuple[int, ...]) -> None:
@@ -170,7 +157,7 @@ class KerasModel:
             return
         acts, _, _ = self.compute(np.zeros((1, *sample_shape), np.float32))
         self.layers = [
-            LayerInfo(info.name, tuple(int(s) for s in a.shape[1:]), info.has_grads)
+            LayerSpec(info.name, tuple(int(s) for s in a.shape[1:]), info.has_grads)
             for info, a in zip(self.layers, acts)
         ]
 

@@ -1,0 +1,43 @@
+"""The codecs of the store's arrays, and the rule that chooses them.
+
+Codec records (``{"name": "zstd", "level": 1}`` or None for raw) are kept in the
+root attribute ``codecs`` per layer and array; :func:`zarr_codecs` turns one
+into Zarr compressors.
+"""
+
+from __future__ import annotations
+
+from ..errors import StoreError
+
+__all__ = ["CODEC", "CODEC_TABLE", "MIN_RATIO", "zarr_codecs", "choose_codecs"]
+
+#: The codec of activation and gradient chunks, measured on real activations to
+#: write fastest for its ratio (benchmarks/bench_codecs.py, benchmarks/README.md).
+CODEC = {"name": "zstd", "level": 1}
+#: Arrays that compress less than this on the first batch are stored uncompressed:
+#: dense gradients gain ~10 % of space for CPU time extraction cannot spare.
+MIN_RATIO = 1.25
+#: codec of the small per-sample arrays (the sample table, predictions)
+CODEC_TABLE = {"name": "zstd", "level": 3}
+
+
+def zarr_codecs(spec: dict | None) -> list:
+    """The Zarr compressors of a codec record (``{"name": "zstd", "level": 1}`` or None)."""
+    import zarr
+
+    if spec is None:
+        return []
+    if spec["name"] == "zstd":
+        return [zarr.codecs.ZstdCodec(level=spec["level"])]
+    raise StoreError(f"unknown codec {spec!r} in the store's attributes.")
+
+
+def choose_codecs(sizes: dict[str, dict[str, tuple[int, int]]]) -> dict[str, dict[str, dict | None]]:
+    """:data:`CODEC` for arrays that compress at least :data:`MIN_RATIO`, else none.
+
+    ``sizes`` is ``{layer: {var: (raw bytes, compressed bytes)}}`` of a sample of rows.
+    """
+    return {
+        layer: {var: dict(CODEC) if raw >= MIN_RATIO * comp else None for var, (raw, comp) in v.items()}
+        for layer, v in sizes.items()
+    }
