@@ -15,6 +15,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..errors import ParameterError
+
 __all__ = ["stack"]
 
 #: preferred variable of a node, when a node (Dataset) is given
@@ -33,7 +35,8 @@ def _pick(node, var: str | None):
     for name in _VARS:
         if name in node.data_vars:
             return node[name]
-    raise ValueError(f"no variable to stack among {list(node.data_vars)}; pass var=.")
+    raise ParameterError(f"expected a variable {' or '.join(map(repr, _VARS))} to stack; the node "
+                         f"holds {list(node.data_vars)}. Pass var= naming one of them.")
 
 
 def stack(nodes, var: str | None = None):
@@ -64,7 +67,10 @@ def stack(nodes, var: str | None = None):
     if isinstance(nodes, xr.DataTree):
         nodes = {name: child for name, child in nodes.children.items()}
     if not isinstance(nodes, Mapping) or not nodes:
-        raise ValueError("stack() needs a non-empty {layer: array} mapping or a tree of layers.")
+        what = type(nodes).__name__ if not isinstance(nodes, Mapping) else "an empty mapping"
+        raise ParameterError(f"stack() needs a non-empty {{layer: array}} mapping or a tree of "
+                             f"layers; got {what}. Pass e.g. inntrospect.naps(store) or "
+                             f"tree['layers'].")
     arrays = {name: _pick(node, var) for name, node in nodes.items()}
     first = next(iter(arrays.values()))
     lead = first.dims[0]
@@ -75,9 +81,10 @@ def stack(nodes, var: str | None = None):
     parts = []
     for name, arr in arrays.items():
         if arr.dims[0] != lead or arr.shape[0] != first.shape[0]:
-            raise ValueError(
-                f"layer {name!r} has leading dim {arr.dims[0]} of {arr.shape[0]}, "
-                f"but the first layer has {lead} of {first.shape[0]}."
+            raise ParameterError(
+                f"expected every layer to share the first layer's leading dim {lead} of "
+                f"{first.shape[0]}; layer {name!r} has {arr.dims[0]} of {arr.shape[0]}. Stack "
+                f"results of one step and one store (all NAPs, or all activations)."
             )
         feature = arr.shape[1:]
         n = int(np.prod(feature, dtype=np.int64))

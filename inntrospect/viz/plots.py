@@ -38,6 +38,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import GroupNotFoundError, ParameterError, ParameterTypeError
+
 __all__ = [
     "TopomapDisplay",
     "ProjectionDisplay",
@@ -80,7 +82,7 @@ def _topomap_cmap(name: str = CMAP):
 def _check_format(format: str) -> str:
     fmt = str(format).lower().lstrip(".")
     if fmt not in FORMATS:
-        raise ValueError(
+        raise ParameterError(
             f"format must be one of {', '.join(map(repr, FORMATS))}; got {format!r}. "
             f"Pass e.g. format='png' (raster) or format='svg' / 'pdf' (vector)."
         )
@@ -137,7 +139,7 @@ def _as_results(results, step: str) -> dict:
         return load(results, step)
     if isinstance(results, Mapping):
         return dict(results)
-    raise TypeError(
+    raise ParameterTypeError(
         f"results must be a store path or a mapping {{layer: Dataset}} in the {step}/<layer> "
         f"format; got {type(results).__name__}. Pass the store's path, or "
         f"inntrospect.load(store, {step!r})."
@@ -219,14 +221,14 @@ class TopomapDisplay:
             images = images[None]
         groups = _labels(groups)
         if images.ndim != 3 or len(groups) != images.shape[0]:
-            raise ValueError(
+            raise ParameterError(
                 f"images must be shaped (group, row, col) with one image per group "
                 f"({len(groups)} groups); got shape {images.shape}. Pass the 'image' "
                 f"variable of a topomap/<layer> Dataset and its 'group' coordinate."
             )
         extent = tuple(float(e) for e in np.asarray(extent, dtype=np.float64).ravel())
         if len(extent) != 4:
-            raise ValueError(
+            raise ParameterError(
                 f"extent must be [left, right, bottom, top] (4 numbers); got {extent}. "
                 f"Use the topomap's attrs['extent'] or inntrospect.topomap.images.image_extent(xy)."
             )
@@ -252,7 +254,7 @@ class TopomapDisplay:
         """
         if "image" not in getattr(ds, "variables", {}) or "group" not in ds.coords:
             got = list(getattr(ds, "variables", {})) if hasattr(ds, "variables") else type(ds).__name__
-            raise ValueError(
+            raise ParameterError(
                 f"expected a topomap/<layer> Dataset with an 'image' (group, row, col) variable "
                 f"and a 'group' coordinate; got {got}. Load it with inntrospect.load(store, "
                 f"'topomap'), which needs inntrospect layout CONFIG to have run."
@@ -325,7 +327,7 @@ class TopomapDisplay:
         groups = list(self.groups) if groups is None else [str(g) for g in groups]
         unknown = [g for g in groups if g not in self.groups]
         if unknown:
-            raise ValueError(
+            raise GroupNotFoundError(
                 f"group(s) {unknown} are not in the topomaps of layer '{self.layer}', which "
                 f"hold {self.groups}. Pick groups among those."
             )
@@ -339,7 +341,7 @@ class TopomapDisplay:
         else:
             axes = np.atleast_1d(np.asarray(axes, dtype=object)).ravel().tolist()
             if len(axes) < len(groups):
-                raise ValueError(
+                raise ParameterError(
                     f"got {len(axes)} Axes for {len(groups)} groups; pass one Axes per group "
                     f"(or axes=None for a new figure)."
                 )
@@ -411,7 +413,7 @@ class ProjectionDisplay:
         xy = np.asarray(xy, dtype=np.float64)
         group = np.array(_labels(group))
         if xy.ndim != 2 or xy.shape[1] != 2 or group.shape != (len(xy),):
-            raise ValueError(
+            raise ParameterError(
                 f"xy must be (sample, 2) with one group name per sample; got xy of shape "
                 f"{xy.shape} and group of shape {group.shape}. Pass the 'xy' and 'group' "
                 f"variables of a projection/<layer> Dataset."
@@ -423,7 +425,7 @@ class ProjectionDisplay:
     def from_dataset(cls, ds, layer: str | None = None) -> ProjectionDisplay:
         """The display of a ``projection/<layer>`` Dataset (see the data contract)."""
         if "xy" not in getattr(ds, "variables", {}) or "group" not in ds.variables:
-            raise ValueError(
+            raise ParameterError(
                 f"expected a projection/<layer> Dataset with 'xy' (sample, coord) and 'group' "
                 f"(sample); got {list(getattr(ds, 'variables', {}))}. Load it with "
                 f"inntrospect.load(store, 'projection') after inntrospect project CONFIG."
@@ -513,7 +515,8 @@ def plot_topomaps(
     """
     format = _check_format(format)
     if mode not in ("row", "individual"):
-        raise ValueError(f"mode must be 'row' or 'individual'; got {mode!r}.")
+        raise ParameterError(f"mode must be 'row' or 'individual'; got {mode!r}. Pass mode='row' "
+                             f"(one figure per layer) or 'individual' (one file per layer and group).")
     results = _select_layers(_as_results(results, "topomap"), layers, "topomap")
     out = Path(out)
     displays = {layer: TopomapDisplay.from_dataset(ds, layer) for layer, ds in results.items()}
@@ -537,7 +540,9 @@ def overview_figure(results, layers: Sequence[str] | None = None, panel_size: fl
     """The figure of :func:`plot_overview`; returns ``(figure, {layer: TopomapDisplay})``."""
     results = _select_layers(_as_results(results, "topomap"), layers, "topomap")
     if not results:
-        raise ValueError("no topomap results to draw: the mapping of layers is empty.")
+        raise ParameterError("expected topomap results of at least one layer; the mapping of layers is "
+                             "empty. Pass a store path, or inntrospect.load(store, 'topomap') after "
+                             "inntrospect layout CONFIG.")
     displays = {layer: TopomapDisplay.from_dataset(ds, layer) for layer, ds in results.items()}
     columns = []
     for d in displays.values():

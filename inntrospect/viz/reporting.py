@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def _rel(path: Path, root: Path) -> str:
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from .. import __version__
+    from ..version import __version__
 
     out = {"inntrospect": __version__, "python": platform.python_version()}
     for pkg in ("numpy", "xarray", "zarr", "dask", "scipy", "matplotlib", "umap-learn"):
@@ -195,17 +196,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _group_counts(store) -> dict[str, int]:
+def _group_counts(store: st.Store) -> dict[str, int]:
     """Samples per group from the store's sample table ({} when it cannot be read)."""
     import numpy as np
-    import zarr
-
-    from ..store import store_attrs
 
     try:  # one small array, not the whole tree
-        layer = store_attrs(store)["layers"][0]
-        group = zarr.open_group(st.zarr_store(store, read_only=True), mode="r")[f"layers/{layer}/group"]
-        labels = np.array([str(g) for g in np.asarray(group[:]).tolist()])
+        labels = st.group_labels(store, store.layers[0])
     except Exception:  # noqa: BLE001 - a summary nicety, never a reason to fail
         return {}
     names, counts = np.unique(labels, return_counts=True)
@@ -297,21 +293,20 @@ def report(
     >>> report("run.zarr", "run-report", config="run.toml")  # doctest: +SKIP
     PosixPath('run-report/index.html')
     """
-    from ..errors import StaleResultError, StepNotFoundError
-    from ..store import store_attrs
+    from ..errors import ParameterError, StaleResultError, StepNotFoundError
     from ..store.steps import RERUN, load
     from . import plots
 
     fmt = str(format).lower().lstrip(".")
     if fmt not in REPORT_FORMATS:
-        raise ValueError(
+        raise ParameterError(
             f"format must be one of {', '.join(map(repr, REPORT_FORMATS))} for a report (a "
             f"browser shows them inline); got {format!r}. For PDF figures use "
             f"inntrospect.plot_topomaps(store, out, format='pdf')."
         )
-    store = st.location(store)
+    store = st.Store.open(store)
     out = Path(out)
-    attrs = store_attrs(store)
+    attrs = store.attrs
     topomaps = load(store, "topomap")  # raises, naming the command, when missing or stale
     try:
         projections = load(store, "projection")
@@ -349,94 +344,150 @@ def report(
                                                   format=fmt, dpi=dpi)
             bar.update(1)
 
-    page = _page(store, attrs, topomaps, projections, rows, overview, proj, projection_note,
-                 out, config, compare_csv, dpi)
+    page = _page(_PageInputs(
+        store=store, attrs=attrs, topomaps=topomaps, projections=projections,
+        topomap_figures=rows, overview=overview, projection_figures=proj,
+        projection_note=projection_note, out=out, config=config, compare_csv=compare_csv, dpi=dpi))
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
 
 
-def _page(store, attrs, topomaps, projections, rows, overview, proj, projection_note, out,
-          config, compare_csv, dpi) -> str:
-    from .. import __version__
-    from .plots import TopomapDisplay
+@dataclass(frozen=True)
+class _PageInputs:
+    """What the page shows: the store's records, the results and the figures drawn of them."""
 
-    model = attrs.get("model") or {}
-    corpus = attrs.get("corpus") or {}
-    extraction = attrs.get("extraction") or {}
-    steps = attrs.get("steps") or {}
-    counts = _group_counts(store)
-    groups = list(counts) or sorted({str(g) for ds in topomaps.values()
-                                     for g in ds["group"].values})
-    model_name = model.get("name") or model.get("path") or model.get("framework") or "model"
+    store: st.Store
+    attrs: dict
+    topomaps: dict
+    projections: dict
+    #: ``{layer: figure}`` of the topomaps, one row of panels per layer
+    topomap_figures: dict
+    overview: Path | None
+    #: ``{layer: figure}`` of the instance projections
+    projection_figures: dict
+    #: why there are no projections to show, or None
+    projection_note: str | None
+    #: the report folder: figures are linked relative to it
+    out: Path
+    config: str | os.PathLike | None
+    compare_csv: str | os.PathLike | None
+    dpi: float
+
+
+def _page(p: _PageInputs) -> str:
+    """The whole page: one function per part of it, joined line by line."""
+    counts = _group_counts(p.store)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-
-    cards = [
-        (len(attrs.get("layers") or []), "layers in the store"),
-        (len(topomaps), "layers with topomaps"),
-        (len(groups), "groups"),
-        (corpus.get("n_samples", sum(counts.values()) or "?"), "samples"),
-        (len(projections), "projections"),
-    ]
     parts = [
+        *_head(p, now),
+        "<main>",
+        *_summary(p, counts),
+        *_topomaps_section(p),
+        *_overview_section(p),
+        *_projections_section(p),
+        *_quality_section(p),
+        *_comparison_section(p),
+        *_provenance_section(p),
+        _footer(now),
+        "</main></body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _head(p: _PageInputs, now: str) -> list[str]:
+    """Document head with the inline CSS, the page header and the navigation bar."""
+    model = p.attrs.get("model") or {}
+    model_name = model.get("name") or model.get("path") or model.get("framework") or "model"
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>inntrospect report: {_e(store.name)}</title>",
+        f"<title>inntrospect report: {_e(p.store.location.name)}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<header>",
-        f"<h1>inntrospect report: {_e(store.name)}</h1>",
-        f"<p>Model <b>{_e(model_name)}</b> · store <code>{_e(store)}</code> · "
+        f"<h1>inntrospect report: {_e(p.store.location.name)}</h1>",
+        f"<p>Model <b>{_e(model_name)}</b> · store <code>{_e(p.store)}</code> · "
         f"written {_e(now)}</p>",
         "</header>",
         '<nav><a href="#summary">Summary</a><a href="#topomaps">Topomaps</a>'
         '<a href="#overview">Overview</a><a href="#projections">Projections</a>'
         '<a href="#quality">Layout quality</a>'
-        + ('<a href="#comparison">Layout comparison</a>' if compare_csv is not None else "")
+        + ('<a href="#comparison">Layout comparison</a>' if p.compare_csv is not None else "")
         + '<a href="#provenance">Provenance</a></nav>',
-        "<main>",
+    ]
+
+
+def _summary(p: _PageInputs, counts: dict[str, int]) -> list[str]:
+    """Key figures, the model, the corpus, samples per group and the store."""
+    attrs = p.attrs
+    corpus = attrs.get("corpus") or {}
+    extraction = attrs.get("extraction") or {}
+    groups = list(counts) or sorted({str(g) for ds in p.topomaps.values()
+                                     for g in ds["group"].values})
+    cards = [
+        (len(attrs.get("layers") or []), "layers in the store"),
+        (len(p.topomaps), "layers with topomaps"),
+        (len(groups), "groups"),
+        (corpus.get("n_samples", sum(counts.values()) or "?"), "samples"),
+        (len(p.projections), "projections"),
+    ]
+    parts = [
         '<section id="summary"><h2>Summary</h2>',
         '<div class="cards">' + "".join(
             f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for v, k in cards)
         + "</div>",
-        "<h3>Model</h3>", _kv(model),
+        "<h3>Model</h3>", _kv(attrs.get("model") or {}),
         "<h3>Corpus</h3>", _kv(corpus),
     ]
     if counts:
         parts += ["<h3>Groups</h3>",
                   _table(["group", "samples"], [[g, c] for g, c in counts.items()])]
     parts += ["<h3>Store</h3>", _kv({
-        "path": str(store), "format": f"{attrs.get('format')} v{attrs.get('format_version')}",
+        "path": str(p.store), "format": p.store.format,
         "layers": attrs.get("layers"), "extraction id": extraction.get("id"),
         "extraction state": extraction.get("state")}), "</section>"]
+    return parts
 
-    # topomaps per layer
-    parts.append('<section id="topomaps"><h2>Topomaps per layer</h2>')
-    parts.append('<p class="note">One panel per group; every panel of a layer shares one '
-                 'symmetric colour scale [−vmax, vmax] (colour map bwr: blue below 0, red '
-                 'above). Pixels outside the convex hull of the units are left blank.</p>')
-    for layer, ds in topomaps.items():
+
+def _topomaps_section(p: _PageInputs) -> list[str]:
+    """Per layer, its row of topomaps (one panel per group) with a caption."""
+    from .plots import TopomapDisplay
+
+    parts = ['<section id="topomaps"><h2>Topomaps per layer</h2>',
+             '<p class="note">One panel per group; every panel of a layer shares one '
+             'symmetric colour scale [−vmax, vmax] (colour map bwr: blue below 0, red '
+             'above). Pixels outside the convex hull of the units are left blank.</p>']
+    for layer, ds in p.topomaps.items():
         d = TopomapDisplay.from_dataset(ds, layer)
-        p = ds.attrs.get("params") or {}
+        params = ds.attrs.get("params") or {}
         caption = (f"{ds.sizes.get('unit', '?')} units, {len(d.groups)} groups, "
-                   f"vmax = {_num(d.vmax)}, {p.get('resolution', '?')} px per side"
+                   f"vmax = {_num(d.vmax)}, {params.get('resolution', '?')} px per side"
                    + (f"; {d.description()}" if d.description() else ""))
         parts += [f'<h3 id="layer-{_e(layer)}">Layer {_e(layer)}</h3>',
-                  _img(rows[layer], out, dpi, d.title(), caption=caption)]
+                  _img(p.topomap_figures[layer], p.out, p.dpi, d.title(), caption=caption)]
     parts.append("</section>")
+    return parts
 
-    parts.append('<section id="overview"><h2>Overview of all layers</h2>')
-    parts.append('<p class="note">One row per layer, one column per group; each row has its '
-                 'own symmetric colour scale and colour bar.</p>')
-    if overview is not None:
-        parts.append(_img(overview, out, dpi, "Topomaps of all layers"))
+
+def _overview_section(p: _PageInputs) -> list[str]:
+    """The multi-layer overview figure."""
+    parts = ['<section id="overview"><h2>Overview of all layers</h2>',
+             '<p class="note">One row per layer, one column per group; each row has its '
+             'own symmetric colour scale and colour bar.</p>']
+    if p.overview is not None:
+        parts.append(_img(p.overview, p.out, p.dpi, "Topomaps of all layers"))
     parts.append("</section>")
+    return parts
 
-    parts.append('<section id="projections"><h2>Instance projections</h2>')
-    if projection_note:
-        parts.append(f'<p class="note">{_e(projection_note)}</p>')
-    for layer, path in proj.items():
-        ds = projections[layer]
+
+def _projections_section(p: _PageInputs) -> list[str]:
+    """The instance projections per layer, or the note saying why there are none."""
+    parts = ['<section id="projections"><h2>Instance projections</h2>']
+    if p.projection_note:
+        parts.append(f'<p class="note">{_e(p.projection_note)}</p>')
+    for layer, path in p.projection_figures.items():
+        ds = p.projections[layer]
         var = ds.attrs.get("explained_variance")
         pp = ds.attrs.get("params") or {}
         caption = (f"{ds.sizes.get('sample', '?')} samples"
@@ -445,50 +496,66 @@ def _page(store, attrs, topomaps, projections, rows, overview, proj, projection_
                    + (f"; PCA to {pp.get('pca_components')} components kept "
                       f"{_num(var, 3)} of the variance" if pp.get("pca_components") else ""))
         parts += [f"<h3>Layer {_e(layer)}</h3>",
-                  _img(path, out, dpi, f"Instance projection of layer {layer}", "projection",
+                  _img(path, p.out, p.dpi, f"Instance projection of layer {layer}", "projection",
                        caption)]
     parts.append("</section>")
+    return parts
 
-    parts.append('<section id="quality"><h2>Layout quality</h2>')
-    parts.append('<p class="note">Topographic quality of each layer\'s topomaps (area under '
-                 'the error curve of resizing and of blurring the images; lower is '
-                 'smoother).</p>')
-    parts.append(_table(["layer", "units", "method", "metric", "source", "resolution",
-                         "quality (resize)", "quality (blur)", "layout seconds"],
-                        _quality_rows(topomaps), "quality"))
+
+def _quality_section(p: _PageInputs) -> list[str]:
+    """The layout quality table, one row per layer."""
+    return ['<section id="quality"><h2>Layout quality</h2>',
+            '<p class="note">Topographic quality of each layer\'s topomaps (area under '
+            'the error curve of resizing and of blurring the images; lower is '
+            'smoother).</p>',
+            _table(["layer", "units", "method", "metric", "source", "resolution",
+                    "quality (resize)", "quality (blur)", "layout seconds"],
+                   _quality_rows(p.topomaps), "quality"),
+            "</section>"]
+
+
+def _comparison_section(p: _PageInputs) -> list[str]:
+    """The rows of ``compare_csv`` (or how to write it); nothing when no CSV was given."""
+    if p.compare_csv is None:
+        return []
+    compare_csv = Path(p.compare_csv)
+    parts = ['<section id="comparison"><h2>Layout comparison</h2>']
+    if compare_csv.is_file():
+        header, csv_rows = _read_csv(compare_csv)
+        parts.append(f'<p class="note">From <code>{_e(compare_csv.name)}</code> '
+                     f"(inntrospect compare-layouts), {len(csv_rows)} rows.</p>")
+        parts.append(_table(header, csv_rows, "comparison"))
+    else:
+        parts.append(f'<p class="note">No comparison table at <code>{_e(compare_csv)}'
+                     "</code>; run <code>inntrospect compare-layouts CONFIG</code> to "
+                     "write one.</p>")
     parts.append("</section>")
+    return parts
 
-    if compare_csv is not None:
-        compare_csv = Path(compare_csv)
-        parts.append('<section id="comparison"><h2>Layout comparison</h2>')
-        if compare_csv.is_file():
-            header, csv_rows = _read_csv(compare_csv)
-            parts.append(f'<p class="note">From <code>{_e(compare_csv.name)}</code> '
-                         f"(inntrospect compare-layouts), {len(csv_rows)} rows.</p>")
-            parts.append(_table(header, csv_rows, "comparison"))
-        else:
-            parts.append(f'<p class="note">No comparison table at <code>{_e(compare_csv)}'
-                         "</code>; run <code>inntrospect compare-layouts CONFIG</code> to "
-                         "write one.</p>")
-        parts.append("</section>")
 
-    parts.append('<section id="provenance"><h2>Provenance</h2>')
-    parts += ["<h3>Extraction</h3>", _kv(extraction)]
-    parts.append("<h3>Steps</h3>")
+def _provenance_section(p: _PageInputs) -> list[str]:
+    """The extraction record, every step's record, package versions and the configuration."""
+    parts = ['<section id="provenance"><h2>Provenance</h2>',
+             "<h3>Extraction</h3>", _kv(p.attrs.get("extraction") or {}),
+             "<h3>Steps</h3>"]
     step_rows = [[rec.get("step", name), _Html(f"<code>{_e(rec.get('id'))}</code>"),
                   rec.get("state"), _lines(rec.get("params")), _lines(rec.get("inputs")),
                   _when(rec.get("started")), _when(rec.get("finished"))]
-                 for name, rec in steps.items()]
+                 for name, rec in (p.attrs.get("steps") or {}).items()]
     parts.append(_table(["step", "id", "state", "params", "inputs", "started", "finished"],
                         step_rows, "steps") if step_rows else
                  '<p class="note">No step records.</p>')
     parts += ["<h3>Software</h3>", _kv(_versions())]
-    if config is not None:
-        config = Path(config)
+    if p.config is not None:
+        config = Path(p.config)
         text = config.read_text(encoding="utf-8", errors="replace")
         parts += [f"<h3>Configuration <code>{_e(config.name)}</code></h3>",
                   f"<pre>{_e(text)}</pre>"]
     parts.append("</section>")
-    parts.append(f"<footer>Written by inntrospect {_e(__version__)} on {_e(now)}.</footer>")
-    parts.append("</main></body></html>")
-    return "\n".join(parts) + "\n"
+    return parts
+
+
+def _footer(now: str) -> str:
+    from ..version import __version__
+
+    return f"<footer>Written by inntrospect {_e(__version__)} on {_e(now)}.</footer>"

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 
 import inntrospect
 from inntrospect.analysis.alignment import align_reference
-from inntrospect.analysis.profiles import (
+from inntrospect.analysis.nap_kernels import (
     chunk_moments,
     contrast,
     finalize_moments,

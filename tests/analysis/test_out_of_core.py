@@ -7,7 +7,6 @@ and the alignment fused into the sums.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import shutil
@@ -19,11 +18,10 @@ import pytest
 
 import inntrospect
 from inntrospect.analysis import compiled as compiled_module
+from inntrospect.analysis import nap_graph, nap_kernels
 from inntrospect.analysis.alignment import align_reference
 from inntrospect.store import chunkio
 from inntrospect.testing import store_from_arrays
-
-naps_module = importlib.import_module("inntrospect.analysis.profiles")  # the package re-exports the function
 
 #: the worker's memory limit: an idle worker process takes ~65 MB, ~190 MB
 #: once inntrospect, xarray, zarr and the numba kernels are loaded
@@ -118,7 +116,7 @@ def test_naps_of_a_store_4x_the_worker_memory_on_a_local_cluster(tmp_path, reque
 
     # it ran on the cluster: one task per few stored chunks
     chunk_tasks = [t for t in stream.data if "naps-chunk" in str(t["key"])]
-    assert len(chunk_tasks) == sum(len(naps_module.task_chunks(codes, np.arange(0, n + 1, c), 1))
+    assert len(chunk_tasks) == sum(len(nap_graph.task_chunks(codes, np.arange(0, n + 1, c), 1))
                                    for c in (chunk, 8192))
     # the same worker throughout: never killed, restarted or replaced
     assert list(after) == list(before)
@@ -161,8 +159,8 @@ def test_fused_alignment_equals_aligning_then_averaging(kernels, spatial):
     grads = rng.standard_normal((n, *spatial, units)).astype(np.float32)
     grads[:4] = 1.0  # constant saliency: not shifted
     labels = rng.choice(list("abc"), n)
-    names, codes = naps_module.group_codes(labels)
-    got = naps_module.finalize_moments(naps_module.aligned_moments(acts, codes, grads),
+    names, codes = nap_kernels.group_codes(labels)
+    got = nap_kernels.finalize_moments(nap_kernels.aligned_moments(acts, codes, grads),
                                        len(names), acts.shape[1:])[0]
     ref = align_reference(acts, grads).astype(np.float64)
     expected = np.stack([ref[labels == g].mean(0) for g in names])
