@@ -56,6 +56,11 @@ CHOICES = {
     ("plot", "mode"): ("row", "individual"),
     ("plot", "format"): ("png", "pdf", "svg"),
 }
+#: smallest value of the numeric keys that have one (numpy takes seeds >= 0; a cluster of
+#: no workers would wait for ever)
+MINIMUM = {("topomap", "seed"): 0, ("projection", "seed"): 0, ("extract", "batch_size"): 1,
+           ("topomap", "resolution"): 2, ("projection", "samples_per_group"): 1,
+           ("cluster", "n_workers"): 1, ("cluster", "threads_per_worker"): 1}
 #: keys whose value is a boolean (everywhere else a bool is refused: ``true`` is no number)
 BOOLS = {("naps", "aligned"), ("naps", "std"), ("contrast", "weight_by_group_size"),
          ("topomap", "distribute_in_circle")}
@@ -214,13 +219,20 @@ def load_config(path: str | os.PathLike) -> Config:
     """
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"config file {p} not found.")
+        what = "is a folder, not a file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"expected a TOML config file; {p.absolute()} {what}. Check the path "
+                          f"(inntrospect demo writes an example config.toml).")
     base = p.parent
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"expected config file {p} to be readable UTF-8 text; reading it failed "
+                          f"({err}). Check the path and its permissions, and save it as UTF-8.") from None
     if p.suffix.lower() == ".json":
         import json
 
         try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
+            raw = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{p} is not valid JSON: {err}") from err
         if not isinstance(raw, dict):
@@ -228,7 +240,7 @@ def load_config(path: str | os.PathLike) -> Config:
         raw, base = legacy_sections(raw, p), Path.cwd()
     else:
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{p} is not valid TOML: {err}") from err
     data: dict[str, dict[str, Any]] = {}
@@ -251,6 +263,9 @@ def load_config(path: str | os.PathLike) -> Config:
             if not isinstance(value, types) or (isinstance(value, bool) and (section, key) not in BOOLS):
                 want = " or ".join(t.__name__ for t in types)
                 raise ConfigError(f"{p}: [{section}] {key} must be {want}, got {value!r}.")
+            least = MINIMUM.get((section, key))
+            if least is not None and value < least:
+                raise ConfigError(f"{p}: [{section}] {key} must be at least {least}; got {value!r}.")
             choices = CHOICES.get((section, key))
             if choices is not None and value not in choices:
                 raise ConfigError(f"{p}: [{section}] {key} must be one of "

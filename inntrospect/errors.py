@@ -1,8 +1,35 @@
 """Exceptions raised by inntrospect.
 
-Every error derives from :class:`InntrospectError` and from the built-in
-exception that best describes it, so ``except ValueError`` keeps working.
-Messages say what was expected, what came, and what to do.
+Every error a user can cause derives from :class:`InntrospectError` and from
+the built-in exception that best describes it, so ``except ValueError`` (or
+``TypeError``, ``ImportError``) keeps working. Messages say what was
+expected, what came, and what to do; the command line prints them as one
+line (``error: ...``), without a traceback.
+
+::
+
+    InntrospectError
+    ├── ConfigError (ValueError)            a config file or its values
+    ├── ParameterError (ValueError)         an argument of a Python function
+    │   └── ParameterTypeError (TypeError)  ... of the wrong type
+    ├── CorpusError (ValueError)            corpus.csv and its batch files
+    ├── ModelError (ValueError)             the model
+    │   └── LayerNotFoundError
+    ├── NonFiniteError (ValueError)         NaN or infinity, wherever found
+    ├── GroupNotFoundError (ValueError)     a group name
+    ├── StoreError (ValueError)             the store
+    │   ├── StoreMismatchError, IncompleteStoreError
+    │   ├── StoreLockedError (RuntimeError)
+    │   └── StepNotFoundError, StaleResultError
+    └── MissingDependencyError (ImportError)  a package to install
+
+Which to raise: a value read from a config file is a :class:`ConfigError`;
+the same value passed to a Python function is a :class:`ParameterError`
+(unknown method, metric, mode or format name; a number out of range; an
+array of the wrong shape). NaN or infinity is always a
+:class:`NonFiniteError`, an unknown group always a
+:class:`GroupNotFoundError`, whichever function finds it. Errors that only a
+bug in inntrospect can cause (broken internal invariants) stay built-in.
 """
 
 
@@ -12,6 +39,19 @@ class InntrospectError(Exception):
 
 class ConfigError(InntrospectError, ValueError):
     """A configuration file or argument is missing, malformed or unknown."""
+
+
+class ParameterError(InntrospectError, ValueError):
+    """An argument of a Python function has a value it cannot take.
+
+    An unknown name (method, metric, mode, format, ...), a number out of
+    range, or an array of the wrong shape or size. From a config file the
+    same mistake is a :class:`ConfigError`.
+    """
+
+
+class ParameterTypeError(ParameterError, TypeError):
+    """An argument of a Python function is of a type it cannot take."""
 
 
 class CorpusError(InntrospectError, ValueError):
@@ -56,3 +96,7 @@ class StepNotFoundError(StoreError):
 
 class StaleResultError(StoreError):
     """A derived result was computed from inputs the store no longer holds."""
+
+
+class MissingDependencyError(InntrospectError, ImportError):
+    """A package that a function needs is not installed; the message says what to install."""

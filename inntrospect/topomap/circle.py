@@ -45,6 +45,8 @@ import threading
 
 import numpy as np
 
+from ..errors import NonFiniteError, ParameterError
+
 __all__ = ["distribute_in_circle", "distribute_reference", "weights", "AUTO_THRESHOLD"]
 
 #: ``method="auto"`` uses ``"approx"`` from this many units on. Measured with
@@ -104,9 +106,13 @@ def _force_fast(d: np.ndarray) -> np.ndarray:
 def _check(p) -> np.ndarray:
     p = np.array(p, dtype=np.float64, copy=True)
     if p.ndim != 2 or p.shape[1] != 2:
-        raise ValueError(f"expected coordinates of shape (n, 2), got {p.shape}")
+        raise ParameterError(f"expected coordinates of shape (n, 2), got {p.shape}. Pass one row "
+                             f"of x, y per unit (a layout's xy).")
     if not np.isfinite(p).all():
-        raise ValueError("coordinates must be finite")
+        bad = np.flatnonzero(~np.isfinite(p).all(axis=1))
+        raise NonFiniteError(f"expected finite coordinates; {bad.size} of {len(p)} units hold NaN or "
+                             f"infinity (first: unit {bad[0]}). Recompute the layout, or drop "
+                             f"those units.")
     return p
 
 
@@ -370,15 +376,18 @@ def distribute_in_circle(
     if method == "auto":
         method = "approx" if len(p) >= AUTO_THRESHOLD else "exact"
     if method not in ("exact", "approx"):
-        raise ValueError(f"method must be 'auto', 'exact' or 'approx', not {method!r}")
+        raise ParameterError(f"method must be 'auto', 'exact' or 'approx', not {method!r}. "
+                             f"Leave it at 'auto' unless you need one of them.")
     if n_steps < 0:
-        raise ValueError("n_steps must be >= 0")
+        raise ParameterError(f"n_steps must be >= 0, got {n_steps!r}; pass 0 to only rescale "
+                             f"(the default is 100).")
     if len(p) < 2:
         return _minmax(p)
     if method == "exact":
         out = _run_exact(p, n_steps, jitter, seed)
     else:
         if grid < 4:
-            raise ValueError("grid must be >= 4")
+            raise ParameterError(f"grid must be >= 4 mesh cells per side, got {grid!r}; the "
+                                 f"default is {APPROX_GRID}.")
         out = _run_approx(p, n_steps, jitter, seed, grid)
     return _minmax(out)

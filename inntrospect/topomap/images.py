@@ -29,7 +29,7 @@ import contextlib
 
 import numpy as np
 
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, ParameterError
 
 __all__ = ["unit_values", "interpolate", "triangulate", "image_extent", "grid"]
 
@@ -60,14 +60,14 @@ def unit_values(nap: np.ndarray, unit_axis: int = -1) -> np.ndarray:
     """
     nap = np.asarray(nap)
     if nap.ndim < 2:
-        raise ValueError(
+        raise ParameterError(
             f"unit_values expects a NAP shaped (group, *spatial, unit) with at least 2 "
             f"axes; got shape {nap.shape}. Add the group axis (e.g. nap[None]) for a "
             f"single group."
         )
     axis = unit_axis + nap.ndim if unit_axis < 0 else unit_axis
     if not 0 < axis < nap.ndim:
-        raise ValueError(
+        raise ParameterError(
             f"unit_axis={unit_axis} is not a unit axis of a NAP with {nap.ndim} axes "
             f"(shape {nap.shape}): axis 0 is the group axis; pass -1 when the units "
             f"come last."
@@ -83,7 +83,7 @@ def unit_values(nap: np.ndarray, unit_axis: int = -1) -> np.ndarray:
 def _check_xy(xy) -> np.ndarray:
     xy = np.asarray(xy, dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] != 2:
-        raise ValueError(
+        raise ParameterError(
             f"xy must be the units' 2-D coordinates, shaped (unit, 2); got shape "
             f"{xy.shape}. Pass the layout of the layer (one row of x, y per unit)."
         )
@@ -95,7 +95,7 @@ def _check_xy(xy) -> np.ndarray:
             f"both xy and values."
         )
     if len(xy) < 3:
-        raise ValueError(
+        raise ParameterError(
             f"a topomap image needs at least 3 units (a triangle) to interpolate; got "
             f"{len(xy)}. Layers this small get no layout (REFERENCE.md §6): plot their "
             f"values directly instead."
@@ -126,7 +126,7 @@ def grid(xy, resolution: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """
     xy = _check_xy(xy)
     if int(resolution) != resolution or resolution < 2:
-        raise ValueError(
+        raise ParameterError(
             f"resolution must be an integer >= 2 (pixels per side); got {resolution!r}."
         )
     resolution = int(resolution)
@@ -166,8 +166,9 @@ def triangulate(xy):
 
     Raises
     ------
-    ValueError
-        Fewer than 3 units, or all units on one line (no triangle to interpolate in).
+    inntrospect.errors.ParameterError
+        (a ``ValueError``) Fewer than 3 units, or all units on one line (no triangle
+        to interpolate in).
     inntrospect.errors.NonFiniteError
         NaN or infinite coordinates.
     """
@@ -179,7 +180,7 @@ def triangulate(xy):
             tri = Delaunay(xy)
             tri.transform  # noqa: B018 -- computed here, under the thread limit
     except QhullError as err:
-        raise ValueError(
+        raise ParameterError(
             f"the {len(xy)} unit coordinates span no area (all on one line or one "
             f"point), so there is no triangle to interpolate in: check the layout "
             f"(it should be 2-D, e.g. min-max scaled per column, not constant along "
@@ -231,8 +232,8 @@ def interpolate(
 
     Raises
     ------
-    ValueError
-        Fewer than 3 units, all units on one line, or mismatched shapes.
+    inntrospect.errors.ParameterError
+        (a ``ValueError``) Fewer than 3 units, all units on one line, or mismatched shapes.
     inntrospect.errors.NonFiniteError
         NaN or infinity in ``xy`` or ``values``.
 
@@ -253,7 +254,7 @@ def interpolate(
     if single:
         values = values[None]
     if values.ndim != 2 or values.shape[1] != len(xy):
-        raise ValueError(
+        raise ParameterError(
             f"values must be shaped (group, unit) with one value per unit of xy "
             f"({len(xy)} units); got shape {values.shape}. Use unit_values() to reduce "
             f"a NAP (group, *spatial, unit) to (group, unit)."
@@ -271,7 +272,7 @@ def interpolate(
     else:
         tri = triangulation
         if tri.points.shape != xy.shape or not np.array_equal(tri.points, xy):
-            raise ValueError(
+            raise ParameterError(
                 f"triangulation was made from other coordinates ({tri.points.shape[0]} "
                 f"points) than xy ({len(xy)} units); make it with triangulate(xy)."
             )

@@ -28,6 +28,8 @@ from typing import Literal
 
 import numpy as np
 
+from ..errors import NonFiniteError, ParameterError
+
 __all__ = ["METHODS", "MIN_UNITS", "profile_matrix", "Layout", "minmax"]
 
 METHODS = ("umap", "tsne", "pca", "som", "graph", "random")
@@ -46,10 +48,20 @@ def profile_matrix(nap: np.ndarray, threshold: float = COLUMN_THRESHOLD) -> np.n
     """
     nap = np.asarray(nap, dtype=np.float64)
     if nap.ndim < 2:
-        raise ValueError(f"a NAP is (group, *spatial, unit); got shape {nap.shape}.")
+        raise ParameterError(
+            f"expected a NAP shaped (group, *spatial, unit), at least 2 axes; got shape "
+            f"{nap.shape}. Pass a layer's 'nap' variable (inntrospect.load(store, 'naps') or "
+            f"'contrast'); add the group axis (nap[None]) for a single group."
+        )
     profiles = np.moveaxis(nap, -1, 0).reshape(nap.shape[-1], -1)
     if not np.isfinite(profiles).all():
-        raise ValueError("the NAP holds NaN or infinity; recompute it (inntrospect naps CONFIG).")
+        bad = ~np.isfinite(profiles)
+        raise NonFiniteError(
+            f"expected a finite NAP; it holds {int(bad.sum())} NaN or infinite values of "
+            f"{bad.size} (first at unit {int(np.argwhere(bad)[0][0])}), which no layout can place. "
+            f"They come from NaN or infinity in the activations: check the corpus inputs and the "
+            f"model, extract again, then recompute the NAPs (inntrospect naps CONFIG)."
+        )
     keep = np.abs(profiles).max(axis=0) > threshold
     return profiles[:, keep]
 
@@ -93,14 +105,20 @@ class Layout:
 
     def fit(self, profiles: np.ndarray) -> Layout:
         if self.method not in METHODS:
-            raise ValueError(f"unknown layout method {self.method!r}; choose one of {', '.join(METHODS)}.")
+            raise ParameterError(f"unknown layout method {self.method!r}; choose one of "
+                                 f"{', '.join(METHODS)}.")
         if self.metric not in ("euclidean", "cosine"):
-            raise ValueError(f"unknown metric {self.metric!r}; choose 'euclidean' or 'cosine'.")
+            raise ParameterError(f"unknown metric {self.metric!r}; choose 'euclidean' or 'cosine'.")
         x = np.asarray(profiles, dtype=np.float64)
         if x.ndim != 2:
-            raise ValueError(f"profiles must be (unit, features); got shape {x.shape}.")
+            raise ParameterError(f"profiles must be (unit, features); got shape {x.shape}. "
+                                 f"Make them with profile_matrix(nap).")
         if len(x) <= MIN_UNITS:
-            raise ValueError(f"{len(x)} units: layouts need more than {MIN_UNITS} (as in the reference).")
+            raise ParameterError(f"layouts need more than {MIN_UNITS} units (as in the reference); "
+                                 f"got {len(x)}. Leave this layer out of the topomaps.")
+        if not np.isfinite(x).all():
+            raise NonFiniteError(f"expected finite profiles; got {int((~np.isfinite(x)).sum())} NaN "
+                                 f"or infinite values. Recompute the NAPs they come from.")
         if x.shape[1] == 0:  # every column filtered out: nothing tells units apart
             x = np.zeros((len(x), 1))
         self.xy_ = minmax(getattr(self, f"_{self.method}")(x))

@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, ParameterError
 
 __all__ = [
     "STEPS",
@@ -102,7 +102,8 @@ def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     renormalised: PIL's bilinear ``resize``. Rows sum to 1.
     """
     if n_in < 1 or n_out < 1:
-        raise ValueError(f"sizes must be >= 1 pixel; got {n_in} -> {n_out}.")
+        raise ParameterError(f"sizes must be >= 1 pixel; got {n_in} -> {n_out}. Pass the sizes "
+                             f"in pixels of the image side and of the resized side.")
     return _resample_matrix(int(n_in), int(n_out))
 
 
@@ -112,7 +113,7 @@ def _check_images(images) -> tuple[np.ndarray, bool]:
     if single:
         x = x[None]
     if x.ndim != 3 or min(x.shape[1:]) < 2:
-        raise ValueError(
+        raise ParameterError(
             f"images must be shaped (group, row, col) or (row, col), at least 2 x 2 "
             f"pixels; got shape {np.shape(images)}. Make them with "
             f"inntrospect.topomap.images.interpolate."
@@ -234,8 +235,8 @@ def topographic_quality(images, normalize: bool = True) -> Quality:
 
     Raises
     ------
-    ValueError
-        Images of the wrong shape.
+    inntrospect.errors.ParameterError
+        (a ``ValueError``) Images of the wrong shape.
     inntrospect.errors.NonFiniteError
         Infinite pixels, or an image without any finite pixel.
 
