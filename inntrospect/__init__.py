@@ -14,8 +14,11 @@ from .errors import (
     IncompleteStoreError,
     InntrospectError,
     LayerNotFoundError,
+    MissingDependencyError,
     ModelError,
     NonFiniteError,
+    ParameterError,
+    ParameterTypeError,
     StaleResultError,
     StepNotFoundError,
     StoreError,
@@ -30,6 +33,7 @@ from .store import open_store
 from .store.backends import Location
 from .store.steps import load
 from .topomap.api import compare_layouts, topomap_images, topomap_layout
+from .version import __version__ as __version__
 
 #: functions whose modules import matplotlib or UMAP: loaded on first use
 _LAZY = {"plot_topomaps": "viz.plots", "plot_overview": "viz.plots", "plot_projection": "viz.plots",
@@ -45,7 +49,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'inntrospect' has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
 
 __all__ = [
     "run",
@@ -70,6 +73,8 @@ __all__ = [
     "read_corpus",
     "InntrospectError",
     "ConfigError",
+    "ParameterError",
+    "ParameterTypeError",
     "CorpusError",
     "ModelError",
     "LayerNotFoundError",
@@ -81,4 +86,5 @@ __all__ = [
     "GroupNotFoundError",
     "StepNotFoundError",
     "StaleResultError",
+    "MissingDependencyError",
 ]

@@ -2,9 +2,10 @@
 
 Builds a corpus from scikit-learn's bundled 8x8 digits (one group per
 digit, the digit as target), trains a small Keras CNN on it (seeded), writes
-corpus, model and config under the output folder, and runs every step that
-exists (extraction, alignment, NAPs, contrastive NAPs, topomap layouts and
-images, instance projections, plots and the HTML report), printing where the
+corpus, model and config under the output folder, and runs the pipeline's
+steps (:mod:`inntrospect.registry`) that the HTML report needs: extraction,
+alignment, NAPs, contrastive NAPs, topomap layouts and images, instance
+projections and the report, which draws its own figures. It prints where the
 results are.
 """
 
@@ -14,6 +15,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from . import registry
 
 __all__ = ["run_demo", "write_digits_corpus", "train_digits_cnn"]
 
@@ -119,14 +122,8 @@ def _most_specific_units(con, nap) -> str:
 
 def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     """Run the demo into ``out``; return the store path."""
-    from .analysis.alignment import align
-    from .analysis.profiles import contrastive_naps, naps
-    from .analysis.projection import instance_projection
     from .config import load_config
-    from .extraction.local import prepare_extraction, run_extraction
     from .store.info import describe_store
-    from .topomap.api import topomap_images, topomap_layout
-    from .viz.reporting import report
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -137,31 +134,29 @@ def run_demo(out: str | Path = "storage/demo", progress: bool = True) -> Path:
     cfg_path = out / "config.toml"
     cfg_path.write_text(CONFIG.format(layers="[" + ", ".join(f'"{n}"' for n in LAYERS) + "]"))
     print(f"config: {cfg_path}")
-    ex = prepare_extraction(**load_config(cfg_path).extract_kwargs())
-    run_extraction(ex, overwrite=True, progress=progress)
     cfg = load_config(cfg_path)
-    align(ex.path, persist=True, progress=progress)
-    profiles = naps(ex.path, **cfg.naps_kwargs(), persist=True, progress=progress)
-    contrasts = contrastive_naps(ex.path, **cfg.contrast_kwargs(), persist=True, progress=progress)
-    topomap_layout(ex.path, **cfg.layout_kwargs(), progress=progress)
-    topomap_images(ex.path, cfg.resolution(), progress=progress)
-    instance_projection(ex.path, **cfg.projection_kwargs(), persist=True, progress=progress)
-    index = report(ex.path, cfg.plot_output() / "report", config=cfg_path, progress=progress)
+    path = cfg.store_path()
+    results = {}
+    for name in registry.leading_to("report"):  # the steps the report reads, in order; not `plots`
+        step = registry.STEPS[name]
+        if step.applies(cfg):
+            results[name] = step.run(cfg, path, progress, overwrite=True)
+    profiles, contrasts, index = results["naps"], results["contrast"], results["report"]
     figures = sorted((index.parent / "figures").iterdir())
     print()
-    print(describe_store(ex.path))
+    print(describe_store(path))
     print()
     print(_most_specific_units(contrasts["dense"], profiles["dense"]))
     print(
         f"\ndone in {time.perf_counter() - t0:.0f} s. Outputs in {out}/:\n"
-        f"  {ex.path}  (open it with: xarray.open_datatree({str(ex.path)!r}, engine='zarr'))\n"
+        f"  {path}  (open it with: xarray.open_datatree({str(path)!r}, engine='zarr'))\n"
         f"  {index}  (the report: open it in a browser)\n"
         f"  {index.parent / 'figures'}/  ({len(figures)} figures: topomaps per layer, overview, "
         f"projections; PDF or SVG: inntrospect plot {cfg_path})\n"
         f"  rerun what a config change touches: inntrospect run {cfg_path}\n"
-        f"  or one step:  inntrospect extract|align|naps|contrast|layout|project|plot|report {cfg_path}\n"
+        f"  or one step:  inntrospect {'|'.join(registry.commands())} {cfg_path}\n"
         f"  compare layout methods: inntrospect compare-layouts {cfg_path}\n"
-        f"  describe:     inntrospect info {ex.path}\n"
-        f"  in Python:    inntrospect.load({str(ex.path)!r}, 'naps')['conv2'].nap"
+        f"  describe:     inntrospect info {path}\n"
+        f"  in Python:    inntrospect.load({str(path)!r}, 'naps')['conv2'].nap"
     )
-    return ex.path
+    return path

@@ -1,11 +1,12 @@
 """``inntrospect run``: every step of a config, in dependency order, skipping what is current.
 
-Steps, in order: ``extract``, ``align`` (only when ``[naps] aligned``),
-``naps``, ``contrast``, ``layout``, ``topomap``, ``projection``, then the
-figures and the report (``plots``, ``report``), which are always redrawn. A
-step runs when its result is missing or stale (:mod:`inntrospect.store.steps`), or
-was computed with other parameters than the config's; ``from_step`` redoes
-that step and everything after it, ``force`` everything (extraction too).
+The steps are those of :mod:`inntrospect.registry`, in its order: ``extract``,
+``align`` (only when ``[naps] aligned``), ``naps``, ``contrast``, ``layout``,
+``topomap``, ``projection``, then the figures and the report (``plots``,
+``report``), which are always redrawn. A step runs when its result is missing
+or stale (:mod:`inntrospect.store.steps`), or was computed with other
+parameters than the config's; ``from_step`` redoes that step and everything
+after it, ``force`` everything (extraction too).
 
 The pipeline owns its dask cluster, like the command line: with ``[cluster]
 address`` (or ``scheduler=``) it connects to that scheduler, otherwise it
@@ -22,8 +23,8 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+from . import registry
 from . import store as st
 from .errors import ConfigError
 from .store import steps
@@ -31,22 +32,7 @@ from .store import steps
 __all__ = ["run", "PIPELINE"]
 
 #: the steps of :func:`run`, in order
-PIPELINE = ("extract", "align", "naps", "contrast", "layout", "topomap", "projection", "plots", "report")
-
-
-def _wanted_params(cfg) -> dict[str, dict]:
-    """The parameters each step's record must hold to count as done with this config."""
-    naps = cfg.naps_kwargs()
-    contrast = cfg.contrast_kwargs()
-    layout = cfg.layout_kwargs()  # the config's types are checked: these are the recorded params
-    return {
-        "align": {},
-        "naps": naps,
-        "contrast": {**contrast, "groups": None if contrast["groups"] is None else sorted(contrast["groups"])},
-        "layout": layout,
-        "topomap": {**layout, "resolution": cfg.resolution()},
-        "projection": cfg.projection_kwargs(),
-    }
+PIPELINE = tuple(registry.STEPS)
 
 
 def _is_done(path, step: str, wanted: dict) -> bool:
@@ -55,6 +41,13 @@ def _is_done(path, step: str, wanted: dict) -> bool:
     attrs = st.store_attrs(path)
     rec = attrs.get("steps", {}).get(step)
     return rec is not None and steps.is_current(attrs, step) and rec.get("params") == wanted
+
+
+def _current(step: registry.Step, path, wanted: dict, redo: set) -> bool:
+    """Whether ``step`` is kept: never for the figures and the report, nor the extraction (it resumes)."""
+    if step.always or step.params is None or step.name in redo:
+        return False
+    return _is_done(path, step.name, wanted[step.name])
 
 
 @contextlib.contextmanager
@@ -115,33 +108,33 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
         raise ConfigError(f"unknown step {from_step!r} for --from; the steps are: {', '.join(PIPELINE)}.")
     redo = set(PIPELINE) if force else set(PIPELINE[PIPELINE.index(from_step):]) if from_step else set()
     path = cfg.store_path()
-    wanted = _wanted_params(cfg)
-    aligned = wanted["naps"]["aligned"]
+    wanted = registry.wanted_params(cfg)
+    skipped = {name for name, step in registry.STEPS.items() if not step.applies(cfg)}
     done: dict[str, str] = {}
     t0 = time.perf_counter()
     with cluster(cfg, scheduler, quiet=not progress) as client, contextlib.ExitStack() as stack:
         side = _Pool(stack) if _in_process(client) else None  # started at its first task
         warm = aside = None  # UMAP's kernels loaded there, then the projection computed there
-        for step in PIPELINE:
-            if step == "align" and not aligned:
-                done[step] = "skipped"
+        for name, step in registry.STEPS.items():
+            if name in skipped:
+                done[name] = "skipped"
                 continue
-            if step not in ("extract", "plots", "report") and step not in redo and _is_done(path, step, wanted[step]):
-                done[step] = "current"
-                echo(f"{step:<10} current, kept")
+            if _current(step, path, wanted, redo):
+                done[name] = "current"
+                echo(f"{name:<10} current, kept")
                 continue
             t = time.perf_counter()
-            if step == "layout" and warm is not None:
+            if name == "layout" and warm is not None:
                 with contextlib.suppress(Exception):  # a failed warm-up: the layout says why itself
                     warm.result()
-            _STEPS[step](cfg, path, progress, overwrite="extract" in redo, aside=aside)
-            done[step] = "ran"
-            beside = " (computed beside the steps before it)" if step == "projection" and aside else ""
-            echo(f"{step:<10} done in {time.perf_counter() - t:.1f} s{beside}")
-            if step == "extract" and side is not None:  # not before: that process holds GBs
+            _run_step(client, name, cfg, path, progress, overwrite="extract" in redo, aside=aside)
+            done[name] = "ran"
+            beside = " (computed beside the steps before it)" if name == "projection" and aside else ""
+            echo(f"{name:<10} done in {time.perf_counter() - t:.1f} s{beside}")
+            if name == "extract" and side is not None:  # not before: that process holds GBs
                 # the layout waits for the warm-up rather than compile the same kernels beside it
                 if any(s in redo or not _is_done(path, s, wanted[s])
-                       for s in _UMAP_BEFORE if s != "align" or aligned):
+                       for s in _UMAP_BEFORE if s not in skipped):
                     warm = side.submit(_warm_up, cfg.layout_kwargs()["metric"])
                     _import_umap_aside()  # and here, in a thread, for the layout
                 if "projection" in redo or not _is_done(path, "projection", wanted["projection"]):
@@ -197,20 +190,15 @@ class _Pool:
             vars(main).update(saved)
 
 
-def _extract(cfg, path, progress, overwrite=False, **_):
-    from .scheduler import active_client
-
-    if not _in_process(active_client()):
-        _extract_here(cfg.extract_kwargs(), overwrite, progress)  # on the cluster's workers
+def _run_step(client, name: str, cfg, path, progress: bool, **options) -> None:
+    """The registry's step ``name``: here, or (the extraction with an in-process cluster) in a process."""
+    fn = registry.RUNNERS[name]
+    if name == "extract" and _in_process(client):
+        cfg.extract_kwargs()  # a config error is raised here, before the process starts
+        with contextlib.ExitStack() as stack:
+            _Pool(stack).submit(fn, cfg, path, progress, options["overwrite"]).result()
         return
-    with contextlib.ExitStack() as stack:
-        _Pool(stack).submit(_extract_here, cfg.extract_kwargs(), overwrite, progress).result()
-
-
-def _extract_here(kwargs: dict, overwrite: bool, progress: bool) -> None:
-    from .extraction.local import prepare_extraction, run_extraction
-
-    run_extraction(prepare_extraction(**kwargs), overwrite=overwrite, progress=progress)
+    fn(cfg, path, progress, **options)  # the extraction on a cluster of its own: blocks on its workers
 
 
 def _project_here(kwargs: dict, tree, progress: bool) -> dict:
@@ -251,62 +239,3 @@ def _end_with_parent() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
-def _align(cfg, path, progress, **_):
-    from .analysis.alignment import align
-
-    align(path, persist=True, progress=progress)
-
-
-def _naps(cfg, path, progress, **_):
-    from .analysis.profiles import naps
-
-    naps(path, **cfg.naps_kwargs(), persist=True, progress=progress)
-
-
-def _contrast(cfg, path, progress, **_):
-    from .analysis.profiles import contrastive_naps
-
-    contrastive_naps(path, **cfg.contrast_kwargs(), persist=True, progress=progress)
-
-
-def _layout(cfg, path, progress, **_):
-    from .topomap.api import topomap_layout
-
-    topomap_layout(path, **cfg.layout_kwargs(), progress=progress)
-
-
-def _topomap(cfg, path, progress, **_):
-    from .topomap.api import topomap_images
-
-    topomap_images(path, cfg.resolution(), progress=progress)
-
-
-def _projection(cfg, path, progress, aside=None, **_):
-    from .analysis.projection import instance_projection, persist_projection
-
-    if aside is not None:  # computed in the side process: stored here, at its turn
-        persist_projection(path, aside.result())
-        return
-    instance_projection(path, **cfg.projection_kwargs(), persist=True, progress=progress)
-
-
-def _plots(cfg, path, progress, **_):
-    from .viz.plots import plot_all
-
-    plot_all(path, cfg.plot_output(), cfg.get("plot", "mode", "row"), cfg.get("plot", "format", "png"))
-
-
-def _report(cfg, path, progress, **_):
-    from .viz.reporting import report
-
-    out: Path = cfg.plot_output()
-    csv = out / "compare_layouts.csv"
-    report(path, out / "report", config=cfg.path, compare_csv=csv if csv.is_file() else None,
-           progress=progress)
-
-
-_STEPS = {"extract": _extract, "align": _align, "naps": _naps, "contrast": _contrast,
-          "layout": _layout, "topomap": _topomap, "projection": _projection, "plots": _plots,
-          "report": _report}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,6 +60,90 @@ def mnist_arrays():
     x = mnist_example.read_idx(MNIST / "t10k-images-idx3-ubyte.gz")
     y = mnist_example.read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
     return x, y
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quoted, with what must be escaped escaped."""
+    out = []
+    for ch in text:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def toml_value(value) -> str:
+    """``value`` as a TOML value: strings (and paths), ints, floats, bools, lists, inline tables."""
+    if isinstance(value, bool):  # before int: a bool is an int
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str | os.PathLike):
+        return _toml_string(os.fspath(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML value for {type(value).__name__}: {value!r}")
+
+
+def toml_text(sections: dict) -> str:
+    """``sections`` as TOML text: each dict a ``[section]`` table, in order.
+
+    Values that are not dicts are top-level keys and come first (TOML wants them
+    before any table); a dict inside a section is an inline table.
+    """
+    lines = [f"{_toml_key(k)} = {toml_value(v)}" for k, v in sections.items() if not isinstance(v, dict)]
+    for name, table in sections.items():
+        if isinstance(table, dict):
+            lines.append(f"[{_toml_key(name)}]")
+            lines.extend(f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items())
+    return "".join(line + "\n" for line in lines)
+
+
+def write_config(folder: Path, sections: dict | None = None, *, text: str | None = None,
+                 name: str = "c.toml") -> Path:
+    """Write a config ``folder / name`` (the folder made if need be); its path.
+
+    ``sections`` is ``{"store": {"path": "s.zarr"}, "naps": {"aligned": True}, ...}``,
+    written as TOML (see :func:`toml_text`); ``text`` is raw text written after
+    it, for the configs a test means to be malformed or odd.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(toml_text(sections or {}) + (text or ""))
+    return path
+
+
+def pipeline_sections(model, corpus, method: str = "pca", layers=("conv2d_25",)) -> dict:
+    """The config of the whole pipeline (``inntrospect run``) on a model and corpus: a new dict."""
+    return {
+        "model": {"path": model, "layers": list(layers)},
+        "corpus": {"path": corpus},
+        "store": {"path": "run.zarr", "chunk_mib": 1},
+        "naps": {"aligned": True},
+        "topomap": {"method": method, "resolution": 40},
+        "projection": {"samples_per_group": 20},
+        "plot": {"output": "out"},
+    }
 
 
 def write_mnist_corpus(out: Path, x, y, n: int, batch: int) -> Path:

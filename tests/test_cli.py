@@ -12,7 +12,7 @@ import pytest
 import inntrospect
 from inntrospect.cli import main
 
-from .conftest import CNN, needs_shared, python_env
+from .conftest import CNN, needs_shared, python_env, write_config
 
 
 def test_help_and_import_do_not_load_tensorflow():
@@ -28,20 +28,16 @@ def test_help_and_import_do_not_load_tensorflow():
     assert "LOADED False False" in res.stdout
 
 
-def write_config(tmp_path, corpus, **extra):
-    text = (
-        f'[model]\npath = "{CNN}"\nlayers = ["conv2d_25"]\n'
-        f'[corpus]\npath = "{corpus}"\n[store]\npath = "out.zarr"\nchunk_mib = 1\n'
-        '[extract]\nbatch_size = 64\n'
-    )
-    (tmp_path / "c.toml").write_text(text)
-    return tmp_path / "c.toml"
+def extract_config(tmp_path, corpus):
+    return write_config(tmp_path, {
+        "model": {"path": CNN, "layers": ["conv2d_25"]}, "corpus": {"path": corpus},
+        "store": {"path": "out.zarr", "chunk_mib": 1}, "extract": {"batch_size": 64}})
 
 
 @needs_shared
 def test_dry_run_extract_info(tmp_path, mnist_corpus, capsys):
     pytest.importorskip("tensorflow")
-    cfg = write_config(tmp_path, mnist_corpus)
+    cfg = extract_config(tmp_path, mnist_corpus)
     assert main(["extract", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "600 samples in 10 files" in out
@@ -66,15 +62,15 @@ def test_dry_run_extract_info(tmp_path, mnist_corpus, capsys):
 
 
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
-    (tmp_path / "c.toml").write_text('[model]\npath = "m.keras"\n[corpus]\npath = "nope.csv"\n'
-                                     '[store]\npath = "s.zarr"\n')
-    assert main(["extract", str(tmp_path / "c.toml")]) == 2
+    cfg = write_config(tmp_path, {"model": {"path": "m.keras"}, "corpus": {"path": "nope.csv"},
+                                  "store": {"path": "s.zarr"}})
+    assert main(["extract", str(cfg)]) == 2
     assert "error: corpus file" in capsys.readouterr().err
     assert main(["info", str(tmp_path)]) == 2
     assert "not a Zarr store" in capsys.readouterr().err
-    (tmp_path / "c.toml").write_text('[model]\npath = "m.keras"\n[corpus]\npath = "c.csv"\n'
-                                     '[store]\npath = "s.zarr"\n[extract]\ngradient_target = "label"\n')
-    assert main(["extract", str(tmp_path / "c.toml")]) == 2
+    cfg = write_config(tmp_path, {"model": {"path": "m.keras"}, "corpus": {"path": "c.csv"},
+                            "store": {"path": "s.zarr"}, "extract": {"gradient_target": "label"}})
+    assert main(["extract", str(cfg)]) == 2
     assert "gradient_target must be 'predicted' or 'target', got 'label'" in capsys.readouterr().err
 
 
@@ -123,9 +119,8 @@ def test_analysis_steps_from_the_command_line(tmp_path, capsys):
     x = rng.random((24, 3, 3, 2), np.float32)
     store_from_arrays(tmp_path / "s.zarr", {"conv": x, "dense": x[:, 0, 0]}, np.repeat(["cat", "dog", "eel"], 8),
                       grads={"conv": rng.standard_normal(x.shape)}, chunks=5)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[store]\npath = "s.zarr"\n[naps]\naligned = true\nstd = true\n'
-                   '[contrast]\ngroups = ["dog", "cat"]\nweight_by_group_size = true\n')
+    cfg = write_config(tmp_path, {"store": {"path": "s.zarr"}, "naps": {"aligned": True, "std": True},
+                                  "contrast": {"groups": ["dog", "cat"], "weight_by_group_size": True}})
     assert main(["align", str(cfg), "--no-progress"]) == 0
     assert "aligned 1 layers with spatial axes (conv)" in capsys.readouterr().out
     assert main(["naps", str(cfg), "--no-progress"]) == 0
@@ -140,15 +135,15 @@ def test_analysis_steps_from_the_command_line(tmp_path, capsys):
     rec = inntrospect.open_store(tmp_path / "s.zarr").attrs["steps"]
     assert rec["naps"]["inputs"]["align"] == rec["align"]["id"]  # read the persisted aligned arrays
 
-    cfg.write_text('[store]\npath = "s.zarr"\n[naps]\naligned = false\n')
+    cfg = write_config(tmp_path, {"store": {"path": "s.zarr"}, "naps": {"aligned": False}})
     assert main(["naps", str(cfg), "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["info", str(tmp_path / "s.zarr")]) == 0
     assert "contrast   STALE: the contrast results were computed from naps results" in capsys.readouterr().out
-    cfg.write_text('[store]\npath = "s.zarr"\n[contrast]\ngroups = ["dog", "bird"]\n')
+    cfg = write_config(tmp_path, {"store": {"path": "s.zarr"}, "contrast": {"groups": ["dog", "bird"]}})
     assert main(["contrast", str(cfg), "--no-progress"]) == 2
     assert "unknown group 'bird'; the groups are: cat, dog, eel." in capsys.readouterr().err
-    cfg.write_text('[store]\npath = "s.zarr"\n[naps]\naligned = 1\n')
+    cfg = write_config(tmp_path, {"store": {"path": "s.zarr"}, "naps": {"aligned": 1}})  # not a bool
     assert main(["naps", str(cfg)]) == 2
     assert "[naps] aligned must be bool, got 1" in capsys.readouterr().err
 
@@ -161,10 +156,9 @@ def test_topomap_projection_plot_and_report_commands(tmp_path, capsys, caplog):
     groups = np.repeat(["cat", "dog", "eel"], 20)
     x[groups == "cat", ..., :10] += 1
     store_from_arrays(tmp_path / "s.zarr", {"conv": x, "small": x[:, 0, 0, :5]}, groups, chunks=16)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[store]\npath = "s.zarr"\n[topomap]\nmethod = "pca"\nresolution = 32\n'
-                   'compare = ["pca", "random"]\n[projection]\nsamples_per_group = 10\n'
-                   '[plot]\nformat = "svg"\noutput = "out"\n')
+    cfg = write_config(tmp_path, {
+        "store": {"path": "s.zarr"}, "topomap": {"method": "pca", "resolution": 32, "compare": ["pca", "random"]},
+        "projection": {"samples_per_group": 10}, "plot": {"format": "svg", "output": "out"}})
     assert main(["layout", str(cfg), "--no-progress"]) == 2
     assert "no contrast results yet. Run inntrospect contrast CONFIG" in capsys.readouterr().err
     assert main(["naps", str(cfg), "--no-progress"]) == 0
@@ -186,6 +180,6 @@ def test_topomap_projection_plot_and_report_commands(tmp_path, capsys, caplog):
     assert main(["report", str(cfg), "--no-progress"]) == 0
     html = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "compare" in html.lower() and "random" in html
-    cfg.write_text('[store]\npath = "s.zarr"\n[topomap]\nmethod = "umapp"\n')
+    cfg = write_config(tmp_path, {"store": {"path": "s.zarr"}, "topomap": {"method": "umapp"}})
     assert main(["layout", str(cfg)]) == 2
     assert "[topomap] method must be one of 'umap', 'tsne'" in capsys.readouterr().err

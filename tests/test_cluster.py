@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -25,12 +26,20 @@ import pytest
 from dask.utils import key_split
 
 import inntrospect
-from inntrospect import pipeline
+from inntrospect import registry
 from inntrospect.pipeline import run
 from inntrospect.testing import store_from_arrays
 
-from .conftest import BATCH, CNN, CNN_LAYERS, nan_corpus, needs_shared, python_env
-from .test_pipeline import CONFIG
+from .conftest import (
+    BATCH,
+    CNN,
+    CNN_LAYERS,
+    nan_corpus,
+    needs_shared,
+    pipeline_sections,
+    python_env,
+    write_config,
+)
 
 distributed = pytest.importorskip("distributed")
 
@@ -155,11 +164,8 @@ def two_workers(dask_cluster):
     dask_cluster.connect(2)
 
 
-def _config(folder: Path, corpus, extra: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = folder / "c.toml"
-    cfg.write_text(CONFIG.format(model=CNN, corpus=corpus, method="pca", layers='["conv2d_25"]') + extra)
-    return cfg
+def _config(folder: Path, corpus) -> Path:
+    return write_config(folder, pipeline_sections(CNN, corpus))
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +182,7 @@ def runs(tmp_path_factory, mnist_corpus, dask_cluster):
     base = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
         for step in FIGURES:
-            mp.setitem(pipeline._STEPS, step, _skip)
+            mp.setitem(registry.RUNNERS, step, _skip)
         return _two_runs(base, mnist_corpus, dask_cluster, get_task_stream)
 
 
@@ -268,7 +274,7 @@ def test_the_analysis_tasks_ran_on_the_workers(runs, dask_cluster):
 @needs_shared
 def test_the_dashboard_link_printed_is_the_schedulers(runs, dask_cluster, capsys, monkeypatch):
     for step in FIGURES:
-        monkeypatch.setitem(pipeline._STEPS, step, _skip)
+        monkeypatch.setitem(registry.RUNNERS, step, _skip)
     capsys.readouterr()
     run(runs["remote_cfg"], scheduler=dask_cluster.address, progress=True, echo=lambda _: None)
     first = capsys.readouterr().out.splitlines()[0]
@@ -283,10 +289,10 @@ def test_run_connects_to_the_config_s_cluster_address(runs, dask_cluster, monkey
     from distributed import get_task_stream
 
     for step in (*FIGURES, "projection"):  # UMAP runs in this process: tested above
-        monkeypatch.setitem(pipeline._STEPS, step, _skip)
+        monkeypatch.setitem(registry.RUNNERS, step, _skip)
     folder = runs["remote"]
-    cfg = folder / "address.toml"
-    cfg.write_text(runs["remote_cfg"].read_text() + f'[cluster]\naddress = "{dask_cluster.address}"\n')
+    cfg = write_config(folder, {**tomllib.loads(runs["remote_cfg"].read_text()),
+                                "cluster": {"address": dask_cluster.address}}, name="address.toml")
     clients_before = _connections(dask_cluster)
     with get_task_stream(dask_cluster.client) as stream:
         done = run(cfg, from_step="contrast", progress=False, echo=lambda _: None)
@@ -362,7 +368,7 @@ def _loads(dask_worker=None) -> int:
     """In a worker: how many times it has prepared an extraction (loaded a model)."""
     from inntrospect.extraction import distributed as distributed_extract
 
-    return distributed_extract._LOADS["count"]
+    return distributed_extract.MODEL_LOADS["count"]
 
 
 def _recorded_so_far(path: Path) -> set[int]:
@@ -380,21 +386,6 @@ def _recorded(path: Path) -> set[int]:
     return set(np.flatnonzero(done).tolist())
 
 
-#: the config of the extraction whose client (``inntrospect extract --scheduler``) is killed
-EXTRACT_CONFIG = """\
-[model]
-path = "{model}"
-layers = {layers}
-[corpus]
-path = "{corpus}"
-[store]
-path = "remote.zarr"
-chunk_mib = 0.25
-[extract]
-batch_size = {batch}
-"""
-
-
 @needs_shared
 def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_workers, tmp_path, mnist_corpus):
     """``inntrospect extract --scheduler`` is SIGKILLed once a few blocks are recorded.
@@ -410,9 +401,10 @@ def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_worker
     cluster = two_workers
     path = tmp_path / "remote.zarr"
     loads_before = cluster.client.run(_loads)
-    cfg = tmp_path / "extract.toml"
-    cfg.write_text(EXTRACT_CONFIG.format(model=CNN, layers=json.dumps(CNN_LAYERS), corpus=mnist_corpus,
-                                         batch=BATCH))
+    cfg = write_config(tmp_path, {  # the extraction whose client (inntrospect extract --scheduler) is killed
+        "model": {"path": CNN, "layers": CNN_LAYERS}, "corpus": {"path": mnist_corpus},
+        "store": {"path": "remote.zarr", "chunk_mib": 0.25}, "extract": {"batch_size": BATCH}},
+        name="extract.toml")
     log = open(tmp_path / "client.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "inntrospect", "extract", str(cfg), "--scheduler",
                              cluster.address, "--no-progress"], stdout=log, stderr=subprocess.STDOUT,
@@ -461,13 +453,6 @@ def test_extraction_on_the_workers_resumes_after_the_client_is_killed(two_worker
     _assert_same_extraction(tree, local)
 
 
-def _toml_inline(value) -> str:
-    """A TOML inline value (tables, strings) for a config written by a test."""
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()) + " }"
-    return json.dumps(value)
-
-
 @needs_shared
 def test_run_on_the_cluster_with_the_store_in_s3_equals_the_local_run(runs, dask_cluster, s3, tmp_path,
                                                                        monkeypatch):
@@ -478,13 +463,12 @@ def test_run_on_the_cluster_with_the_store_in_s3_equals_the_local_run(runs, dask
     from distributed import get_task_stream
 
     for step in FIGURES:
-        monkeypatch.setitem(pipeline._STEPS, step, _skip)
+        monkeypatch.setitem(registry.RUNNERS, step, _skip)
     loc = s3.location()
-    cfg = tmp_path / "s3.toml"
-    text = runs["remote_cfg"].read_text()
-    assert 'path = "run.zarr"\n' in text
-    cfg.write_text(text.replace('path = "run.zarr"\n', f'path = "{loc.url}"\nstorage_options = '
-                                f'{_toml_inline(s3.storage_options)}\n'))
+    sections = tomllib.loads(runs["remote_cfg"].read_text())
+    assert sections["store"]["path"] == "run.zarr"
+    sections["store"].update(path=loc.url, storage_options=s3.storage_options)
+    cfg = write_config(tmp_path, sections, name="s3.toml")
     dask_cluster.connect(2)
     with get_task_stream(dask_cluster.client) as stream:
         done = run(cfg, scheduler=dask_cluster.address, progress=False, echo=lambda line: print("s3:", line))

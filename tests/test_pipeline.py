@@ -10,33 +10,11 @@ from inntrospect.cli import main
 from inntrospect.errors import ConfigError
 from inntrospect.pipeline import run
 
-from .conftest import CNN, needs_shared
-
-CONFIG = """\
-[model]
-path = "{model}"
-layers = {layers}
-[corpus]
-path = "{corpus}"
-[store]
-path = "run.zarr"
-chunk_mib = 1
-[naps]
-aligned = true
-[topomap]
-method = "{method}"
-resolution = 40
-[projection]
-samples_per_group = 20
-[plot]
-output = "out"
-"""
+from .conftest import CNN, needs_shared, pipeline_sections, write_config
 
 
 def _config(tmp_path, corpus, method="pca"):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(CONFIG.format(model=CNN, corpus=corpus, method=method, layers='["conv2d_25"]'))
-    return cfg
+    return write_config(tmp_path, pipeline_sections(CNN, corpus, method))
 
 
 @needs_shared
@@ -68,7 +46,7 @@ def test_run_does_every_step_once_then_only_what_changed(tmp_path, mnist_corpus)
     assert after["extraction"]["id"] == tree.attrs["extraction"]["id"]  # resumed, not redone
 
     # another layout method: layout and what follows it, not the NAPs
-    cfg.write_text(cfg.read_text().replace('method = "pca"', 'method = "som"'))
+    cfg = _config(tmp_path, mnist_corpus, method="som")  # the same file, rewritten
     done = run(cfg, progress=False, echo=lines.append)
     assert done["naps"] == done["contrast"] == done["projection"] == "current"
     assert done["layout"] == done["topomap"] == "ran"
@@ -83,8 +61,7 @@ def test_run_does_every_step_once_then_only_what_changed(tmp_path, mnist_corpus)
 
 
 def test_unknown_from_step_is_refused(tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[store]\npath = "s.zarr"\n')
+    cfg = write_config(tmp_path, {"store": {"path": "s.zarr"}})
     with pytest.raises(ConfigError, match="unknown step 'napz' for --from; the steps are: extract"):
         run(cfg, from_step="napz", progress=False)
 

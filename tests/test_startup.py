@@ -10,7 +10,7 @@ import pytest
 
 from inntrospect.testing import store_from_arrays
 
-from .conftest import python_env
+from .conftest import python_env, write_config
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,10 @@ def small_run(tmp_path_factory):
     dense = (rng.normal(size=(n, 40)) + (np.arange(n)[:, None] % 3) * 0.5).astype(np.float32)
     store_from_arrays(folder / "run.zarr", {"conv": conv, "dense": dense}, groups,
                       grads={"conv": rng.normal(size=conv.shape).astype(np.float32)}, chunks=32)
-    (folder / "run.toml").write_text(
-        '[store]\npath = "run.zarr"\n[naps]\naligned = true\n'
-        '[topomap]\nmethod = "umap"\nresolution = 20\n'
-        '[projection]\nsamples_per_group = 20\n[plot]\noutput = "figures"\n')
-    return folder / "run.toml"
+    return write_config(folder, {
+        "store": {"path": "run.zarr"}, "naps": {"aligned": True},
+        "topomap": {"method": "umap", "resolution": 20},
+        "projection": {"samples_per_group": 20}, "plot": {"output": "figures"}}, name="run.toml")
 
 
 def _python(code: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:

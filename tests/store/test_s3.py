@@ -20,13 +20,12 @@ import numpy as np
 import pytest
 
 import inntrospect
-from inntrospect import pipeline
+from inntrospect import pipeline, registry
 from inntrospect import store as st
 from inntrospect.errors import IncompleteStoreError, StoreLockedError
 from inntrospect.store.backends import Location
 
-from ..conftest import BATCH, CNN, CNN_LAYERS, needs_shared
-from ..test_pipeline import CONFIG
+from ..conftest import BATCH, CNN, CNN_LAYERS, needs_shared, pipeline_sections, write_config
 
 pytestmark = needs_shared
 
@@ -272,16 +271,15 @@ def test_run_with_an_s3_store_in_the_config(s3, mnist_corpus, tmp_path, monkeypa
     from inntrospect.store.info import describe_store
 
     for step in ("layout", "topomap", "projection", "plots", "report"):
-        monkeypatch.setitem(pipeline._STEPS, step, _skip)
+        monkeypatch.setitem(registry.RUNNERS, step, _skip)
     loc = s3.location()
     opts = s3.storage_options
-    text = CONFIG.format(model=CNN, corpus=mnist_corpus, method="pca", layers='["conv2d_25"]')
-    text = text.replace('path = "run.zarr"', f'path = "{loc.url}"\nstorage_options = {{ key = '
-                        f'"{opts["key"]}", secret = "{opts["secret"]}", endpoint_url = '
-                        f'"{opts["endpoint_url"]}", client_kwargs = {{ region_name = "us-east-1" }} }}')
-    text = text.replace("aligned = true", "aligned = false")
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(text)
+    sections = pipeline_sections(CNN, mnist_corpus)
+    sections["store"].update(path=loc.url, storage_options={
+        "key": opts["key"], "secret": opts["secret"], "endpoint_url": opts["endpoint_url"],
+        "client_kwargs": {"region_name": "us-east-1"}})
+    sections["naps"]["aligned"] = False
+    cfg = write_config(tmp_path, sections)
     done = pipeline.run(cfg, progress=False, echo=lambda _: None)
     assert [s for s, how in done.items() if how == "ran"] == [
         "extract", "naps", "contrast", "layout", "topomap", "projection", "plots", "report"]
@@ -321,16 +319,15 @@ def test_a_url_in_a_toml_config_is_not_resolved_against_its_folder(tmp_path, mon
     from inntrospect.config import load_config
 
     monkeypatch.chdir(tmp_path)
-    cfg = tmp_path / "sub" / "c.toml"
-    cfg.parent.mkdir()
-    cfg.write_text('[store]\npath = "s3://bkt/run.zarr"\n'
-                   'storage_options = { endpoint_url = "http://127.0.0.1:9", key = "k", secret = "s" }\n'
-                   '[plot]\noutput = "figs"\n')
+    cfg = write_config(tmp_path / "sub", {
+        "store": {"path": "s3://bkt/run.zarr",
+                  "storage_options": {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}},
+        "plot": {"output": "figs"}})
     loc = load_config(cfg).store_path()
     assert isinstance(loc, Location) and loc.url == "s3://bkt/run.zarr" and not loc.is_local
     assert loc.storage_options == {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}
     assert load_config(cfg).plot_output() == cfg.parent / "figs"  # a path still is
-    cfg.write_text('[store]\npath = "run.zarr"\n')
+    write_config(cfg.parent, {"store": {"path": "run.zarr"}})
     assert load_config(cfg).store_path().url == str(cfg.parent / "run.zarr")
-    cfg.write_text('[store]\npath = "file://run.zarr"\n')  # a file URL is a path: relative to the config
+    write_config(cfg.parent, {"store": {"path": "file://run.zarr"}})  # a file URL is a path: relative to the config
     assert load_config(cfg).store_path().url == str(cfg.parent / "run.zarr")

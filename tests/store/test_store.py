@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from inntrospect import ConfigError, StoreError, StoreLockedError, store
 from inntrospect.config import load_config
 
-from ..conftest import python_env
+from ..conftest import python_env, write_config
 
 
 @given(
@@ -111,11 +111,10 @@ def test_store_attrs_errors(tmp_path):
 def test_config_paths_resolve_against_its_folder(tmp_path):
     sub = tmp_path / "cfg"
     sub.mkdir()
-    (sub / "c.toml").write_text(
-        '[model]\npath = "m.keras"\nlayers = ["a"]\n[corpus]\npath = "../data/corpus.csv"\n'
-        '[store]\npath = "out.zarr"\nchunk_mib = 8\n[extract]\ngradient_target = "target"\n'
-    )
-    kw = load_config(sub / "c.toml").extract_kwargs()
+    cfg = write_config(sub, {
+        "model": {"path": "m.keras", "layers": ["a"]}, "corpus": {"path": "../data/corpus.csv"},
+        "store": {"path": "out.zarr", "chunk_mib": 8}, "extract": {"gradient_target": "target"}})
+    kw = load_config(cfg).extract_kwargs()
     assert kw["model"] == str(sub / "m.keras")
     assert kw["corpus"] == str(tmp_path / "data" / "corpus.csv")
     assert str(kw["store"]) == str(sub / "out.zarr") and kw["store"].is_local
@@ -123,21 +122,21 @@ def test_config_paths_resolve_against_its_folder(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, match",
+    "sections, text, match",
     [
-        ('[modle]\npath = "m"\n', r"unknown section \[modle\].*Did you mean 'model'"),
-        ('[model]\npaht = "m"\n', r"unknown key 'paht' in \[model\].*Did you mean 'path'"),
-        ('[store]\nchunk_mib = "big"\n', r"\[store\] chunk_mib must be int or float"),
-        ('[model]\npath = "m"\nname = "VGG16"\n[corpus]\npath="c"\n[store]\npath="s"\n',
+        ({"modle": {"path": "m"}}, None, r"unknown section \[modle\].*Did you mean 'model'"),
+        ({"model": {"paht": "m"}}, None, r"unknown key 'paht' in \[model\].*Did you mean 'path'"),
+        ({"store": {"chunk_mib": "big"}}, None, r"\[store\] chunk_mib must be int or float"),
+        ({"model": {"path": "m", "name": "VGG16"}, "corpus": {"path": "c"}, "store": {"path": "s"}}, None,
          "exactly one of 'path'"),
-        ('[model]\npath = "m"\n[store]\npath="s"\n', r"\[corpus\] needs 'path'"),
-        ("[model\n", "not valid TOML"),
+        ({"model": {"path": "m"}, "store": {"path": "s"}}, None, r"\[corpus\] needs 'path'"),
+        (None, "[model\n", "not valid TOML"),
     ],
 )
-def test_config_errors(tmp_path, text, match):
-    (tmp_path / "c.toml").write_text(text)
+def test_config_errors(tmp_path, sections, text, match):
+    cfg = write_config(tmp_path, sections, text=text)
     with pytest.raises(ConfigError, match=match):
-        load_config(tmp_path / "c.toml").extract_kwargs()
+        load_config(cfg).extract_kwargs()
 
 
 def test_example_configs_point_at_the_shared_models():

@@ -17,6 +17,7 @@ from inntrospect.store import steps, store_attrs, write_node
 from inntrospect.testing import store_from_arrays
 from inntrospect.viz.reporting import report
 
+from ..conftest import write_config
 from .test_plots import projection_ds, topomap_ds
 
 GROUPS = ["airplane", "cat <b>", "dog"]  # sorted, one with markup to escape
@@ -79,8 +80,7 @@ class _Refs(HTMLParser):
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     store = make_store(tmp)
-    config = tmp / "run.toml"
-    config.write_text('store = "run.zarr"\n# a <comment> & more\n')
+    config = write_config(tmp, {"store": "run.zarr"}, text="# a <comment> & more\n", name="run.toml")
     csv = tmp / "compare.csv"
     csv.write_text("layer,method,metric,quality_resize,quality_blur,seconds\n"
                    "conv,umap,correlation,0.12345678,0.2,1.5\n"
