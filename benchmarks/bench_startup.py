@@ -1,4 +1,4 @@
-"""Per-process start-up costs of UMAP, each choice of ``inntrospect/umapfit.py`` against umap-learn as is.
+"""Per-process start-up costs of UMAP, each choice of ``inntrospect/analysis/umapfit.py`` against umap-learn as is.
 
 Every figure comes from a fresh process (``sys.executable -c``), with numba's
 cache in a folder of this run (``NUMBA_CACHE_DIR``): empty for "cold" (the

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import ParameterError, StoreError
 from ..store import chunkio
 from . import compiled
 from .nap_kernels import (
@@ -100,7 +100,7 @@ def _stored_chunks(chunks, codes, std=False):
         add_sums(kernels, x, index[lo : lo + len(x)], sums, g, shift)
         lo += len(x)
     if lo != len(codes):
-        raise ValueError(f"{lo} samples but {len(codes)} group codes.")
+        raise ParameterError(f"{lo} samples but {len(codes)} group codes: give one group code per sample.")
     return as_moments(present, counts, sums)
 
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import ParameterError
 from ..store.chunkio import buffer
 from . import compiled
 
@@ -77,7 +78,7 @@ def chunk_moments(x: np.ndarray, codes: np.ndarray, std: bool = False) -> dict:
     """
     n = len(x)
     if len(codes) != n:
-        raise ValueError(f"{n} samples but {len(codes)} group codes.")
+        raise ParameterError(f"{n} samples but {len(codes)} group codes: give one group code per sample.")
     flat = x.reshape(n, -1)
     kernels = compiled.kernels()
     if kernels is not None and flat.dtype in (np.float32, np.float64):
@@ -216,7 +217,7 @@ def aligned_moments(acts, codes, grads, std: bool = False) -> dict:
         return chunk_moments(align_kernel(acts, grads, out=out), codes, std)
     n = len(acts)
     if len(codes) != n:
-        raise ValueError(f"{n} samples but {len(codes)} group codes.")
+        raise ParameterError(f"{n} samples but {len(codes)} group codes: give one group code per sample.")
     present, index, counts = np.unique(codes, return_inverse=True, return_counts=True)
     sums = np.zeros((len(present), int(np.prod(acts.shape[1:], dtype=np.int64))))
     add_sums(kernels, acts, index.reshape(-1).astype(np.intp), sums, grads)
