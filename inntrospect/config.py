@@ -3,10 +3,10 @@
 ::
 
     [model]   path = "model.keras" | name = "VGG16", weights = "vgg16.h5", layers = ["conv2d"]
-    [corpus]  path = "corpus/corpus.csv"
-    [store]   path = "run.zarr" | "s3://bucket/run.zarr", chunk_mib = 32,
+    [corpus]  path = "corpus/corpus.csv", allow_duplicates = false, allow_outside = false
+    [store]   path = "run.zarr" | "s3://bucket/run.zarr", chunk_mib = 32 (above 0, at most 4096),
               storage_options = {endpoint_url = "http://…", key = "…", secret = "…"} (fsspec's)
-    [extract] gradient_target = "predicted" | "target", batch_size = 128
+    [extract] gradient_target = "predicted" | "target", batch_size = 128, verify_corpus = false
     [naps]    aligned = false, std = false
     [contrast] groups = ["cat", "dog"] (default: all), weight_by_group_size = false
     [topomap] method = "umap", metric = "euclidean", distribute_in_circle = true, seed = 0,
@@ -16,12 +16,14 @@
     [cluster] address = "tcp://host:8786" (default: an in-process cluster), n_workers,
               threads_per_worker, memory_limit = "4GiB", dashboard_address = ":8787"
 
-Unknown sections and keys are errors (a typo should not be ignored silently).
+Unknown sections and keys are errors (a typo should not be ignored silently), and so are
+numbers that are not finite (``inf``, ``nan``) or out of range.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -35,9 +37,9 @@ __all__ = ["Config", "load_config", "SCHEMA"]
 #: section -> key -> accepted types
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "model": {"path": (str,), "name": (str,), "weights": (str,), "layers": (list,)},
-    "corpus": {"path": (str,)},
+    "corpus": {"path": (str,), "allow_duplicates": (bool,), "allow_outside": (bool,)},
     "store": {"path": (str,), "chunk_mib": (int, float), "storage_options": (dict,)},
-    "extract": {"gradient_target": (str,), "batch_size": (int,)},
+    "extract": {"gradient_target": (str,), "batch_size": (int,), "verify_corpus": (bool,)},
     "naps": {"aligned": (bool,), "std": (bool,)},
     "contrast": {"groups": (list,), "weight_by_group_size": (bool,)},
     "topomap": {"method": (str,), "metric": (str,), "distribute_in_circle": (bool,), "seed": (int,),
@@ -61,9 +63,13 @@ CHOICES = {
 MINIMUM = {("topomap", "seed"): 0, ("projection", "seed"): 0, ("extract", "batch_size"): 1,
            ("topomap", "resolution"): 2, ("projection", "samples_per_group"): 1,
            ("cluster", "n_workers"): 1, ("cluster", "threads_per_worker"): 1}
+#: numeric keys that must lie strictly above their first and at most at their second bound
+#: (a chunk is read and written whole by every step: beyond 4 GiB is no chunk size)
+BOUNDS = {("store", "chunk_mib"): (0, 4096)}
 #: keys whose value is a boolean (everywhere else a bool is refused: ``true`` is no number)
 BOOLS = {("naps", "aligned"), ("naps", "std"), ("contrast", "weight_by_group_size"),
-         ("topomap", "distribute_in_circle")}
+         ("topomap", "distribute_in_circle"), ("corpus", "allow_duplicates"), ("corpus", "allow_outside"),
+         ("extract", "verify_corpus")}
 #: keys holding paths, resolved against the config file's folder
 PATHS = {("model", "path"), ("model", "weights"), ("corpus", "path"), ("store", "path"),
          ("plot", "output")}
@@ -90,8 +96,11 @@ class Config:
             raise ConfigError(f"{self.path}: [{section}] needs '{key}'.")
         return value
 
-    def extract_kwargs(self) -> dict[str, Any]:
-        """Arguments of :func:`inntrospect.extract` from ``[model] [corpus] [store] [extract]``."""
+    def extract_kwargs(self, verify_corpus: bool = False) -> dict[str, Any]:
+        """Arguments of :func:`inntrospect.extract` from ``[model] [corpus] [store] [extract]``.
+
+        ``verify_corpus=True`` (``--verify-corpus``) hashes the batch files whatever the config says.
+        """
         if (self.get("model", "path") is None) == (self.get("model", "name") is None):
             raise ConfigError(
                 f"{self.path}: [model] needs exactly one of 'path' (a model file or SavedModel "
@@ -106,6 +115,9 @@ class Config:
             "chunk_mib": self.get("store", "chunk_mib"),
             "gradient_target": self.get("extract", "gradient_target", "predicted"),
             "batch_size": self.get("extract", "batch_size", 128),
+            "verify_corpus": bool(verify_corpus or self.get("extract", "verify_corpus", False)),
+            "allow_duplicates": self.get("corpus", "allow_duplicates", False),
+            "allow_outside": self.get("corpus", "allow_outside", False),
         }
         if not all(isinstance(x, str) for x in kwargs["layers"]):
             raise ConfigError(f"{self.path}: [model] layers must be a list of layer names.")
@@ -263,6 +275,14 @@ def load_config(path: str | os.PathLike) -> Config:
             if not isinstance(value, types) or (isinstance(value, bool) and (section, key) not in BOOLS):
                 want = " or ".join(t.__name__ for t in types)
                 raise ConfigError(f"{p}: [{section}] {key} must be {want}, got {value!r}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{p}: [{section}] {key} must be a finite number; got {value!r}. "
+                                  "Give a number, or leave the key out for its default.")
+            bounds = BOUNDS.get((section, key))
+            if bounds is not None and not bounds[0] < value <= bounds[1]:
+                raise ConfigError(f"{p}: [{section}] {key} must be above {bounds[0]} and at most "
+                                  f"{bounds[1]}; got {value!r}. Give a number in that range, or leave "
+                                  "the key out for its default.")
             least = MINIMUM.get((section, key))
             if least is not None and value < least:
                 raise ConfigError(f"{p}: [{section}] {key} must be at least {least}; got {value!r}.")

@@ -159,11 +159,14 @@ def mnist_corpus(tmp_path_factory, mnist_arrays):
 
 @pytest.fixture(scope="session")
 def mnist_corpus_no_target(tmp_path_factory, mnist_corpus):
+    import shutil
+
     out = tmp_path_factory.mktemp("mnist600_nt")
     lines = []
     for line in mnist_corpus.read_text().splitlines():
         f, g, _ = line.split(",")
-        lines.append(f"{(mnist_corpus.parent / f).resolve()},{g}")
+        shutil.copyfile(mnist_corpus.parent / f, out / f)  # batch files stay inside the corpus folder
+        lines.append(f"{f},{g}")
     (out / "corpus.csv").write_text("\n".join(lines) + "\n")
     return out / "corpus.csv"
 

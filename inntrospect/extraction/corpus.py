@@ -4,8 +4,13 @@
 (``REFERENCE.md`` §1). Sample order is row order, then order inside each file.
 Everything is checked before any work starts; each problem raises one
 :class:`~inntrospect.errors.CorpusError` naming the row, the file and the fix.
-Batch files are only opened memory-mapped: validating a corpus reads headers,
-never data.
+Batch files are only opened memory-mapped: validating a corpus reads headers
+(and, for integer inputs, the first samples of the first file, to warn about them).
+
+Also refused, unless allowed: a batch file listed twice (its samples would be
+extracted and counted twice; ``allow_duplicates``), and a path leaving the
+corpus folder (``../x.npy``, an absolute path; ``allow_outside``): on a cluster
+every worker reads the batch files by these paths.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import csv
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -48,6 +54,11 @@ class Corpus:
     dtype: np.dtype
     has_target: bool
     offsets: np.ndarray = field(repr=False)  # start sample of each file, plus total
+    #: how it was read (:func:`read_corpus`'s switches), so that it can be read again the same way
+    allow_duplicates: bool = False
+    allow_outside: bool = False
+    #: integer inputs: ``{"dtype", "min", "max", "samples"}`` seen in the first samples; else None
+    integer_inputs: dict | None = field(default=None, compare=False)
 
     @property
     def n_samples(self) -> int:
@@ -104,9 +115,27 @@ class Corpus:
             hi = min(lo + batch_size, stop)
             yield lo, self.read(lo, hi)
 
-    def identity(self) -> dict:
-        """What makes this corpus this corpus: hashes of the csv and of the files' layout."""
+    def identity(self, verify: bool = False) -> dict:
+        """What makes this corpus this corpus: hashes of the csv and of the files' layout, and each
+        batch file's size and modification time (``files``; with ``verify``, its sha256 too).
+
+        ``integer_inputs`` records integer inputs (dtype and the value range seen in the
+        first samples), which reach the model as float32 unchanged.
+        """
         layout = [[f.file, f.n, list(self.sample_shape), str(self.dtype)] for f in self.files]
+        files, hashes = [], {}
+        for f in self.files:
+            try:
+                stat = f.path.stat()
+            except OSError as err:
+                raise CorpusError(f"{self.csv_path}, line {f.row}: batch file {f.path} cannot be read "
+                                  f"any more ({err}). Restore it, or fix corpus.csv.") from None
+            rec = {"file": f.file, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            if verify:
+                if f.path not in hashes:
+                    hashes[f.path] = _sha256(f.path)
+                rec["sha256"] = hashes[f.path]
+            files.append(rec)
         return {
             "path": str(self.csv_path),
             "csv_sha256": hashlib.sha256(self.csv_path.read_bytes()).hexdigest(),
@@ -117,6 +146,8 @@ class Corpus:
             "dtype": str(self.dtype),
             "groups": self.groups,
             "has_target": self.has_target,
+            "integer_inputs": self.integer_inputs,
+            "files": files,
         }
 
     def check_input_shape(self, input_shape: tuple[int | None, ...], model_name: str = "the model") -> None:
@@ -133,21 +164,74 @@ class Corpus:
             )
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+#: how many samples of the first batch file are looked at to report the range of integer inputs
+RANGE_SAMPLES = 128
+
+
+def _not_npy(path: Path) -> str | None:
+    """Why ``path`` is not a ``.npy`` file (None when it starts like one)."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if head == b"\x93NUMPY":
+        return None
+    if head[:2] == b"PK":
+        return "it is a zip archive (an .npz file?), not a .npy file"
+    return f"it is not a .npy file at all (a .npy file starts with b'\\x93NUMPY', this one with {head!r})"
+
+
+def _outside(file: str) -> str | None:
+    """Why the path ``file`` (as written in corpus.csv) leaves the corpus folder (None if it stays)."""
+    if os.path.isabs(file):
+        return "it is an absolute path"
+    norm = os.path.normpath(file)
+    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        return "it leads out of the corpus folder ('..')"
+    return None
+
+
 def _header_hint(row: list[str]) -> str:
     if [c.strip().lower() for c in row[:2]] == ["file", "group"]:
         return " It looks like a header row; corpus.csv has no header, remove that line."
     return ""
 
 
-def read_corpus(path: str | os.PathLike) -> Corpus:
+def read_corpus(path: str | os.PathLike, allow_duplicates: bool = False,
+                allow_outside: bool = False) -> Corpus:
     """Read and validate ``corpus.csv`` and the header of every batch file it names.
+
+    The csv is read as UTF-8, with or without a byte order mark (as spreadsheets save it).
+
+    Parameters
+    ----------
+    path
+        ``corpus.csv`` or the folder holding it.
+    allow_duplicates
+        Accept a batch file listed on more than one row (in one group or several):
+        its samples are then extracted, and counted, once per row.
+    allow_outside
+        Accept batch files outside the corpus folder (absolute paths, ``../``).
+
+    Warns
+    -----
+    UserWarning
+        Integer inputs (e.g. uint8 images 0-255): they are passed to the model
+        as float32 unchanged. Recorded in :meth:`Corpus.identity` too.
 
     Raises
     ------
     CorpusError
         One specific error per problem: missing csv, malformed row, non-integer
-        target, rows mixing with and without target, missing, unreadable or
-        empty batch file, sample shapes or dtypes that differ between files.
+        target, rows mixing with and without target, a batch file listed twice
+        or outside the corpus folder, missing, unreadable, non-.npy or empty
+        batch file, sample shapes or dtypes that differ between files.
     """
     csv_path = Path(path)
     if csv_path.is_dir():
@@ -159,7 +243,7 @@ def read_corpus(path: str | os.PathLike) -> Corpus:
         )
     root = csv_path.parent
     try:
-        with open(csv_path, newline="", encoding="utf-8") as fh:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # a BOM is dropped
             rows = [(i, r) for i, r in enumerate(csv.reader(fh), start=1)]
     except (UnicodeDecodeError, csv.Error) as err:
         raise CorpusError(f"{csv_path} is not a readable CSV file: {err}") from err
@@ -170,6 +254,7 @@ def read_corpus(path: str | os.PathLike) -> Corpus:
     ref: BatchFile | None = None
     ref_shape: tuple[int, ...] = ()
     ref_dtype: np.dtype | None = None
+    seen: dict[Path, BatchFile] = {}  # resolved path -> its first row
     for lineno, row in rows:
         if not row or all(not c.strip() for c in row):
             continue  # blank lines are allowed
@@ -200,14 +285,42 @@ def read_corpus(path: str | os.PathLike) -> Corpus:
                 f"{where}: this row {'has' if has else 'has no'} target, but line {with_target} "
                 f"{'has' if first_with else 'has no'} target. Give a target on every row or on none."
             )
+        outside = None if allow_outside else _outside(cells[0])
+        if outside is not None:
+            raise CorpusError(
+                f"{where}: batch file {cells[0]!r} is outside the corpus folder {root}: {outside}. "
+                "Batch files are read by these paths wherever the extraction runs (on a cluster, "
+                "by every worker), so keep them in the corpus folder and write their paths "
+                "relative to it; or allow it with allow_outside=True ([corpus] allow_outside = true)."
+            )
         fpath = (root / cells[0]).resolve()
+        first = seen.get(fpath)
+        if first is not None and not allow_duplicates:
+            if first.group == cells[1]:
+                why = (f"it is listed again (line {first.row} lists it too, in the same group "
+                       f"{first.group!r}): its samples would be extracted and counted twice")
+            else:
+                why = (f"it is listed in group {cells[1]!r}, but line {first.row} lists it in "
+                       f"group {first.group!r}: its samples would count in both groups")
+            raise CorpusError(
+                f"{where}: batch file {cells[0]!r} ({fpath}): {why}. Remove one of the rows, or "
+                "allow it with allow_duplicates=True ([corpus] allow_duplicates = true)."
+            )
         if not fpath.is_file():
             raise CorpusError(
                 f"{where}: batch file {cells[0]!r} not found (looked for {fpath}). Paths in "
                 "corpus.csv are relative to its folder." + _header_hint(cells)
             )
         try:
+            not_npy = _not_npy(fpath)
+            if not_npy is not None:
+                raise CorpusError(
+                    f"{where}: batch file {fpath} is not a readable .npy array: {not_npy}. Save each batch "
+                    "with numpy.save as one array shaped (n, *input_shape)."
+                )
             data = np.load(fpath, mmap_mode="r", allow_pickle=False)
+        except CorpusError:
+            raise
         except Exception as err:  # noqa: BLE001 - any failure means unreadable
             raise CorpusError(
                 f"{where}: batch file {fpath} is not a readable .npy array ({err}). Save each "
@@ -236,11 +349,31 @@ def read_corpus(path: str | os.PathLike) -> Corpus:
                 f"{ref_dtype}. Save all batch files with one dtype."
             )
         del data
+        seen.setdefault(fpath, bf)
         files.append(bf)
     if not files:
         raise CorpusError(f"{csv_path} lists no batch files; add rows 'file,group[,target]'.")
     offsets = np.concatenate([[0], np.cumsum([f.n for f in files])]).astype(np.int64)
-    return Corpus(csv_path.resolve(), tuple(files), ref_shape, np.dtype(ref_dtype), bool(first_with), offsets)
+    integers = _integer_inputs(csv_path, files[0], np.dtype(ref_dtype))
+    return Corpus(csv_path.resolve(), tuple(files), ref_shape, np.dtype(ref_dtype), bool(first_with), offsets,
+                  allow_duplicates, allow_outside, integers)
+
+
+def _integer_inputs(csv_path: Path, first: BatchFile, dtype: np.dtype) -> dict | None:
+    """Warn (once) about integer inputs; what is recorded of them: dtype and the range of the first samples."""
+    if dtype.kind not in "iu":
+        return None
+    k = min(first.n, RANGE_SAMPLES)
+    head = np.load(first.path, mmap_mode="r")[:k]
+    lo, hi = int(head.min()), int(head.max())
+    warnings.warn(
+        f"{csv_path}: the batch files hold integers ({dtype}; values {lo}..{hi} in the first {k} "
+        f"samples of {first.file}). Most models expect floats, e.g. scaled to [0, 1]; the values are "
+        "passed as float32 unchanged. If the model was trained on scaled inputs, save the batch "
+        "files scaled (e.g. x.astype('float32') / 255).",
+        UserWarning, stacklevel=3,
+    )
+    return {"dtype": str(dtype), "min": lo, "max": hi, "samples": k}
 
 
 def write_corpus(

@@ -30,12 +30,21 @@ def run_extraction(
     progress: bool = False,
     on_block: Callable[[int, int], None] | None = None,
     where: Where = "auto",
+    verify: bool = False,
+    on_damaged: Callable[[list[int], int], None] | None = None,
 ) -> list[int]:
     """Write (or resume) the extraction; return the blocks computed by this call.
 
     ``where="auto"`` computes the blocks on the workers of the active
     ``dask.distributed`` client when it has workers in other processes
     (see :mod:`inntrospect.extraction.distributed`), else in this process.
+
+    In an existing store, recorded blocks with a chunk of ``acts``, ``grads``
+    or ``prediction`` missing are un-recorded and extracted again (a listing,
+    always); with ``verify`` also those with a chunk that fails its checksum or
+    does not decode (every chunk of the recorded blocks is read:
+    :func:`inntrospect.store.integrity.verify`). ``on_damaged(blocks, n_blocks)``
+    is told which (default: a warning logged on the ``inntrospect`` logger).
     """
     from .distributed import cluster_client, extract_on_cluster
     from .writer import write_blocks
@@ -55,6 +64,8 @@ def run_extraction(
             attrs = {**st.new_extraction(ex.attrs), "codecs": st.choose_codecs(measure_ratios(ex))}
             st.create_store(ex.path, attrs, ex.model.layers, ex.plan, ex.corpus.sample_table)
         done_arr = st.blocks_done(ex.path, write=True)
+        if not fresh:  # recorded blocks whose chunks are missing or damaged: extracted again
+            _unrecord_damaged(ex, done_arr, verify, progress, on_damaged)
         done = np.asarray(done_arr[:], dtype=bool)
         todo = [b for b in range(ex.n_blocks) if not done[b]]
         if client is None:
@@ -66,12 +77,76 @@ def run_extraction(
     return computed
 
 
+def _unrecord_damaged(ex: Extraction, done_arr, verify: bool, progress: bool,
+                      on_damaged: Callable[[list[int], int], None] | None) -> list[int]:
+    """Un-record the recorded blocks with missing (and, with ``verify``, damaged) chunks; return them.
+
+    A complete store becomes incomplete again until they are extracted (its
+    extraction id is kept: they are written again as they were).
+    """
+    bad: set[int] = set()
+    names = [st.layer_path(info.name, var) for info in ex.model.layers
+             for var in ("acts", "grads", "prediction") if var != "grads" or info.has_grads]
+    if verify:
+        from ..store.integrity import verify as verify_store
+
+        bad.update(verify_store(ex.path, progress=progress, arrays=[st.BLOCKS_DONE, *names]).damaged_blocks)
+        for b in bad:  # a damaged record first: reading the records would fail on it
+            done_arr[b] = 0
+    done = _read_records(ex, done_arr)
+    for name in names:
+        layer, var = name.split("/")[1:]
+        arr = st.open_array(ex.path, layer, var)
+        c = int(arr.chunks[0])
+        bad.update(int(k) * c // ex.plan.block for k in _chunk_indices(
+            st.missing_chunks(ex.path, layer, var, recorded=done, block=ex.plan.block, arr=arr)))
+    bad = sorted(bad)
+    if not bad:
+        return []
+    for b in bad:
+        done_arr[b] = 0
+    extraction = dict(st.store_attrs(ex.path)["extraction"])
+    if extraction.get("state") == "complete":
+        extraction.update(state="incomplete")
+        st.update_attrs(ex.path, extraction=extraction)
+    if on_damaged is not None:
+        on_damaged(bad, ex.n_blocks)
+    else:
+        import logging
+
+        logging.getLogger("inntrospect").warning(
+            "%s: %d recorded blocks had missing or damaged chunks (%s); extracting them again",
+            ex.path, len(bad), ", ".join(map(str, bad[:20])))
+    return bad
+
+
+def _chunk_indices(keys: list[str]) -> list[int]:
+    """The index along ``sample`` of each chunk key (``c/3/0/0`` or ``c.3.0.0``: 3)."""
+    return [int(k.replace(".", "/").split("/")[1]) for k in keys]
+
+
+def _read_records(ex: Extraction, done_arr) -> np.ndarray:
+    """The block records as bools; a damaged record raises an error naming it and the fix."""
+    from ..store.nodes import decode_problem
+
+    try:
+        return np.asarray(done_arr[:], dtype=bool)
+    except (ValueError, RuntimeError):
+        for (b,), key in st.chunk_grid(done_arr):
+            try:
+                done_arr[b]
+            except (ValueError, RuntimeError) as err:
+                raise st.damaged_error(ex.path, st.BLOCKS_DONE, key, decode_problem(err)) from err
+        raise
+
+
 def extract(
     *args,
     overwrite: bool = False,
     progress: bool = False,
     on_block: Callable[[int, int], None] | None = None,
     where: Where = "auto",
+    verify: bool = False,
     **kwargs,
 ):
     """Stream a corpus through a model into a Zarr store; resume if it was interrupted.
@@ -109,6 +184,10 @@ def extract(
         when its workers are processes of their own (each loads the model once
         from its path and writes whole blocks), else here; ``"local"``: here;
         ``"cluster"``: on the client's workers (an error without one).
+    verify
+        In an existing store, also read every chunk of the recorded blocks and
+        extract again the blocks whose chunks fail their checksum or do not
+        decode (blocks with missing chunks always are).
 
     Returns
     -------
@@ -122,7 +201,8 @@ def extract(
     >>> tree["layers/conv2d"].acts.groupby("group").mean()  # doctest: +SKIP
     """
     ex = prepare_extraction(*args, **kwargs)
-    run_extraction(ex, overwrite=overwrite, progress=progress, on_block=on_block, where=where)
+    run_extraction(ex, overwrite=overwrite, progress=progress, on_block=on_block, where=where,
+                   verify=verify)
     return st.open_store(ex.path)
 
 

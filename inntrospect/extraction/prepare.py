@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,10 +18,40 @@ from .corpus import Corpus, read_corpus
 from .models.source import ModelSource, model_source
 
 __all__ = ["Extraction", "GradientTarget", "prepare_extraction", "measure_ratios", "estimate_ratio",
-           "batch_targets"]
+           "batch_targets", "MAX_CHUNK_MIB", "memory_bytes", "check_chunk_mib"]
 
 
 GradientTarget = Literal["predicted", "target"]
+
+#: the largest ``chunk_mib`` taken: a chunk is read, compressed and written whole, by every step
+MAX_CHUNK_MIB = 4096
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (psutil, else ``os.sysconf``; None if unknown)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - not installed, or no answer: ask the OS
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_chunk_mib(chunk_mib) -> None:
+    """Refuse a ``chunk_mib`` that is no number, not finite, not positive or absurdly large."""
+    if chunk_mib is None:
+        return
+    if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, numbers.Real):
+        raise ConfigError(f"chunk_mib must be a number of MiB, got {chunk_mib!r}.")
+    if not (math.isfinite(chunk_mib) and 0 < chunk_mib <= MAX_CHUNK_MIB):
+        raise ConfigError(
+            f"chunk_mib must be a finite number of MiB above 0 and at most {MAX_CHUNK_MIB}, got "
+            f"{chunk_mib!r}. Leave it out for the default (32), or give e.g. chunk_mib = 32."
+        )
 
 
 @dataclass
@@ -39,6 +71,12 @@ class Extraction:
     @property
     def n_blocks(self) -> int:
         return self.plan.n_blocks(self.corpus.n_samples)
+
+    @property
+    def pad_to(self) -> int:
+        """Samples of every inference batch (shorter ones are padded): one shape for the whole run,
+        so the compiled step is traced once, and never longer than a block or the corpus."""
+        return max(1, min(self.batch_size, self.plan.block, self.corpus.n_samples))
 
     def arrays(self):
         """``(layer, variable, index into model outputs)`` for every array written."""
@@ -86,17 +124,35 @@ def prepare_extraction(
     chunk_mib: float | None = None,
     batch_size: int = 128,
     weights: str | os.PathLike | None = None,
+    verify_corpus: bool = False,
+    allow_duplicates: bool = False,
+    allow_outside: bool = False,
 ) -> Extraction:
-    """Validate corpus, model, layers and settings; load the model. Writes nothing."""
+    """Validate corpus, model, layers and settings; load the model. Writes nothing.
+
+    ``verify_corpus`` records each batch file's sha256 in the store (read in full once),
+    besides its size and modification time; a resumed extraction compares them, so
+    a batch file changed since is found even when its size and time are the same
+    (and a copy with another time but the same contents is accepted).
+    ``allow_duplicates`` and ``allow_outside`` are :func:`read_corpus`'s switches.
+    Refused before anything is computed: a ``batch_size`` that is no positive
+    integer or whose batch (inputs and every recorded array) would need more
+    than half the machine's memory, and a ``chunk_mib`` out of range.
+    """
     from .models.keras import KerasModel
 
     if gradient_target not in ("predicted", "target"):
         raise ConfigError(
             f"gradient_target must be 'predicted' or 'target', got {gradient_target!r}."
         )
-    if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    corp = corpus if isinstance(corpus, Corpus) else read_corpus(corpus)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}; e.g. batch_size = 128.")
+    batch_size = int(batch_size)
+    check_chunk_mib(chunk_mib)
+    if isinstance(corpus, Corpus):
+        corp = corpus
+    else:
+        corp = read_corpus(corpus, allow_duplicates=allow_duplicates, allow_outside=allow_outside)
     if gradient_target == "target" and not corp.has_target:
         raise CorpusError(
             f"gradient_target='target' needs a target column in {corp.csv_path} "
@@ -106,6 +162,7 @@ def prepare_extraction(
     km = KerasModel(source, layers)
     corp.check_input_shape(km.input_shape, source.describe())
     km.fix_shapes(corp.sample_shape)
+    _check_batch_memory(km, corp, batch_size)
     if gradient_target == "target":
         top = int(corp.sample_table["target"].max())
         if top >= km.n_outputs:
@@ -117,11 +174,12 @@ def prepare_extraction(
     if chunk_mib is None and st.is_store(path):  # resuming: keep the store's chunking
         chunk_mib = st.store_attrs(path).get("chunk_mib")
     plan = st.plan_for(km.layers, chunk_mib, corp.n_samples)
-    attrs = st.root_attrs(model=km.identity(), corpus=corp.identity(), layers=km.layers, plan=plan,
-                          n_samples=corp.n_samples, gradient_target=gradient_target)
+    attrs = st.root_attrs(model=km.identity(), corpus=corp.identity(verify=verify_corpus), layers=km.layers,
+                          plan=plan, n_samples=corp.n_samples, gradient_target=gradient_target)
     request = {"model": source, "corpus": str(corp.csv_path), "store": path,
                "layers": None if layers is None else tuple(layers), "gradient_target": gradient_target,
-               "chunk_mib": plan.chunk_mib, "batch_size": batch_size}
+               "chunk_mib": plan.chunk_mib, "batch_size": batch_size, "verify_corpus": verify_corpus,
+               "allow_duplicates": corp.allow_duplicates, "allow_outside": corp.allow_outside}
     return Extraction(corp, km, path, plan, gradient_target, batch_size, attrs, request)
 
 
@@ -130,8 +188,8 @@ def measure_ratios(ex: Extraction, n: int | None = None) -> dict[str, dict[str, 
     import numcodecs
 
     codec = numcodecs.Zstd(level=st.CODEC["level"])
-    x = ex.corpus.read(0, min(n or ex.batch_size, ex.corpus.n_samples))
-    acts, grads, _ = ex.model.compute(x, batch_targets(ex, 0, len(x)), pad_to=ex.batch_size)
+    x = ex.corpus.read(0, min(n or ex.pad_to, ex.corpus.n_samples))
+    acts, grads, _ = ex.model.compute(x, batch_targets(ex, 0, len(x)), pad_to=ex.pad_to)
     sizes: dict[str, dict[str, tuple[int, int]]] = {}
     for info, var, i in ex.arrays():
         a = np.ascontiguousarray((acts if var == "acts" else grads)[i], dtype=np.float32)
@@ -149,6 +207,23 @@ def estimate_ratio(ex: Extraction, sizes=None) -> float:
             raw += r
             disk += c if codecs[layer][var] else r
     return raw / max(disk, 1)
+
+
+def _check_batch_memory(km, corp: Corpus, batch_size: int) -> None:
+    """Refuse a batch whose inputs and recorded arrays would need more than half the machine's memory."""
+    per_sample = sum(info.bytes_per_sample * (2 if info.has_grads else 1) for info in km.layers)
+    per_sample += int(np.prod(corp.sample_shape, dtype=np.int64)) * corp.dtype.itemsize  # as read
+    need = batch_size * per_sample
+    total = memory_bytes()
+    if total is None or need <= total // 2:
+        return
+    fits = max(1, (total // 2) // max(1, per_sample))
+    raise ConfigError(
+        f"batch_size {batch_size} needs {format_bytes(need)} per batch (inputs and the activations "
+        f"and gradients of the recorded layers, {format_bytes(per_sample)} per sample), more than half "
+        f"of this machine's memory ({format_bytes(total)}). Use a smaller batch_size (at most "
+        f"{fits}; 32-256 is usual)."
+    )
 
 
 def batch_targets(ex: Extraction, lo: int, hi: int) -> np.ndarray | None:

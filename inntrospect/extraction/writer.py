@@ -153,7 +153,7 @@ def write_blocks(ex, done_arr, todo, done, progress, on_block) -> list[int]:
                 for start, x in ex.corpus.batches(lo, hi, ex.batch_size):
                     check_finite(ex, x, start, "input")
                     acts, grads, pred = ex.model.compute(
-                        x, batch_targets(ex, start, start + len(x)), pad_to=ex.batch_size
+                        x, batch_targets(ex, start, start + len(x)), pad_to=ex.pad_to
                     )
                     check_finite(ex, acts[-1], start, "output")
                     preds[start - lo : start - lo + len(x)] = pred

@@ -286,7 +286,10 @@ def _load(source: ModelSource):
                     return tf_keras.models.load_model(str(source.path), compile=False), "tf_keras"
                 except Exception:  # noqa: BLE001
                     pass
-            raise ModelError(f"could not load the model file {source.path}: {err}") from err
+            raise ModelError(
+                f"could not load the model file {source.path} as a Keras model ({err}). Give a model "
+                "saved with model.save() (.keras or .h5), or a SavedModel folder."
+            ) from err
     names = {n.lower(): n for n in dir(keras.applications) if n[:1].isupper()}
     key = source.name.lower()
     if key not in names:

@@ -62,6 +62,41 @@ class ModelSource:
         return {"path": str(self.path), "sha256": hash_path(self.path)}
 
 
+_HDF5 = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(path: Path) -> bool:
+    """Whether ``path`` holds HDF5's signature (at byte 0, 512, 1024, 2048, …, as the format allows)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        offset = 0
+        while offset + len(_HDF5) <= size:
+            fh.seek(offset)
+            if fh.read(len(_HDF5)) == _HDF5:
+                return True
+            offset = 512 if offset == 0 else 2 * offset
+    return False
+
+
+def _not_a_model_file(path: Path) -> str | None:
+    """Why the file ``path`` cannot be a Keras model of its suffix (None when it may be one)."""
+    import zipfile
+
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if path.suffix == ".keras":
+        if zipfile.is_zipfile(path):
+            return None
+        hint = " It is an HDF5 file: rename it to .h5." if _is_hdf5(path) else ""
+        return (f"a .keras file is a zip archive written by model.save('model.keras'), and this one "
+                f"is not (it starts with {head!r}). Save the model again, or give the right file.{hint}")
+    if _is_hdf5(path):
+        return None
+    hint = " It is a zip archive: a .keras file?" if zipfile.is_zipfile(path) else ""
+    return (f"a {path.suffix} model is an HDF5 file written by model.save('model.h5'), and this one "
+            f"is not (it starts with {head!r}). Save the model again, or give the right file.{hint}")
+
+
 def model_source(
     model: str | os.PathLike | ModelSource, weights: str | os.PathLike | None = None
 ) -> ModelSource:
@@ -93,6 +128,9 @@ def model_source(
                 f"{p} is not a model file: expected a .keras or .h5 file, a SavedModel folder "
                 "or a keras.applications name."
             )
+        why = _not_a_model_file(p) if p.is_file() else None
+        if why is not None:
+            raise ModelError(f"{p} is not a Keras model: {why}.")
         if w is not None:
             raise ModelError("weights= is only for keras.applications models named by name.")
         return ModelSource(path=p)
