@@ -123,6 +123,9 @@ LEFT = {
                                           "a disk fault, not an input"},
     "extraction/corpus.py": {"IndexError": "Corpus.read out of bounds: extraction computes them"},
     "__init__.py": {"AttributeError": "what a module's __getattr__ must raise"},
+    "store/backends.py": {"FileNotFoundError": "Location.move on object storage with nothing to "
+                                               "move, as os.replace raises on a local folder: an "
+                                               "internal invariant of swapping results in"},
 }
 CHECKED = {str(p.relative_to(PACKAGE)): LEFT.get(str(p.relative_to(PACKAGE)), {})
            for p in sorted(PACKAGE.rglob("*.py"))}

@@ -21,7 +21,7 @@ PACKAGE = ROOT / "inntrospect"
 
 #: layer of each module, by longest matching prefix: a module imports only from layers <= its own
 LAYERS = {
-    "inntrospect.errors": 0, "inntrospect.version": 0, "inntrospect.scheduler": 0,
+    "inntrospect.errors": 0, "inntrospect.version": 0, "inntrospect.scheduler": 0, "inntrospect.checks": 0,
     "inntrospect.store": 1,
     "inntrospect.extraction": 2, "inntrospect.analysis": 2, "inntrospect.config": 2,
     "inntrospect.topomap": 3,

@@ -440,12 +440,12 @@ def test_errors(wide_store, tmp_path):
     path = wide_store[0]
     with pytest.raises(LayerNotFoundError, match="'nope'.*the layers are: conv, dense"):
         instance_projection(path, layers=["conv", "nope"], method="pca")
-    with pytest.raises(ValueError, match="sampling must be one of 'random', 'first'; got 'last'"):
+    with pytest.raises(ValueError, match="unknown sampling 'last'; choose one of 'random', 'first'"):
         instance_projection(path, sampling="last")
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="samples_per_group must be a positive integer"):
             instance_projection(path, samples_per_group=bad)
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="unknown method .*; choose one of 'umap', 'pca'"):
         instance_projection(path, method="tsne")
     with pytest.raises(ValueError, match="pca_components"):
         instance_projection(path, pca_components=-1)
