@@ -265,8 +265,9 @@ def _aligned_buffer(slot: str, nbytes: int) -> np.ndarray:
     return b[:nbytes]
 
 
-def _read_decode(file: str, nbytes: int, zstd: bool) -> int:
-    """Read one chunk file and decode it into this thread's (page-aligned) buffer."""
+def _read_decode(file: str, nbytes: int, zstd: bool, tail: int = 0) -> int:
+    """Read one chunk file and decode it into this thread's (page-aligned) buffer (a crc32c
+    ``tail`` after a zstd frame is skipped, not checked: the ceiling reads and decodes only)."""
     import numcodecs
 
     out = _aligned_buffer("out", nbytes)
@@ -275,7 +276,7 @@ def _read_decode(file: str, nbytes: int, zstd: bool) -> int:
             size = os.fstat(fh.fileno()).st_size
             raw = _aligned_buffer("raw", size)
             got = fh.readinto(raw)
-            numcodecs.Zstd().decode(raw[:got], out=out)
+            numcodecs.Zstd().decode(raw[: got - tail], out=out)
         else:
             view, got = memoryview(out), 0
             while got < nbytes:
@@ -284,16 +285,17 @@ def _read_decode(file: str, nbytes: int, zstd: bool) -> int:
 
 
 def chunk_files(path: Path, var: str = "acts") -> list:
-    """``(file, bytes, zstd?)`` of every chunk of every array ``var``, from the Zarr metadata."""
-    from zarr.codecs import ZstdCodec
+    """``(file, bytes, zstd?, checksum bytes)`` of every chunk of every array ``var``, from the Zarr metadata."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
 
     jobs = []
     for a in arrays(path, var):
         zstd = any(isinstance(c, ZstdCodec) for c in a.metadata.codecs)
+        tail = 4 if any(isinstance(c, Crc32cCodec) for c in a.metadata.codecs) else 0
         nbytes = int(np.prod(a.chunks)) * a.dtype.itemsize
         for k in range(-(-a.shape[0] // a.chunks[0])):
             key = a.metadata.encode_chunk_key((k,) + (0,) * (a.ndim - 1))
-            jobs.append((os.path.join(str(path), a.path, *key.split("/")), nbytes, zstd))
+            jobs.append((os.path.join(str(path), a.path, *key.split("/")), nbytes, zstd, tail))
     return jobs
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # the order they run in: cheap and model-free first
-BENCHES = ["align", "circle", "layout", "naps", "scaling", "codecs", "extract", "extract-cluster", "startup",
+BENCHES = ["align", "circle", "layout", "naps", "scaling", "codecs", "extract", "checksum", "extract-cluster", "startup",
            "e2e"]
 PACKAGES = ["inntrospect", "numpy", "numba", "scipy", "dask", "distributed", "zarr", "numcodecs", "xarray", "flox",
             "tensorflow", "tf_keras", "umap-learn", "scikit-learn", "pynndescent"]
@@ -224,6 +224,21 @@ def parse_extract(out: str) -> list[dict]:
     ]
 
 
+def parse_checksum(out: str) -> list[dict]:
+    rates = {}
+    for m in re.finditer(r"^(naps\(store(?:, aligned=True)?\)|run_extraction), (with|without) checksums\s+"
+                         + NUM + r"\s+" + NUM, out, re.M):
+        rates[(m.group(1), m.group(2))] = num(m.group(4))
+    rows = []
+    for what, label, unit in (("naps(store)", "`naps(store)` with vs without crc32c", "GB/s"),
+                              ("naps(store, aligned=True)", "`naps(store, aligned=True)` with vs without crc32c "
+                               "(raw gradients: the worst case)", "GB/s"),
+                              ("run_extraction", "extraction with vs without crc32c", "samples/s")):
+        w, wo = rates.get((what, "with")), rates.get((what, "without"))
+        rows.append(row("checksum", label, w, wo, w / wo if w and wo else None, 0.95, unit=unit))
+    return rows
+
+
 def parse_extract_cluster(out: str) -> list[dict]:
     rate = {}
     for m in re.finditer(r'^(in-process \(where="local"\)|LocalCluster (\d) workers? x 1 thread(?: \(of 2, --quick\))?)'
@@ -281,7 +296,7 @@ def parse_startup(out: str) -> list[dict]:
 
 
 PARSERS = {"align": parse_align, "circle": parse_circle, "layout": parse_layout, "naps": parse_naps,
-           "scaling": parse_scaling, "codecs": parse_codecs, "extract": parse_extract,
+           "scaling": parse_scaling, "codecs": parse_codecs, "extract": parse_extract, "checksum": parse_checksum,
            "extract-cluster": parse_extract_cluster, "startup": parse_startup, "e2e": parse_e2e}
 
 

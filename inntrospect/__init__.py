@@ -10,6 +10,7 @@ from .analysis.stacking import stack
 from .errors import (
     ConfigError,
     CorpusError,
+    DamagedStoreError,
     GroupNotFoundError,
     IncompleteStoreError,
     InntrospectError,
@@ -21,6 +22,7 @@ from .errors import (
     ParameterTypeError,
     StaleResultError,
     StepNotFoundError,
+    StoreAccessError,
     StoreError,
     StoreLockedError,
     StoreMismatchError,
@@ -31,6 +33,7 @@ from .extraction.local import extract
 from .pipeline import run
 from .store import open_store
 from .store.backends import Location
+from .store.integrity import verify
 from .store.steps import load
 from .topomap.api import compare_layouts, topomap_images, topomap_layout
 from .version import __version__ as __version__
@@ -59,6 +62,7 @@ __all__ = [
     "contrastive_naps",
     "stack",
     "load",
+    "verify",
     "topomap_layout",
     "topomap_images",
     "compare_layouts",
@@ -86,5 +90,7 @@ __all__ = [
     "GroupNotFoundError",
     "StepNotFoundError",
     "StaleResultError",
+    "DamagedStoreError",
+    "StoreAccessError",
     "MissingDependencyError",
 ]

@@ -16,7 +16,7 @@ def _cmd_extract(args) -> int:
     from .extraction.prepare import estimate_ratio
 
     cfg = load_config(args.config)
-    ex = prepare_extraction(**cfg.extract_kwargs())
+    ex = prepare_extraction(**cfg.extract_kwargs(verify_corpus=args.verify_corpus))
     if args.dry_run:
         print(ex.summary(estimate_ratio(ex)))
         print("dry run: nothing written.")
@@ -29,13 +29,21 @@ def _cmd_extract(args) -> int:
         with Client(address) as client:
             print(f"dask: {address}; dashboard: {client.dashboard_link}")
             computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress,
-                                      where="cluster")
+                                      where="cluster", verify=args.verify, on_damaged=_print_damaged)
     else:
-        computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress)
+        computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress,
+                                  verify=args.verify, on_damaged=_print_damaged)
     skipped = ex.n_blocks - len(computed)
     note = f" ({skipped} finished blocks kept from an earlier run)" if skipped else ""
     print(f"extracted {len(computed)} of {ex.n_blocks} blocks into {ex.path}{note}")
     return 0
+
+
+def _print_damaged(blocks: list[int], n_blocks: int) -> None:
+    """What ``extract`` found damaged in an existing store (and is about to extract again)."""
+    shown = ", ".join(map(str, blocks[:20])) + (", ..." if len(blocks) > 20 else "")
+    print(f"found {len(blocks)} of {n_blocks} recorded blocks damaged (missing or failing chunks): "
+          f"{shown}; extracting them again")
 
 
 def _cmd_steps(command: str, args) -> int:
@@ -91,18 +99,37 @@ def _cmd_import_legacy(args) -> int:
     return 0
 
 
-def _cmd_info(args) -> int:
+def _store_argument(text: str):
+    """A store path or URL as given, or the store a config file names (with its storage_options)."""
     from pathlib import Path
 
-    from .store.info import describe_store
-
-    store = args.store
-    if Path(store).suffix in (".toml", ".json") and Path(store).is_file():  # a config: its store
+    if Path(text).suffix in (".toml", ".json") and Path(text).is_file():
         from .config import load_config
 
-        store = load_config(store).store_path()
-    print(describe_store(store))
+        return load_config(text).store_path()
+    return text
+
+
+def _cmd_info(args) -> int:
+    from .store.info import describe_store
+
+    print(describe_store(_store_argument(args.store)))
     return 0
+
+
+def _cmd_verify(args) -> int:
+    from .store.integrity import verify
+
+    store = _store_argument(args.store)
+    if args.scheduler:  # the chunks are read on that cluster's workers
+        from distributed import Client
+
+        with Client(args.scheduler):
+            report = verify(store, progress=not args.no_progress)
+    else:
+        report = verify(store, progress=not args.no_progress)
+    print(report)
+    return 0 if report.ok else 1
 
 
 def _cmd_demo(args) -> int:
@@ -117,6 +144,10 @@ def _extract_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--dry-run", action="store_true",
                    help="print samples, layers, shapes and sizes, write nothing")
     e.add_argument("--overwrite", action="store_true", help="delete an existing store and start over")
+    e.add_argument("--verify", action="store_true", help="also read every chunk of the recorded blocks "
+                   "and extract again those that fail their checksum (missing chunks always are)")
+    e.add_argument("--verify-corpus", action="store_true", help="record (and on resume compare) "
+                   "each batch file's sha256, not only its size and time ([extract] verify_corpus)")
     _last_options(e, _cmd_extract, "compute the blocks on this dask.distributed scheduler's workers "
                   "(default: [cluster] address, else in this process)")
 
@@ -175,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "storage_options)")
     i.set_defaults(func=_cmd_info)
 
+    v = sub.add_parser("verify", help="read every chunk of a store and check it: present, decoding, "
+                       "checksum; exits 1 when any is damaged")
+    v.add_argument("store", help="path or URL of the Zarr store, or a config naming it (with its "
+                   "storage_options)")
+    _last_options(v, _cmd_verify, "read the chunks on this dask.distributed scheduler's workers")
+
     d = sub.add_parser("demo", help="train a small CNN on scikit-learn's digits and run every step")
     d.add_argument("--out", default="storage/demo", help="output folder (default: storage/demo)")
     _last_options(d, _cmd_demo)
@@ -187,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InntrospectError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a fault met outside the store's own guards: still one line
+        from .store.faults import translate
+
+        mapped = translate(err, getattr(err, "filename", None) or "a file")
+        print(f"error: {mapped or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume.", file=sys.stderr)

@@ -20,7 +20,9 @@ line (``error: ...``), without a traceback.
     ├── StoreError (ValueError)             the store
     │   ├── StoreMismatchError, IncompleteStoreError
     │   ├── StoreLockedError (RuntimeError)
-    │   └── StepNotFoundError, StaleResultError
+    │   ├── StepNotFoundError, StaleResultError
+    │   ├── StoreAccessError                no space, read-only, credentials, damaged metadata
+    │   └── DamagedStoreError               a chunk missing, truncated or failing its checksum
     └── MissingDependencyError (ImportError)  a package to install
 
 Which to raise: a value read from a config file is a :class:`ConfigError`;
@@ -100,3 +102,17 @@ class StaleResultError(StoreError):
 
 class MissingDependencyError(InntrospectError, ImportError):
     """A package that a function needs is not installed; the message says what to install."""
+
+
+class StoreAccessError(StoreError):
+    """The store cannot be reached, read or written: no space left, a read-only place, no
+    permission, missing credentials, an unknown URL protocol, or damaged root metadata."""
+
+
+class DamagedStoreError(StoreError):
+    """A chunk of the store is missing, fails its checksum, or does not decode to its array's shape.
+
+    The message names the chunk, what is wrong with it, and the command that
+    repairs it (``inntrospect verify STORE`` lists all damage; ``inntrospect
+    extract CONFIG --verify`` re-extracts the damaged blocks).
+    """

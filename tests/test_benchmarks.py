@@ -31,3 +31,11 @@ def test_bench_scaling_quick():
     out = run("bench_scaling.py", "--quick")
     assert "LocalCluster 2 workers x 1 thread" in out and "speed-up 2 workers / 1 worker" in out
     assert "results equal across all" in out and ": True" in out
+
+
+@needs_shared
+def test_bench_checksum_quick(cnn_store):
+    out = run("bench_checksum.py", "--quick", "--source", str(cnn_store))
+    for label in ("naps with/without checksums =", "aligned naps with/without checksums =",
+                  "extract with/without checksums =", "verify: "):
+        assert label in out, out

@@ -64,7 +64,8 @@ def test_the_registry_agrees_with_the_store_s_step_facts():
 def test_every_step_command_comes_from_the_registry():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     commands = registry.commands()
-    assert list(sub.choices) == [*commands, "compare-layouts", "run", "import-legacy", "info", "demo"]
+    assert list(sub.choices) == [*commands, "compare-layouts", "run", "import-legacy", "info", "verify",
+                                 "demo"]
     helps = {a.dest: a.help for a in sub._choices_actions}
     assert all(helps[c] == steps[0].help for c, steps in commands.items())
     assert commands["layout"] == [registry.STEPS["layout"], registry.STEPS["topomap"]]

@@ -273,7 +273,9 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
     import xarray as xr
 
     from .. import store as st
+    from ..checks import check_bool
 
+    check_bool(persist=persist, progress=progress)
     if persist:
         if isinstance(store, xr.DataTree):
             raise StoreError("align(persist=True) writes into the store: pass its path, not an opened tree.")
@@ -298,16 +300,19 @@ def _persist(store, progress: bool) -> dict:
     from .. import store as st
     from ..scheduler import compute
     from ..store import steps
+    from ..store.nodes import STAGED
 
     with store.writing():
+        st.check_chunks(store)  # a missing chunk of acts or grads would be aligned into NaN: refused
         lazy = {k: v for k, v in align(store).items() if v.name == "aligned"}
-        with steps.recording(store, "align", {}, {}, lazy) as rec:
+        # written as aligned.next beside the old arrays, swapped in once all are: a failed run keeps them
+        with steps.recording(store, "align", {}, {}, lazy) as rec, \
+                steps.replacing(store, rec, [st.layer_path(layer, "aligned") for layer in lazy]):
             writes = []
             for layer, arr in lazy.items():
                 target = st.create_derived_array(
-                    store, layer, "aligned", dims=arr.dims, codec=store.attrs["codecs"][layer]["acts"],
-                    attributes=steps.node_attrs(rec, layer))
+                    store, layer, f"aligned{STAGED}", dims=arr.dims,
+                    codec=store.attrs["codecs"][layer]["acts"], attributes=steps.node_attrs(rec, layer))
                 writes.append(da.store(arr.data, target, lock=False, compute=False))
-            st.consolidate(store)
             compute(*writes, progress=progress, desc="align")
     return steps.load(store, "align")

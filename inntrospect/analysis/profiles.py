@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .. import store as st
-from ..errors import GroupNotFoundError, StoreError
+from ..checks import check_bool
+from ..errors import GroupNotFoundError, IncompleteStoreError, ParameterTypeError, StoreError
 from ..store import chunkio, steps
 from .nap_graph import dask_layer_naps, stored_layer_naps
 from .nap_kernels import contrast, contrast_weights, group_codes
@@ -50,6 +51,7 @@ def _direct_sources(store, attrs: dict, aligned: bool) -> dict | None:
         node = st.layer_group(store, layer)
         acts = node["acts"]
         data, grads, align_id = _aligned_source(store, attrs, node) if aligned else (acts, None, None)
+        st.check_chunks(store, arrays=[a for a in (data, grads) if a is not None])  # none may read as NaN
         files = chunkio.chunk_files(data)
         gfiles = chunkio.chunk_files(grads) if grads is not None else None
         dims = getattr(acts.metadata, "dimension_names", None)
@@ -59,6 +61,31 @@ def _direct_sources(store, attrs: dict, aligned: bool) -> dict | None:
             return None
         out[layer] = (node["group"][:], tuple(dims), tuple(data.shape), files, gfiles, align_id)
     return out
+
+
+def _checked(store, layer: str, data, grads):
+    """The layer's arrays read chunk by chunk through Zarr, after checking none of their chunks is
+    missing; a chunk failing its checksum raises :class:`~inntrospect.errors.DamagedStoreError`
+    naming it. (A tree given instead of a path is read as xarray reads it: Zarr's own errors.)"""
+    arrays = [a for a in (data, grads) if a is not None]
+    st.check_chunks(store, [layer], [a.name for a in arrays])
+    out = [a.copy(data=st.checked_dask_array(store, st.layer_path(layer, a.name))) for a in arrays]
+    return out[0], (out[1] if grads is not None else None)
+
+
+def _tree_source(tree, attrs: dict):
+    """The local store a tree was opened from (``tree.encoding["source"]``), when it still holds
+    the tree's extraction; else None."""
+    import os
+
+    source = (getattr(tree, "encoding", None) or {}).get("source")
+    if not isinstance(source, str) or "://" in source or not os.path.isdir(source):
+        return None
+    try:
+        same = st.store_attrs(source).get("extraction", {}).get("id") == attrs.get("extraction", {}).get("id")
+    except StoreError:
+        return None
+    return st.Store.open(source) if same else None
 
 
 # -- public API -------------------------------------------------------------------
@@ -95,15 +122,22 @@ def naps(store, aligned: bool = False, std: bool = False, *, persist: bool = Fal
     """
     import xarray as xr
 
+    check_bool(aligned=aligned, std=std, persist=persist, progress=progress)
     if persist:
         return _persist_naps(steps.writable(store, "naps(persist=True)"), aligned, std, progress)
     if isinstance(store, xr.DataTree):
         handle, tree, attrs = None, store, dict(store.attrs)
+        if attrs.get("extraction", {}).get("state", "complete") != "complete":
+            raise IncompleteStoreError(
+                "this tree is of an extraction that has not finished (opened with "
+                "allow_incomplete=True): its unwritten samples read as NaN, and so would the NAPs. "
+                "Finish the extraction (run it again to resume), then compute the NAPs.")
     else:  # a path: the tree only when some array must be read through dask
         handle, tree = st.Store.open(store), None
         attrs = handle.attrs
         if attrs.get("extraction", {}).get("state") != "complete":
             handle.tree()  # raises IncompleteStoreError
+    source = _tree_source(tree, attrs) if handle is None else None
     direct = _direct_sources(handle, attrs, aligned) if tree is None else None
     if tree is None and direct is None:
         tree = handle.tree()
@@ -121,6 +155,10 @@ def naps(store, aligned: bool = False, std: bool = False, *, persist: bool = Fal
                 data, grads, align_id = _aligned_source(handle, attrs, node)
             else:
                 data, grads, align_id = node["acts"], None, None
+            if handle is not None:  # read through Zarr, but no chunk missing and none damaged silently
+                data, grads = _checked(handle, layer, data, grads)
+            elif source is not None:  # a tree read as it is; still, no missing chunk reads as NaN
+                st.check_chunks(source, [layer], [a.name for a in (data, grads) if a is not None])
             mean, sd = dask_layer_naps(data, grads, names, codes, std)
             dims = node["acts"].dims
         dims = ("group", *dims[1:])
@@ -167,11 +205,17 @@ def contrastive_naps(store, groups: Sequence[str] | None = None, weight_by_group
     """
     import xarray as xr
 
+    check_bool(weight_by_group_size=weight_by_group_size, persist=persist, progress=progress)
     if persist:
         if naps is not None:
             raise StoreError("persist=True contrasts the store's own NAPs; leave naps= out.")
         return _persist_contrast(store, groups, weight_by_group_size, progress)
     if naps is None:
+        if isinstance(store, xr.DataTree):
+            raise ParameterTypeError(
+                "contrastive_naps reads the store's current NAPs, which needs its path (to check "
+                "they are current), not an opened tree; pass the path, or the NAPs themselves: "
+                "contrastive_naps(tree, naps=inntrospect.naps(tree)).")
         naps = steps.load(store, "naps")
     params = {"groups": None if groups is None else sorted(str(g) for g in groups),
               "weight_by_group_size": bool(weight_by_group_size)}

@@ -52,6 +52,7 @@ from typing import Literal
 import numpy as np
 
 from .. import store as st
+from ..checks import check_bool, check_choice
 from ..errors import MissingDependencyError, ParameterError
 from ..store import steps
 
@@ -95,7 +96,7 @@ def choose_samples(labels: Sequence, samples_per_group: int = 100,
     ``numpy.random.default_rng(seed)`` group after group in sorted group order.
     Groups with fewer samples give all of them.
     """
-    _check_choice("sampling", sampling, SAMPLINGS)
+    check_choice("sampling", sampling, SAMPLINGS)
     if isinstance(samples_per_group, bool) or int(samples_per_group) != samples_per_group \
             or samples_per_group < 1:
         raise ParameterError(f"samples_per_group must be a positive integer, got {samples_per_group!r}. "
@@ -357,7 +358,7 @@ def embed_2d(x: np.ndarray, method: Literal["umap", "pca"] = "umap", seed: int =
     rows it falls back to PCA; when all rows are equal every coordinate is 0.
     Both fallbacks warn, naming ``name``.
     """
-    _check_choice("method", method, METHODS)
+    check_choice("method", method, METHODS)
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     n = len(x)
     if n == 0:
@@ -418,11 +419,6 @@ def _bar(items, progress: bool, desc: str, total: int | None = None, unit: str =
     from ..scheduler import bar
 
     return bar(items, progress=progress, desc=desc, total=total, unit=unit, leave=False)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ParameterError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
 def _open(store):
@@ -536,8 +532,9 @@ def instance_projection(store, samples_per_group: int = 100,
     >>> xy["dense_1"].xy.values.shape                                      # doctest: +SKIP
     (1000, 2)
     """
-    _check_choice("sampling", sampling, SAMPLINGS)
-    _check_choice("method", method, METHODS)
+    check_choice("sampling", sampling, SAMPLINGS)
+    check_choice("method", method, METHODS)
+    check_bool(persist=persist, progress=progress)
     if isinstance(pca_components, bool) or int(pca_components) != pca_components or pca_components < 0:
         raise ParameterError(f"pca_components must be an integer >= 0 (0: no PCA), got "
                              f"{pca_components!r}. Pass e.g. 50 (the default).")
@@ -553,6 +550,8 @@ def instance_projection(store, samples_per_group: int = 100,
     choose_samples([], samples_per_group, sampling, seed)  # validates before opening anything
     tree, attrs, path = _open(store)
     names = steps.select_layers(attrs.get("layers", []), layers, path if path is not None else "the store")
+    if path is not None:
+        st.check_chunks(path, names, ("acts",))  # a missing chunk would read as NaN
     inputs = {"extraction": attrs.get("extraction", {}).get("id")}
     result = {}
     if not names:

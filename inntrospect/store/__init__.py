@@ -10,12 +10,13 @@ package is the only code that knows it. Reading needs nothing but
 - :mod:`.nodes` — opening, reading, creating, writing and removing nodes;
 - :mod:`.handle` — :class:`Store`, a store opened once and handed down;
 - :mod:`.steps` — step records, staleness, persisting a step's results, :func:`load`;
-- :mod:`.chunkio` — reading stored chunks whole, for the NAP tasks;
+- :mod:`.chunkio` — reading stored chunks whole, for the NAP tasks (checksums checked);
+- :mod:`.integrity` — ``inntrospect verify``: every chunk of every array read and checked;
 - :mod:`.info` — ``inntrospect info``.
 """
 
 from .backends import Location, location
-from .codecs import CODEC, CODEC_TABLE, MIN_RATIO, choose_codecs, zarr_codecs
+from .codecs import CHECKSUM, CODEC, CODEC_TABLE, MIN_RATIO, choose_codecs, zarr_codecs
 from .format import (
     BLOCK_CHUNKS,
     BLOCKS_DONE,
@@ -40,15 +41,21 @@ from .handle import Store
 from .nodes import (
     array_meta,
     blocks_done,
+    check_chunks,
+    checked_dask_array,
+    chunk_grid,
+    chunk_where,
     consolidate,
     create_derived_array,
     create_store,
+    damaged_error,
     finish_extraction,
     group_labels,
     has_node,
     is_locked,
     is_store,
     layer_group,
+    missing_chunks,
     node_bytes,
     occupant,
     open_array,
@@ -56,7 +63,9 @@ from .nodes import (
     open_tree,
     remove_node,
     remove_store,
+    repair_hint,
     store_attrs,
+    stored_chunks,
     update_attrs,
     write_node,
     writer_lock,
@@ -65,11 +74,12 @@ from .nodes import (
 
 __all__ = [
     "Location", "location", "Store",
-    "CODEC", "CODEC_TABLE", "MIN_RATIO", "choose_codecs", "zarr_codecs",
+    "CHECKSUM", "CODEC", "CODEC_TABLE", "MIN_RATIO", "choose_codecs", "zarr_codecs",
     "BLOCK_CHUNKS", "BLOCKS_DONE", "DEFAULT_CHUNK_MIB", "FORMAT", "FORMAT_VERSION", "LAYERS",
     "MAX_CHUNK_SAMPLES", "ChunkPlan", "LayerSpec", "check_same", "layer_dims", "layer_path",
     "new_extraction", "plan_chunks", "plan_for", "root_attrs", "spatial_dims", "timestamp",
     "array_meta", "blocks_done", "consolidate", "create_derived_array", "create_store", "group_labels",
     "has_node", "is_locked", "is_store", "layer_group", "node_bytes", "open_array", "open_store", "open_tree", "remove_node",
-    "remove_store", "store_attrs", "finish_extraction", "occupant", "update_attrs", "write_node", "writer_lock", "zarr_store",
+    "remove_store", "store_attrs", "check_chunks", "checked_dask_array", "chunk_grid", "chunk_where",
+    "damaged_error", "missing_chunks", "repair_hint", "stored_chunks", "finish_extraction", "occupant", "update_attrs", "write_node", "writer_lock", "zarr_store",
 ]

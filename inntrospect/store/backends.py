@@ -9,8 +9,10 @@ defaults (environment variables, ``~/.aws``).
 
 The few things that differ between a folder and an object store are here
 and nowhere else: the Zarr store object, reading a metadata file, deleting a
-store, and the writer lock (an ``flock`` on a local file; on object storage
-a lease object created only-if-absent and renewed while the writer runs).
+store or a node, renaming a node (an atomic rename on a local disk, a copy
+then delete on object storage), and the writer lock (an ``flock`` on a local
+file; on object storage a lease object created only-if-absent and renewed
+while the writer runs).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ParameterTypeError
+from ..errors import ParameterTypeError, StoreAccessError
 
 __all__ = ["Location", "location"]
 
@@ -147,6 +149,46 @@ class Location:
         elif self.fs.exists(self._key()):
             self.fs.rm(self._key(), recursive=True)
 
+    def has(self, name: str) -> bool:
+        """Whether anything is stored under ``name`` (a folder or file of the store)."""
+        if self.is_local:
+            return (Path(self.url) / name).exists()
+        return bool(self.fs.exists(self._key(name)))
+
+    def delete(self, name: str) -> None:
+        """Delete ``name`` (a folder of the store, or a file) and everything under it, if present."""
+        if self.is_local:
+            import shutil
+
+            p = Path(self.url) / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        elif self.fs.exists(self._key(name)):
+            self.fs.rm(self._key(name), recursive=True)
+
+    def move(self, src: str, dst: str) -> None:
+        """Rename the folder (or file) ``src`` of the store to ``dst``, which must not exist.
+
+        On a local disk one ``os.replace``: atomic on one filesystem, so ``dst``
+        appears whole or not at all. Object storage has no rename: every object
+        is copied (server side), then the originals are deleted; a crash in
+        between leaves both, or part of ``src`` (the caller's records must not
+        trust ``dst`` before this returns).
+        """
+        if self.is_local:
+            target = Path(self.url) / dst
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(self.url) / src, target)
+        else:  # object by object: fs.mv(recursive=True) also tries to copy the folders, which S3 lacks
+            source, target = self._key(src), self._key(dst)
+            objects = self.fs.find(source)
+            if not objects:
+                raise FileNotFoundError(f"{self.url}: nothing to move at {src}")
+            self.fs.copy(objects, [target + key[len(source):] for key in objects], on_error="raise")
+            self.fs.rm(objects)
+
     def is_nonempty_non_store(self) -> bool:
         """Something other than a Zarr store is at this place (refuse to overwrite it)."""
         if self.read_text("zarr.json") is not None:
@@ -192,8 +234,23 @@ def location(store, storage_options: Mapping[str, Any] | None = None) -> Locatio
     if text.startswith("file://"):
         text = text[len("file://"):]
     if "://" in text:
+        _check_protocol(text)
         return Location(text.rstrip("/"), dict(storage_options or {}))
     return Location(str(Path(text).expanduser().resolve()), {})
+
+
+def _check_protocol(url: str) -> None:
+    """Refuse a URL whose protocol fsspec does not know, before anything tries to open it."""
+    from fsspec.registry import get_filesystem_class
+
+    protocol = url.split("://", 1)[0]
+    try:
+        get_filesystem_class(protocol)
+    except (ValueError, ImportError) as err:
+        raise StoreAccessError(
+            f"{url}: fsspec cannot open {protocol}:// URLs ({err}). A store is a local path or a "
+            "URL of a protocol fsspec knows (s3://, gs://, az://, ...) with its package installed "
+            "(e.g. pip install s3fs).") from err
 
 
 # -- local lock: flock, released by the OS when the holder dies ------------------------

@@ -4,14 +4,23 @@ Zarr's own read decodes each chunk into fresh memory and copies it again; on
 this kind of VM touching fresh memory costs about as much as decoding, so a
 NAP pass through Zarr runs at about 60 % of the disk-and-decode speed
 (``benchmarks/README.md``). For local Zarr v3 float32 arrays chunked along
-samples only, encoded as native-order bytes and at most zstd (what
-extraction writes), :func:`chunk_files` lists the chunk files and
-:func:`read_chunk` decodes one into a page-aligned buffer of the calling
-thread, reused from chunk to chunk. Anything else is read through Zarr.
+samples only, encoded as native-order bytes, at most zstd and at most a
+crc32c checksum after it (what extraction writes), :func:`chunk_files` lists
+the chunk files and :func:`read_chunk` decodes one into a page-aligned buffer
+of the calling thread, reused from chunk to chunk. Anything else is read
+through Zarr.
+
+:func:`read_chunk` checks what Zarr would: the crc32c of the encoded bytes
+(computed slab by slab as the file is read, while each slab is in cache), the
+size a zstd frame declares, the size of an uncompressed chunk. A chunk file
+that is missing, fails its checksum or does not decode raises
+:class:`~inntrospect.errors.DamagedStoreError` naming the file and the
+command that repairs it; never NaN or other numbers.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -19,23 +28,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import DamagedStoreError
 
 __all__ = ["ChunkFile", "chunk_files", "read_chunk", "buffer"]
 
+
 @dataclass(frozen=True)
 class ChunkFile:
-    """A chunk file to read directly: its path, samples, chunk shape, codec and fill value."""
+    """A chunk file to read directly: its path, samples, chunk shape, codec and fill value, whether
+    a crc32c follows the encoded bytes, and the store and array it belongs to (for messages)."""
 
     file: str
     n: int
     shape: tuple
     zstd: bool
     fill: float
+    crc: bool = False
+    store: str = ""
+    array: str = ""
 
 
 _local = threading.local()
 _PAGE = 4096
+#: bytes read per ``readinto`` when checksumming: the checksum runs over each slab while it is in cache
+_SLAB = 1 << 19
 
 
 def buffer(slot: str, size: int, dtype) -> np.ndarray:
@@ -57,17 +73,21 @@ def buffer(slot: str, size: int, dtype) -> np.ndarray:
 
 
 def chunk_files(arr):
-    """Per chunk along ``sample`` of a Zarr array: ``(file, samples, chunk shape, zstd?, fill value)``.
+    """Per chunk along ``sample`` of a Zarr array: ``(file, samples, chunk shape, zstd?, fill value,
+    crc32c?, store, array)`` (the fields of :class:`ChunkFile`).
 
     None unless its chunk files can be read directly: a local Zarr v3 array
     of float32, chunked along its first axis only, each chunk encoded as bytes
-    in native order and at most zstd.
+    in native order, then at most zstd, then at most a crc32c checksum.
     """
-    from zarr.codecs import BytesCodec, ZstdCodec
+    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
     from zarr.storage import LocalStore
 
     meta = arr.metadata
     codecs = list(getattr(meta, "codecs", ()))
+    crc = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+    if crc:
+        codecs = codecs[:-1]
     if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore) \
             or np.dtype(arr.dtype) != np.float32 or arr.ndim < 1 \
             or tuple(arr.chunks[1:]) != tuple(arr.shape[1:]) or not 1 <= len(codecs) <= 2 \
@@ -76,39 +96,76 @@ def chunk_files(arr):
             or (len(codecs) == 2 and not isinstance(codecs[1], ZstdCodec)):
         return None
     zstd = len(codecs) == 2
-    root = os.path.join(str(arr.store.root), *arr.path.split("/"))
+    store = str(arr.store.root)
+    root = os.path.join(store, *arr.path.split("/"))
     c, n = arr.chunks[0], arr.shape[0]
     fill = float(arr.fill_value) if arr.fill_value is not None else np.nan
     zeros = (0,) * (arr.ndim - 1)
     return [
         (os.path.join(root, *meta.encode_chunk_key((k, *zeros)).split("/")), min(c, n - k * c),
-         tuple(arr.chunks), zstd, fill)
+         tuple(arr.chunks), zstd, fill, crc, store, arr.path)
         for k in range(-(-n // c))
     ]
 
 
 def read_chunk(rec, slot: str) -> np.ndarray:
-    """The samples of a chunk file, decoded into this thread's buffer ``slot`` (valid until reused)."""
+    """The samples of a chunk file, decoded into this thread's buffer ``slot`` (valid until reused).
+
+    Raises
+    ------
+    DamagedStoreError
+        The file is missing (Zarr would read NaN), fails its crc32c checksum, or
+        does not decode to the bytes of its chunk.
+    """
     import numcodecs
 
     size = int(np.prod(rec.shape, dtype=np.int64))
     out = buffer(slot, size, np.float32)
+    tail = 4 if rec.crc else 0
     try:
-        with open(rec.file, "rb", buffering=0) as fh:
-            nbytes = os.fstat(fh.fileno()).st_size
-            if rec.zstd:
-                raw = buffer(slot + "/encoded", nbytes, np.uint8)
-                _read_into(fh, raw, rec.file)
-                if _zstd_content_size(raw) != out.nbytes:  # decoding would not fill the buffer
-                    raise StoreError(f"{rec.file} does not decode to the {out.nbytes} bytes of its chunk.")
-                numcodecs.Zstd().decode(raw, out=out)
-            elif nbytes != out.nbytes:
-                raise StoreError(f"{rec.file} holds {nbytes} bytes, not the {out.nbytes} of its chunk.")
-            else:
-                _read_into(fh, out, rec.file)
-    except FileNotFoundError:  # never written: Zarr reads the fill value
-        out.fill(rec.fill)
+        fh = open(rec.file, "rb", buffering=0)
+    except FileNotFoundError:
+        raise _damaged(rec, "is missing (deleted, or never written)") from None
+    with fh:
+        nbytes = os.fstat(fh.fileno()).st_size
+        if rec.zstd:
+            raw = buffer(slot + "/encoded", nbytes, np.uint8)
+            crc = _read_into(fh, raw, rec, nbytes - tail if tail else 0)
+            if tail:
+                _check_crc(rec, crc, raw[nbytes - tail :])
+            frame = raw[: nbytes - tail]
+            if _zstd_content_size(frame) != out.nbytes:  # decoding would not fill the buffer
+                raise _damaged(rec, f"does not decode to the {out.nbytes} bytes of its chunk (its zstd "
+                                    f"header says {_zstd_content_size(frame)})")
+            try:
+                numcodecs.Zstd().decode(frame, out=out)
+            except (RuntimeError, ValueError) as err:
+                raise _damaged(rec, f"does not decode ({err})") from None
+        elif nbytes != out.nbytes + tail:
+            raise _damaged(rec, f"holds {nbytes} bytes, not the {out.nbytes + tail} of its chunk")
+        else:
+            crc = _read_into(fh, out, rec, out.nbytes if tail else 0)
+            if tail:
+                _check_crc(rec, crc, np.frombuffer(fh.read(tail), np.uint8))
     return out.reshape(rec.shape)[: rec.n]
+
+
+def _damaged(rec, what: str) -> DamagedStoreError:
+    if not rec.store:
+        return DamagedStoreError(f"{rec.file} {what}: the store is damaged there. Run inntrospect "
+                                 "verify STORE to list every damaged chunk.")
+    from .nodes import damaged_error
+
+    key = os.path.relpath(rec.file, os.path.join(rec.store, *rec.array.split("/"))).replace(os.sep, "/")
+    return damaged_error(rec.store, rec.array, key, what)
+
+
+def _check_crc(rec, crc: int, stored: np.ndarray) -> None:
+    """Compare the crc32c computed over the encoded bytes with the 4 stored after them (little-endian)."""
+    want = int.from_bytes(bytes(stored), "little") if len(stored) == 4 else None
+    if want != crc:
+        raise _damaged(rec, f"fails its crc32c checksum (stored {want if want is None else f'{want:08x}'}, "
+                            f"computed {crc:08x} over its encoded bytes)")
 
 
 def _zstd_content_size(frame: np.ndarray) -> int | None:
@@ -125,10 +182,52 @@ def _zstd_content_size(frame: np.ndarray) -> int | None:
     return value + 256 if size == 2 else value
 
 
-def _read_into(fh, buf: np.ndarray, file: str) -> None:
-    view, got = memoryview(buf).cast("B"), 0
+def _read_into(fh, buf: np.ndarray, rec, checked: int = 0) -> int:
+    """Fill ``buf`` from ``fh``; the crc32c of its first ``checked`` bytes (0: none, read at once).
+
+    With a checksum the file is read a slab at a time (:data:`_SLAB`), each slab
+    checksummed at once, while it is still in the core's cache.
+    """
+    flat = buf.reshape(-1).view(np.uint8)
+    view, got, crc = memoryview(flat), 0, 0
+    step = _SLAB if checked else len(view)
+    extend, base = crc32c_extend(), flat.ctypes.data
     while got < len(view):
-        k = fh.readinto(view[got:])
+        k = fh.readinto(view[got : got + step])
         if not k:
-            raise StoreError(f"{file} ended after {got} of {len(view)} bytes.")
+            raise _damaged(rec, f"ended after {got} of its {len(view)} bytes")
+        if got < checked:
+            n = min(got + k, checked) - got
+            crc = extend(crc, base + got, n) if extend else _extend(crc, flat[got : got + n])
         got += k
+    return crc
+
+
+def _extend(crc: int, data: np.ndarray) -> int:
+    import google_crc32c
+
+    return google_crc32c.extend(crc, data)
+
+
+@functools.cache
+def crc32c_extend():
+    """``crc32c_extend(crc, address, nbytes)`` of the crc32c library google_crc32c wraps, called
+    through ctypes, or None (then google_crc32c's own, slower here).
+
+    google_crc32c holds the GIL while it checksums anything but large ``bytes``,
+    so dask's threads would checksum one at a time; a ctypes call releases the
+    GIL, and both cores checksum at once (the NAP pass reads on every thread).
+    """
+    import ctypes
+
+    try:
+        from google_crc32c import _crc32c
+
+        fn = ctypes.CDLL(_crc32c.__file__).crc32c_extend  # found among the module's libraries
+        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+        probe = np.frombuffer(b"123456789", np.uint8)
+        if fn(0, probe.ctypes.data, 9) != 0xE3069283:  # the crc32c check value (RFC 3720)
+            return None
+    except (ImportError, OSError, AttributeError):
+        return None
+    return fn

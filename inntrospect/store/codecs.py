@@ -2,14 +2,17 @@
 
 Codec records (``{"name": "zstd", "level": 1}`` or None for raw) are kept in the
 root attribute ``codecs`` per layer and array; :func:`zarr_codecs` turns one
-into Zarr compressors.
+into Zarr compressors, followed by the checksum every array the package writes
+carries (:data:`CHECKSUM`: Zarr v3's ``crc32c`` codec, last, over the encoded
+bytes). The root attribute ``checksum`` says so; stores written before it have
+no checksums and are read as they are.
 """
 
 from __future__ import annotations
 
 from ..errors import StoreError
 
-__all__ = ["CODEC", "CODEC_TABLE", "MIN_RATIO", "zarr_codecs", "choose_codecs"]
+__all__ = ["CODEC", "CODEC_TABLE", "MIN_RATIO", "CHECKSUM", "zarr_codecs", "choose_codecs"]
 
 #: The codec of activation and gradient chunks, measured on real activations to
 #: write fastest for its ratio (benchmarks/bench_codecs.py, benchmarks/README.md).
@@ -19,16 +22,24 @@ CODEC = {"name": "zstd", "level": 1}
 MIN_RATIO = 1.25
 #: codec of the small per-sample arrays (the sample table, predictions)
 CODEC_TABLE = {"name": "zstd", "level": 3}
+#: the checksum of every chunk written (Zarr v3's ``crc32c`` codec, the last bytes-to-bytes
+#: codec: 4 bytes after the encoded chunk); None writes none (benchmarks compare the two)
+CHECKSUM: str | None = "crc32c"
 
 
-def zarr_codecs(spec: dict | None) -> list:
-    """The Zarr compressors of a codec record (``{"name": "zstd", "level": 1}`` or None)."""
+def zarr_codecs(spec: dict | None, checksum: str | None = "default") -> list:
+    """The Zarr compressors of a codec record (``{"name": "zstd", "level": 1}`` or None),
+    then the checksum (:data:`CHECKSUM` by default; ``None``: none)."""
     import zarr
 
+    checksum = CHECKSUM if checksum == "default" else checksum
+    if checksum not in (None, "crc32c"):
+        raise StoreError(f"unknown checksum {checksum!r}: crc32c or none.")
+    tail = [zarr.codecs.Crc32cCodec()] if checksum else []
     if spec is None:
-        return []
+        return tail
     if spec["name"] == "zstd":
-        return [zarr.codecs.ZstdCodec(level=spec["level"])]
+        return [zarr.codecs.ZstdCodec(level=spec["level"]), *tail]
     raise StoreError(f"unknown codec {spec!r} in the store's attributes.")
 
 

@@ -147,6 +147,20 @@ def check_same(stored: dict, wanted: dict, path) -> None:
         diffs.append(f"corpus: corpus.csv differs (store: {sc.get('path')}, now: {wc['path']})")
     elif sc.get("files_sha256") != wc["files_sha256"]:
         diffs.append("corpus: the batch files' names or shapes differ")
+    elif sc.get("files") and wc.get("files"):  # (stores made before sizes and times were recorded: unknown)
+        changed: dict[str, str] = {}  # contents compared where both runs hashed them, else size and time
+        for s, w in zip(sc["files"], wc["files"]):
+            hashed = s.get("sha256") and w.get("sha256")
+            what = ("size" if s.get("bytes") != w.get("bytes") else
+                    "contents" if hashed and s["sha256"] != w["sha256"] else
+                    "modification time" if not hashed and s.get("mtime_ns") != w.get("mtime_ns") else None)
+            if what:
+                changed.setdefault(w["file"], what)
+        if changed:
+            named = [f"{f} ({what})" for f, what in list(changed.items())[:10]]
+            more = f" and {len(changed) - 10} more" if len(changed) > 10 else ""
+            diffs.append(f"corpus: batch file(s) changed since the store was made from them: "
+                         f"{', '.join(named)}{more}")
     if stored.get("layers") != wanted["layers"]:
         diffs.append(f"layers: store has {stored.get('layers')}, now {wanted['layers']}")
     se, we = stored.get("extraction", {}), wanted["extraction"]

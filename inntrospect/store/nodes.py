@@ -15,13 +15,22 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..errors import IncompleteStoreError, StoreError, StoreLockedError
+from ..errors import (
+    DamagedStoreError,
+    IncompleteStoreError,
+    StoreAccessError,
+    StoreError,
+    StoreLockedError,
+)
+from . import codecs as codec_rules
 from .backends import location
 from .codecs import CODEC_TABLE, zarr_codecs
+from .faults import guarded
 from .format import (
     BLOCKS_DONE,
     FORMAT,
     FORMAT_VERSION,
+    LAYERS,
     ChunkPlan,
     LayerSpec,
     layer_dims,
@@ -33,6 +42,9 @@ __all__ = [
     "zarr_store", "open_tree", "writer_lock", "is_locked", "is_store", "store_attrs", "open_store",
     "consolidate", "update_attrs", "remove_node", "write_node", "remove_store", "create_store",
     "open_array", "layer_group", "blocks_done", "create_derived_array", "group_labels", "array_meta", "has_node", "node_bytes", "occupant", "finish_extraction",
+    "STAGED", "ASIDE", "remove_staged", "swap_in",
+    "chunk_grid", "chunk_where", "repair_hint", "damaged_error", "stored_chunks", "missing_chunks",
+    "check_chunks", "checked_dask_array", "decode_problem",
 ]
 
 
@@ -61,8 +73,9 @@ def writer_lock(path) -> Iterator[str]:
     object ``<store>.lock`` created only if absent and renewed while held; a
     crashed writer's lease expires after two minutes.
     """
-    with location(path).lock(StoreLockedError) as where:
-        yield where
+    where = location(path)
+    with guarded(where), where.lock(StoreLockedError) as holder:  # a full disk, a read-only folder
+        yield holder
 
 
 def is_locked(path) -> bool:
@@ -80,17 +93,30 @@ def is_store(path) -> bool:
 
 def store_attrs(path) -> dict:
     """The root attributes of a store (its provenance and extraction state)."""
-    text = location(path).read_text("zarr.json")
-    if text is None:
-        raise StoreError(f"{path} is not a Zarr store (no zarr.json); run inntrospect extract first.")
-    attrs = json.loads(text).get("attributes", {})
+    where = location(path)
+    with guarded(where):
+        text = where.read_text("zarr.json")
+        if text is None:
+            what = "does not exist" if not where.exists() else "is not a Zarr store (no zarr.json)"
+            raise StoreError(f"{path} {what}; check the path, or run inntrospect extract first.")
+        meta = json.loads(text)
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
     if attrs.get("format") != FORMAT:
         raise StoreError(f"{path} is a Zarr store but not an inntrospect store (no format attribute).")
-    if attrs.get("format_version", 0) > FORMAT_VERSION:
+    version = attrs.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise StoreAccessError(
+            f"{path} has a damaged format_version ({version!r}, not an integer) in its zarr.json; "
+            "restore the store from a copy, or extract it again with --overwrite.")
+    if version > FORMAT_VERSION:
         raise StoreError(
-            f"{path} has store format version {attrs['format_version']}, newer than this "
-            f"inntrospect understands ({FORMAT_VERSION}); upgrade inntrospect."
+            f"{path} has store format version {version}, newer than this inntrospect understands "
+            f"({FORMAT_VERSION}); upgrade inntrospect."
         )
+    if "extraction" in attrs and not isinstance(attrs.get("layers"), list):
+        raise StoreAccessError(
+            f"{path} has no list of layers in its zarr.json ({attrs.get('layers')!r}): its root "
+            "attributes were damaged or edited. Restore the store, or extract it again with --overwrite.")
     return attrs
 
 
@@ -171,7 +197,7 @@ def write_node(path: str | os.PathLike, name: str, ds, *, consolidated: bool = T
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         loc = location(path)
         ds.to_zarr(loc.url, group=name, mode="w", zarr_format=3, consolidated=False,
-                   encoding=_one_chunk_per_group(ds), **loc.xarray_kwargs())
+                   encoding=_encoding(ds), **loc.xarray_kwargs())
     if consolidated:
         consolidate(path)
 
@@ -180,6 +206,12 @@ def _one_chunk_per_group(ds) -> dict:
     """Chunk per-group arrays one group per chunk: reading one group reads one chunk."""
     return {k: {"chunks": (1, *v.shape[1:])} for k, v in ds.data_vars.items()
             if v.ndim > 1 and v.dims[0] == "group"}
+
+
+def _encoding(ds) -> dict:
+    """Every variable of a result node: zstd-3 and the checksum; per-group arrays one group per chunk."""
+    chunks = _one_chunk_per_group(ds)
+    return {k: {**chunks.get(k, {}), "compressors": zarr_codecs(CODEC_TABLE)} for k in ds.variables}
 
 
 def remove_store(path) -> None:
@@ -213,10 +245,11 @@ def create_store(
 
     n = len(sample_table["group"])
     root = zarr.open_group(zarr_store(path), mode="w", zarr_format=3)
-    root.attrs.update({k: v for k, v in attrs.items() if k != "extraction"})
+    root.attrs.update({**{k: v for k, v in attrs.items() if k != "extraction"},
+                       "checksum": codec_rules.CHECKSUM})
     root.create_array(
         BLOCKS_DONE, shape=(plan.n_blocks(n),), chunks=(1,), dtype="uint8", fill_value=0,
-        dimension_names=("block",), compressors=None,
+        dimension_names=("block",), compressors=zarr_codecs(None),
     )
     table = {
         "sample": np.arange(n, dtype=np.int64),
@@ -232,6 +265,7 @@ def create_store(
             node.create_array(
                 name, shape=(n,), chunks=(max(n, 1),), dtype=str if name in ("group", "file") else
                 values.dtype, dimension_names=("sample",), compressors=zarr_codecs(CODEC_TABLE),
+                config={"write_empty_chunks": True},  # stored even when all fill ("" files): verifiable
             )[:] = values
         node.create_array(
             "prediction", shape=(n,), chunks=(plan.block,), dtype="int64", fill_value=-1,
@@ -293,7 +327,7 @@ def create_derived_array(path, layer: str, var: str, *, like: str = "acts", dims
     return root.create_array(
         layer_path(layer, var), shape=src.shape, chunks=src.chunks, dtype="float32",
         fill_value=np.nan, dimension_names=tuple(dims), overwrite=True,
-        compressors=zarr_codecs(codec),
+        compressors=zarr_codecs(codec), config={"write_empty_chunks": True},  # every chunk on disk
         attributes={"coordinates": src.attrs.get("coordinates", ""), **attributes},
     )
 
@@ -340,3 +374,235 @@ def has_node(path, name: str) -> bool:
 def node_bytes(path, layer: str) -> int:
     """Bytes a layer's node takes in the store (all its arrays)."""
     return location(path).size(layer_path(layer))
+
+
+#: suffix of the node a run writes beside the one it replaces (``naps.next``, ``layers/<layer>/aligned.next``)
+STAGED = ".next"
+#: suffix of the node a local swap moves aside for a moment (``naps.old``)
+ASIDE = ".old"
+
+
+def remove_staged(path, names: Sequence[str]) -> list[str]:
+    """Delete what an interrupted run left of its new nodes beside ``names`` (``<name>.next``,
+    ``<name>.old``); returns what was deleted. The consolidated metadata is refreshed if anything was."""
+    where = location(path)
+    gone = [f"{name}{suffix}" for name in names for suffix in (STAGED, ASIDE)
+            if where.has(f"{name}{suffix}")]
+    for name in gone:
+        where.delete(name)
+    if gone:
+        consolidate(path)
+    return gone
+
+
+def swap_in(path, new_name: str, name: str, *, consolidated: bool = True) -> None:
+    """Put the node ``new_name`` (a group or array, complete) in place of ``name`` (replacing it, if any).
+
+    On a local disk two renames (``name`` aside to ``<name>.old``, ``new_name``
+    to ``name``; the first undone if the second fails), then the old node is
+    deleted. On object storage, which has no rename, the old node is deleted
+    and the new one copied into place (then deleted). Without ``new_name``
+    (a run that wrote nothing) the old node is just deleted. Either way the
+    store's records must not trust ``name`` until this returns (see
+    :func:`inntrospect.store.steps.replacing`). ``consolidated=False`` leaves
+    refreshing the consolidated metadata to the caller.
+    """
+    where = location(path)
+    if not where.has(new_name):
+        where.delete(name)
+    elif where.is_local:
+        aside = f"{name}{ASIDE}"
+        where.delete(aside)
+        had = where.has(name)
+        if had:
+            where.move(name, aside)
+        try:
+            where.move(new_name, name)
+        except BaseException:
+            if had:
+                where.move(aside, name)
+            raise
+        where.delete(aside)
+    else:  # a move is a copy there: not worth making of the old node, which goes anyway
+        where.delete(name)
+        where.move(new_name, name)
+    if consolidated:
+        consolidate(path)
+
+
+# -- integrity: the chunks an array should have, which are missing, and how to repair them --
+#: missing chunks named in one error message (the rest are counted)
+_NAMED = 3
+
+
+def chunk_grid(arr) -> list[tuple[tuple[int, ...], str]]:
+    """``(chunk coordinates, chunk key)`` of every chunk of a Zarr v3 array, in C order."""
+    import itertools
+
+    counts = [-(-int(s) // int(c)) for s, c in zip(arr.shape, arr.chunks)]
+    encode = arr.metadata.encode_chunk_key
+    return [(coords, encode(coords)) for coords in itertools.product(*map(range, counts))]
+
+
+def chunk_where(path, name: str, key: str) -> str:
+    """Where the chunk ``key`` of the array ``name`` lives: its file in a local store, else its URL."""
+    where = location(path)
+    if where.is_local:
+        return os.path.join(where.url, *name.split("/"), *key.split("/"))
+    return f"{where.url}/{name}/{key}"
+
+
+def repair_hint(path, name: str) -> str:
+    """What repairs a damaged or missing chunk of the array ``name``: the commands to run.
+
+    (Arrays of derived results: re-running their step, which
+    :func:`inntrospect.store.integrity.repair_hint` names.)
+    """
+    store = location(path).url
+    parts = name.split("/")
+    var = parts[-1] if len(parts) == 3 and parts[0] == LAYERS else None
+    if var in ("acts", "grads", "prediction"):
+        return (f"Run inntrospect verify {store} to list every damaged chunk, then inntrospect "
+                "extract CONFIG --verify: it extracts the blocks they belong to again and keeps the rest.")
+    if var is not None and var.startswith("aligned"):
+        return ("Run inntrospect align CONFIG again: it writes the aligned activations anew from acts "
+                f"and grads (inntrospect verify {store} checks those first).")
+    if var is not None:
+        return ("The sample table is written once, when the store is created: restore the store "
+                "from a copy, or extract it again with inntrospect extract CONFIG --overwrite.")
+    if name == BLOCKS_DONE:
+        return "Run inntrospect extract CONFIG --verify: it un-records that block and extracts it again."
+    return "Restore the store from a copy, or extract it again with inntrospect extract CONFIG --overwrite."
+
+
+def damaged_error(path, name: str, key: str, what: str) -> DamagedStoreError:
+    """The error of a chunk ``key`` of array ``name`` that is missing or damaged (``what`` is wrong).
+
+    It carries ``array``, ``chunk`` and ``problem`` (``what``) as attributes, for reports.
+    """
+    err = DamagedStoreError(
+        f"{chunk_where(path, name, key)} {what}: chunk {key} of {name} in {location(path).url} is "
+        f"damaged. {repair_hint(path, name)}")
+    err.array, err.chunk, err.problem = name, key, what
+    return err
+
+
+def stored_chunks(path, name: str, keys: Sequence[str]) -> set[str]:
+    """Which of the chunk ``keys`` of the array ``name`` are stored.
+
+    Local stores: one ``stat`` per chunk file (cheaper than a listing of the
+    nested chunk folders). Object storage: one listing of the array's prefix.
+    """
+    where = location(path)
+    if where.is_local:
+        base = os.path.join(where.url, *name.split("/"))
+        return {k for k in keys if os.path.isfile(os.path.join(base, *k.split("/")))}
+    fs = where.fs
+    root = fs._strip_protocol(f"{where.url}/{name}").rstrip("/")
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        found = []
+    have = {f[len(root) + 1:] for f in found}
+    return {k for k in keys if k in have}
+
+
+def missing_chunks(path, layer: str, var: str, *, recorded=None, block: int | None = None,
+                   arr=None) -> list[str]:
+    """Keys of the chunks of ``layers/<layer>/<var>`` that should be stored and are not.
+
+    Every chunk should be, in a complete store (a chunk never written reads as
+    the fill value: NaN for activations). With ``recorded`` (one bool per
+    extraction block, ``block`` samples each) only the chunks of recorded
+    blocks. ``arr`` is the array if it is open already.
+    """
+    return _missing(path, open_array(path, layer, var) if arr is None else arr, recorded, block)
+
+
+def _missing(path, arr, recorded=None, block: int | None = None) -> list[str]:
+    grid = chunk_grid(arr)
+    if recorded is not None:
+        c = int(arr.chunks[0])
+        grid = [(coords, key) for coords, key in grid if recorded[coords[0] * c // block]]
+    keys = [key for _, key in grid]
+    have = stored_chunks(path, arr.path, keys)
+    return [k for k in keys if k not in have]
+
+
+def check_chunks(path, layers: Sequence[str] | None = None,
+                 variables: Sequence[str] = ("acts", "grads"), *, arrays=None) -> None:
+    """Raise :class:`DamagedStoreError` when a chunk of these arrays of a complete store is missing.
+
+    Checked before a pass reads them: a missing chunk would read as NaN. The
+    arrays are ``variables`` of ``layers`` (all layers by default; arrays a
+    layer does not have are skipped), or the open Zarr ``arrays``. A store
+    whose extraction has not finished is not checked (its readers refuse it).
+    """
+    attrs = getattr(path, "attrs", None)
+    attrs = store_attrs(path) if not isinstance(attrs, dict) else attrs
+    if attrs.get("extraction", {}).get("state") != "complete":
+        return
+    if arrays is None:
+        arrays = []
+        for layer in attrs["layers"] if layers is None else layers:
+            node = layer_group(path, layer)
+            arrays += [node[var] for var in variables if var in node]
+    for arr in arrays:
+        missing = _missing(path, arr)
+        if missing:
+            more = len(missing) - 1
+            also = ", ".join(missing[1 : 1 + _NAMED]) + (", ..." if more > _NAMED else "")
+            raise damaged_error(
+                path, arr.path, missing[0],
+                "is missing (deleted, or never written)"
+                + (f", and so are {more} more of its chunks ({also})" if more else ""))
+
+
+class _CheckedRead:
+    """A Zarr array as dask reads it, chunk by chunk: a chunk that fails to decode raises
+    :class:`DamagedStoreError` naming it (Zarr's own ``ValueError``/``RuntimeError`` do not)."""
+
+    def __init__(self, where, name: str, arr):
+        self.where, self.name, self._arr = where, name, arr
+        self.shape, self.dtype, self.chunks = tuple(arr.shape), np.dtype(arr.dtype), tuple(arr.chunks)
+        self.ndim = len(self.shape)
+
+    def __getstate__(self):  # the Zarr array is opened again where the reads run
+        return {**self.__dict__, "_arr": None}
+
+    def __getitem__(self, key):
+        import zarr
+
+        arr = self._arr
+        if arr is None:
+            arr = self._arr = zarr.open_array(zarr_store(self.where, read_only=True), path=self.name, mode="r")
+        try:
+            return arr[key]
+        except (ValueError, RuntimeError) as err:
+            if not isinstance(key, tuple):
+                key = (key,)
+            coords = tuple((k.start or 0) // c if isinstance(k, slice) else 0 for k, c in zip(key, self.chunks))
+            raise damaged_error(self.where, self.name, arr.metadata.encode_chunk_key(coords),
+                                decode_problem(err)) from err
+
+
+def decode_problem(err: BaseException) -> str:
+    """What a Zarr decoding error says is wrong with a chunk, in words."""
+    text = str(err)
+    if "checksum" in text.lower():
+        return f"fails its crc32c checksum ({text})"
+    return f"does not decode ({type(err).__name__}: {text})"
+
+
+def checked_dask_array(path, name: str):
+    """The array ``name`` as a dask array in its stored chunks, read through Zarr, each chunk
+    that fails its checksum or does not decode raising :class:`DamagedStoreError`."""
+    import uuid
+
+    import dask.array as da
+    import zarr
+
+    where = location(path)
+    reader = _CheckedRead(where, name, zarr.open_array(zarr_store(where, read_only=True), path=name, mode="r"))
+    return da.from_array(reader, chunks=reader.chunks, name=f"read-{name}-{uuid.uuid4().hex}",
+                         asarray=False, fancy=False, meta=np.empty((0,) * reader.ndim, reader.dtype))

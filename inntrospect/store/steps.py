@@ -14,6 +14,11 @@ its inputs are the ids the store holds now (the extraction's id, and the
 records of the steps it read), those are current in turn, and its nodes carry
 its id. Anything else is stale: reading it raises an error naming the command
 to re-run. Nothing asks questions.
+
+A run never deletes the results it replaces first: it writes its nodes beside
+them (``<node>.next``) and swaps them in once all are written
+(:func:`replacing`), so a run that fails part way leaves the previous results
+readable, and current if they were.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from contextlib import contextmanager
 
 from ..errors import (
     LayerNotFoundError,
+    ParameterError,
     ParameterTypeError,
     StaleResultError,
     StepNotFoundError,
@@ -31,10 +37,10 @@ from ..errors import (
 )
 from .format import layer_path, timestamp
 from .handle import Store
-from .nodes import consolidate, open_tree, remove_node, write_node
+from .nodes import STAGED, consolidate, open_tree, remove_staged, swap_in, write_node
 
 __all__ = ["STEPS", "load", "new_record", "status", "is_current", "check_current", "begin", "finish",
-           "write_results", "persist", "recording", "RERUN", "writable", "select_layers", "check_node", "node_attrs"]
+           "write_results", "persist", "recording", "replacing", "RERUN", "writable", "select_layers", "check_node", "node_attrs"]
 
 #: derived steps in pipeline order, and where their nodes live in the store
 STEPS = {"align": "layers", "naps": "naps", "contrast": "contrast", "layout": "layout",
@@ -148,9 +154,15 @@ def check_current(store, step: str) -> dict:
     StaleResultError
         The step's inputs have changed since, or it was interrupted.
     """
+    if step not in STEPS:
+        raise ParameterError(f"unknown step {step!r}; the steps with results are: {', '.join(STEPS)}.")
     store = Store.open(store)
     attrs = store.attrs
     rec = attrs.get("steps", {}).get(step)
+    if rec is not None and not (isinstance(rec, dict) and isinstance(rec.get("id"), str)):
+        raise StoreError(
+            f"{store}: the record of the {step} step is damaged (no id: {rec!r}); the store's "
+            f"attributes were edited. Re-run {RERUN[step]}.")
     if rec is None:
         raise StepNotFoundError(f"{store} has no {step} results yet. Run {RERUN[step]}.")
     why = _reason(attrs, step)
@@ -171,7 +183,10 @@ def check_node(path, step: str, layer: str, node_attrs_: dict, rec: dict) -> Non
 
 
 def begin(store, record: dict) -> None:
-    """Mark ``record``'s step as running (its old result is no longer trusted)."""
+    """Write ``record`` (state ``running``) as its step's: from now on its old result is no longer current.
+
+    :func:`replacing` calls it right before it swaps a run's new nodes in.
+    """
     store = Store.open(store)
     store.update_attrs(steps={**store.records, record["step"]: record})
 
@@ -186,19 +201,63 @@ def finish(store, record: dict) -> dict:
 
 @contextmanager
 def recording(store, step: str, params: dict, inputs: dict, layers, **extra) -> Iterator[dict]:
-    """Record a run of ``step``: running on entry, complete when the block ends without error.
+    """Record a run of ``step``: a new record on entry, written complete when the block ends without error.
 
     The record's inputs are the store's extraction and ``inputs`` (``{step:
     record id}``); ``extra`` adds keys to it. The block writes the step's nodes
-    and gives each :func:`node_attrs` of the record it gets. The caller holds the
-    writer lock (:meth:`Store.writing`).
+    through :func:`replacing` (which writes the record ``running`` just before
+    it swaps them in) and gives each :func:`node_attrs` of the record it gets.
+    Until then the step's old record and results stay as they were: a run that
+    fails leaves them readable. The caller holds the writer lock
+    (:meth:`Store.writing`).
     """
     store = Store.open(store)
     record = new_record(step, params, {"extraction": store.extraction_id, **inputs}, list(layers))
     record.update(extra)
-    begin(store, record)
     yield record
     finish(store, record)
+
+
+@contextmanager
+def replacing(store, record: dict, names) -> Iterator[dict[str, str]]:
+    """Replace the nodes ``names`` by new ones written beside them, swapped in only once all are complete.
+
+    Yields ``{name: staged name}`` (``<name>.next``, e.g. ``naps.next`` or
+    ``layers/conv/aligned.next``): the block writes the run's new nodes there,
+    while the old nodes and their record stay untouched, current if they were.
+
+    - The block raises (a damaged chunk, an interrupt): the staged nodes are
+      deleted and the error goes on; the store is as it was.
+    - The block ends: the run's record is written ``running`` (the old results
+      are no longer current: they are about to go), each staged node is
+      swapped in (:func:`~inntrospect.store.nodes.swap_in`: a rename on a local
+      disk, a copy then delete on object storage) and the consolidated metadata
+      refreshed. :func:`recording` then writes the record ``complete``. A crash
+      in between leaves the record ``running``: the results are refused as
+      stale, never read as current (the consolidated metadata may still
+      describe the old nodes until then); and once consolidated, each new
+      node carries the new run's id, which :func:`check_node` compares with
+      the record.
+
+    Staged nodes an interrupted run left (``<name>.next``, ``<name>.old``) are
+    deleted on entry. The caller holds the writer lock.
+    """
+    store = Store.open(store)
+    names = list(names)
+    remove_staged(store, names)
+    staged = {name: f"{name}{STAGED}" for name in names}
+    try:
+        yield staged
+    except BaseException:
+        try:
+            remove_staged(store, names)
+        except Exception:  # noqa: BLE001 - the next run deletes them; the block's error matters
+            pass
+        raise
+    begin(store, record)
+    for name, new in staged.items():
+        swap_in(store, new, name, consolidated=False)
+    consolidate(store)  # once for all the nodes
 
 
 def persist(store, step: str, params: dict, inputs: dict, results: dict, *,
@@ -213,25 +272,29 @@ def persist(store, step: str, params: dict, inputs: dict, results: dict, *,
 
 
 def write_results(store, record: dict, results: dict, progress: bool = False) -> dict:
-    """Replace the nodes of ``record``'s step by ``results`` computed layer by layer.
+    """Replace the nodes of ``record``'s step by ``results`` computed layer by layer, never deleting first.
 
     ``results`` is ``{layer: Dataset}`` (lazy is fine); returns them computed,
-    with the record's node attributes. Inside :func:`recording` (the step is
-    marked running first and complete last, so an interrupted run leaves a
-    result that is refused as stale).
+    with the record's node attributes. Each layer is written to
+    ``<node>.next/<layer>`` beside the step's old nodes; once all are written
+    the new group is swapped in (:func:`replacing`). A run that fails part way
+    leaves the old results and record as they were. Inside :func:`recording`,
+    which records the run complete after the swap.
     """
     from ..scheduler import compute
 
     step = record["step"]
+    if step == "align":  # its arrays live inside the layers' nodes: alignment._persist writes them
+        raise StoreError("the align step's arrays are written by inntrospect.align(store, persist=True).")
     store = Store.open(store)
-    remove_node(store, STEPS[step])
+    node = STEPS[step]
     done = {}
-    for layer, ds in results.items():
-        (ds,) = compute(ds, progress=progress, desc=f"{step} {layer}")
-        ds.attrs = {**ds.attrs, **node_attrs(record, layer)}
-        write_node(store, f"{STEPS[step]}/{layer}", ds, consolidated=False)
-        done[layer] = ds
-    consolidate(store)  # once for all the layers
+    with replacing(store, record, [node]) as staged:
+        for layer, ds in results.items():
+            (ds,) = compute(ds, progress=progress, desc=f"{step} {layer}")
+            ds.attrs = {**ds.attrs, **node_attrs(record, layer)}
+            write_node(store, f"{staged[node]}/{layer}", ds, consolidated=False)
+            done[layer] = ds
     return done
 
 

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from .. import store as st
+from ..checks import check_bool, check_choice
 from ..errors import ParameterError
 from ..store import steps
 from . import circle
@@ -39,14 +40,9 @@ log = logging.getLogger("inntrospect")
 SOURCES = ("contrast", "naps")
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ParameterError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}.")
-
-
 def _profiles(store: st.Store, source: str, layers: Sequence[str] | None) -> tuple[dict, dict]:
     """The current source results ``{layer: Dataset}`` and their record."""
-    _check_choice("source", source, SOURCES)
+    check_choice("source", source, SOURCES)
     results = steps.load(store, source)  # checks the results are current
     rec = store.records[source]
     names = steps.select_layers(results, layers, f"the {source} results")
@@ -135,9 +131,10 @@ def topomap_layout(
 
     from ..scheduler import progress_bar
 
+    check_bool(distribute_in_circle=distribute_in_circle, persist=persist, progress=progress)
     store = steps.writable(store, "topomap_layout")
-    _check_choice("method", method, METHODS)
-    _check_choice("metric", metric, ("euclidean", "cosine"))
+    check_choice("method", method, METHODS)
+    check_choice("metric", metric, ("euclidean", "cosine"))
     params = {"method": method, "metric": metric, "seed": int(seed),
               "distribute_in_circle": bool(distribute_in_circle), "source": source}
 
@@ -203,6 +200,7 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
 
     from ..scheduler import progress_bar
 
+    check_bool(persist=persist, progress=progress)
     store = steps.writable(store, "topomap_images")
     if int(resolution) != resolution or resolution < 2:
         raise ParameterError(f"resolution must be an integer >= 2 (pixels per side); got {resolution!r}. "
@@ -274,7 +272,7 @@ def compare_layouts(
 
     store = steps.writable(store, "compare_layouts")
     for m in methods:
-        _check_choice("method", m, METHODS)
+        check_choice("method", m, METHODS)
     if not methods:
         raise ParameterError(f"no layout methods given; choose from {', '.join(METHODS)}.")
     results, _ = _profiles(store, source, layers)

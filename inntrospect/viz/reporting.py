@@ -438,7 +438,7 @@ def _summary(p: _PageInputs, counts: dict[str, int]) -> list[str]:
             f'<div class="card"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for v, k in cards)
         + "</div>",
         "<h3>Model</h3>", _kv(attrs.get("model") or {}),
-        "<h3>Corpus</h3>", _kv(corpus),
+        "<h3>Corpus</h3>", _kv({k: v for k, v in corpus.items() if k != "files"}),  # per file: for resuming
     ]
     if counts:
         parts += ["<h3>Groups</h3>",
