@@ -192,3 +192,18 @@ def test_naps_of_an_unfinished_extraction_refuse_instead_of_nan(store):
     assert isinstance(tree, xr.DataTree)
     with pytest.raises(IncompleteStoreError, match="allow_incomplete=True"):
         inntrospect.naps(tree)
+
+
+def test_align_on_a_chunk_failing_its_checksum_is_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 3, 3, 4)).astype(np.float32)
+    path = store_from_arrays(tmp_path / "z.zarr", {"conv": x, "dense": x[:, 0, 0]}, np.repeat(list("abc"), 10),
+                             grads={"conv": x}, chunks=8, codec={"name": "zstd", "level": 1})
+    chunk = sorted(f for f in (path / "layers/conv/grads/c").rglob("*") if f.is_file())[1]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the zstd frame
+    chunk.write_bytes(bytes(data))
+    cfg = write_config(tmp_path, {"store": {"path": str(path)}})
+    line = one_line_error(["align", str(cfg), "--no-progress"], capsys)
+    assert "fails its crc32c checksum" in line and "inntrospect verify" in line
+    assert not (path / "layers/conv/aligned" / "zarr.json").exists()  # nothing half-written kept

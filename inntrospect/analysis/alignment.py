@@ -280,7 +280,8 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
         if isinstance(store, xr.DataTree):
             raise StoreError("align(persist=True) writes into the store: pass its path, not an opened tree.")
         return _persist(st.Store.open(store), progress)
-    tree = store if isinstance(store, xr.DataTree) else st.Store.open(store).tree()
+    handle = None if isinstance(store, xr.DataTree) else st.Store.open(store)
+    tree = store if handle is None else handle.tree()
     result = {}
     for name in tree.attrs["layers"]:
         node = tree[st.layer_path(name)]
@@ -288,7 +289,10 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
         if "grads" not in node or acts.ndim <= 2:
             result[name] = acts
             continue
-        data = da.map_blocks(align_kernel, acts.data, node["grads"].data, dtype=acts.dtype)
+        a, g = acts.data, node["grads"].data
+        if handle is not None:  # from a path: a chunk failing its checksum is named, not Zarr's error
+            a, g = (st.checked_dask_array(handle, st.layer_path(name, v)) for v in ("acts", "grads"))
+        data = da.map_blocks(align_kernel, a, g, dtype=acts.dtype)
         result[name] = acts.copy(data=data).rename("aligned")
     return result
 

@@ -11,7 +11,7 @@ from .format import BLOCKS_DONE
 from .handle import Store
 from .nodes import array_meta, blocks_done, group_labels, has_node, is_locked, node_bytes
 
-__all__ = ["describe_store", "format_bytes"]
+__all__ = ["describe_store", "format_bytes", "corpus_changes"]
 
 
 
@@ -66,8 +66,36 @@ def describe_store(path: str | os.PathLike) -> str:
         labels = group_labels(path, attrs["layers"][0])
         names, counts = np.unique(labels, return_counts=True)
         lines += ["", f"groups ({len(names)}): " + ", ".join(f"{g} ({c})" for g, c in zip(names, counts))]
+    changed = corpus_changes(corpus)
+    if changed:
+        lines += ["", f"CORPUS CHANGED since the extraction: {', '.join(changed[:5])}"
+                  + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+                  + ". The store and every result in it describe the old files; extract again "
+                  "with --overwrite."]
     lines += ["", "steps:"] + _describe_steps(store)
     return "\n".join(lines)
+
+
+def corpus_changes(corpus: dict) -> list[str]:
+    """Batch files of the store's corpus record whose size or modification time is not what was
+    extracted (``"a.npy (size)"``); [] when they are the same or cannot be seen from here."""
+    from pathlib import Path
+
+    folder = Path(corpus.get("path") or "").parent
+    if not corpus.get("files") or not folder.is_dir():
+        return []
+    out = []
+    for rec in corpus["files"]:
+        try:
+            now = (folder / rec["file"]).stat()
+        except OSError:
+            out.append(f"{rec['file']} (missing)")
+            continue
+        if now.st_size != rec.get("bytes"):
+            out.append(f"{rec['file']} (size)")
+        elif now.st_mtime_ns != rec.get("mtime_ns"):
+            out.append(f"{rec['file']} (modification time)")
+    return list(dict.fromkeys(out))
 
 
 def _describe_steps(store: Store) -> list[str]:

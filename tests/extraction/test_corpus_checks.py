@@ -16,6 +16,7 @@ import inntrospect
 from inntrospect import ConfigError, CorpusError, ModelError, StoreMismatchError, read_corpus
 from inntrospect.config import load_config
 from inntrospect.extraction.prepare import prepare_extraction
+from inntrospect.store.info import describe_store
 
 from ..conftest import CNN, needs_shared, pipeline_sections, write_config, write_mnist_corpus
 
@@ -259,6 +260,9 @@ def test_a_changed_batch_file_is_refused_on_resume_and_named(tmp_path, small_cor
         inntrospect.extract(CNN, csv, path, ["conv2d_25"])
     tree = inntrospect.extract(CNN, csv, path, ["conv2d_25"], overwrite=True)  # the fix the message names
     assert tree.attrs["extraction"]["state"] == "complete"
+    assert "CORPUS CHANGED" not in describe_store(path)
+    os.utime(last.path, ns=(t + 2 * 10**9, t + 2 * 10**9))  # changed after a complete extraction
+    assert f"CORPUS CHANGED since the extraction: {last.file} (modification time)" in describe_store(path)
 
 
 @needs_shared
