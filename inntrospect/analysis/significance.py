@@ -1,0 +1,115 @@
+"""Per-unit significance of a contrast, from the moments the NAP pass merges (no second read).
+
+For each group against all other samples pooled, per unit (and spatial
+position): Welch's t, its two-sided p-value, Benjamini–Hochberg q-values
+across the layer's units and positions, and Hedges' g. The inputs are each
+group's count, mean and M2 (sum of squared deviations from its mean), as
+:func:`~inntrospect.analysis.nap_kernels.finalize_moments` gives them; the
+rest's moments are merged exactly from the other groups' (Chan et al.'s
+pairwise update), never recomputed from samples.
+
+Pure numpy (and ``scipy.special`` for the t distribution): the kernels here
+take arrays ``(group, ...)`` and return arrays of the same shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ParameterError
+
+__all__ = ["merge_pair", "rest_moments", "welch", "hedges_g", "bh_qvalues"]
+
+
+def merge_pair(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Count, mean and M2 of two disjoint sets of samples from theirs (exact, order-free)."""
+    n = n_a + n_b
+    with np.errstate(invalid="ignore", divide="ignore"):
+        delta = mean_b - mean_a
+        frac = np.where(n > 0, n_b / np.where(n > 0, n, 1), 0.0)
+        mean = mean_a + delta * frac
+        m2 = m2_a + m2_b + delta**2 * n_a * frac
+    return n, mean, m2
+
+
+def rest_moments(count, mean, m2):
+    """For each group, the moments of all the other groups' samples pooled.
+
+    ``count`` is ``(group,)``; ``mean`` and ``m2`` are ``(group, ...)``. Returns
+    ``(count, mean, m2)`` of the same shapes.
+    """
+    count = np.asarray(count, dtype=np.float64)
+    mean, m2 = np.asarray(mean, dtype=np.float64), np.asarray(m2, dtype=np.float64)
+    if count.ndim != 1 or mean.shape[0] != len(count) or m2.shape != mean.shape:
+        raise ParameterError(f"expected count (group,) and mean, m2 (group, ...) of one shape; got "
+                             f"{count.shape}, {mean.shape} and {m2.shape}.")
+    n_r, mean_r, m2_r = [], [], []
+    for g in range(len(count)):
+        n, mu, s = 0.0, np.zeros(mean.shape[1:]), np.zeros(mean.shape[1:])
+        for i in range(len(count)):
+            if i != g:
+                n, mu, s = merge_pair(n, mu, s, count[i], mean[i], m2[i])
+        n_r.append(n)
+        mean_r.append(mu)
+        m2_r.append(s)
+    return np.array(n_r), np.stack(mean_r), np.stack(m2_r)
+
+
+def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Welch's t of set a against set b, its degrees of freedom and two-sided p-value.
+
+    Each set needs at least two samples. Where both variances are zero the t
+    is NaN (equal means) or infinite, as ``scipy.stats.ttest_ind`` gives them.
+    """
+    from scipy.special import stdtr
+
+    n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
+    if np.any(n_a < 2) or np.any(n_b < 2):
+        raise ParameterError("Welch's t needs at least two samples in each set; a group (or the "
+                             "rest) has fewer. Leave such groups out of the contrast.")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        va, vb = m2_a / (n_a - 1) / n_a, m2_b / (n_b - 1) / n_b  # squared standard errors
+        se2 = va + vb
+        t = (mean_a - mean_b) / np.sqrt(se2)
+        df = se2**2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+        p = 2 * stdtr(df, -np.abs(t))
+    return t, df, p
+
+
+def hedges_g(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> np.ndarray:
+    """Hedges' g of set a against set b: Cohen's d with the pooled SD, times the small-sample
+    correction ``1 - 3 / (4 (n_a + n_b) - 9)``."""
+    n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pooled = np.sqrt((m2_a + m2_b) / (n_a + n_b - 2))
+        return (mean_a - mean_b) / pooled * (1 - 3 / (4 * (n_a + n_b) - 9))
+
+
+def bh_qvalues(p: np.ndarray, axis_from: int = 1) -> np.ndarray:
+    """Benjamini–Hochberg q-values, each index of the leading axes separately, across the rest.
+
+    ``p`` is ``(group, *spatial, unit)``: q-values per group across the layer's
+    units and positions (``axis_from=1``). NaN p-values are left out of the
+    count and stay NaN, as ``scipy.stats.false_discovery_control`` would not
+    take them at all.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    lead = p.shape[:axis_from]
+    flat = p.reshape(int(np.prod(lead, dtype=np.int64)), -1)
+    q = np.full_like(flat, np.nan)
+    for row, out in zip(flat, q):
+        ok = np.flatnonzero(~np.isnan(row))
+        if not len(ok):
+            continue
+        order = ok[np.argsort(row[ok], kind="stable")]
+        m = len(order)
+        ranked = row[order] * m / np.arange(1, m + 1)
+        out[order] = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
+    return q.reshape(p.shape)
+
+
+def _counts(n, mean) -> np.ndarray:
+    """``n`` as float64, shaped to broadcast over ``mean``'s trailing axes."""
+    n = np.asarray(n, dtype=np.float64)
+    mean = np.asarray(mean)
+    return n.reshape(n.shape + (1,) * (mean.ndim - n.ndim))

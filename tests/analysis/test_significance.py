@@ -1,0 +1,91 @@
+"""Per-unit significance from merged moments, against scipy on the raw samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inntrospect.analysis.nap_kernels import chunk_moments, merge_moments
+from inntrospect.analysis.significance import bh_qvalues, hedges_g, rest_moments, welch
+from inntrospect.errors import ParameterError
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+
+def moments_by_chunks(x: np.ndarray, codes: np.ndarray, n_groups: int, chunk: int):
+    """count, mean, M2 per group as the NAP pass gets them: chunk by chunk, then merged."""
+    parts = [chunk_moments(x[i : i + chunk], codes[i : i + chunk], std=True) for i in range(0, len(x), chunk)]
+    merged = merge_moments(*parts)
+    count = np.array([merged[g][0] for g in range(n_groups)], float)
+    mean = np.stack([merged[g][1] / merged[g][0] for g in range(n_groups)]).reshape(n_groups, *x.shape[1:])
+    m2 = np.stack([merged[g][2] for g in range(n_groups)]).reshape(n_groups, *x.shape[1:])
+    return count, mean, m2
+
+
+@st.composite
+def samples(draw):
+    n_groups = draw(st.integers(2, 4))
+    sizes = [draw(st.integers(2, 12)) for _ in range(n_groups)]
+    shape = draw(st.sampled_from([(3,), (2, 3), (2, 2, 2)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    codes = rng.permutation(np.repeat(np.arange(n_groups), sizes))
+    scale = rng.uniform(0.1, 10, size=n_groups)[codes].reshape(-1, *([1] * len(shape)))
+    x = (rng.standard_normal((len(codes), *shape)) * scale + rng.normal(size=shape)).astype(np.float32)
+    return x, codes, n_groups, draw(st.integers(1, 9))
+
+
+@settings(max_examples=80, deadline=None)
+@given(samples())
+def test_welch_equals_scipy_on_the_raw_samples(case):
+    x, codes, n_groups, chunk = case
+    count, mean, m2 = moments_by_chunks(x, codes, n_groups, chunk)
+    n_r, mean_r, m2_r = rest_moments(count, mean, m2)
+    t, _, p = welch(count, mean, m2, n_r, mean_r, m2_r)
+    g = hedges_g(count, mean, m2, n_r, mean_r, m2_r)
+    x64 = x.astype(np.float64)
+    for k in range(n_groups):
+        ref = scipy_stats.ttest_ind(x64[codes == k], x64[codes != k], equal_var=False, axis=0)
+        np.testing.assert_allclose(t[k], ref.statistic, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(p[k], ref.pvalue, rtol=1e-8, atol=1e-300)
+        a, b = x64[codes == k], x64[codes != k]
+        sp = np.sqrt(((len(a) - 1) * a.var(0, ddof=1) + (len(b) - 1) * b.var(0, ddof=1)) / (len(a) + len(b) - 2))
+        d = (a.mean(0) - b.mean(0)) / sp
+        np.testing.assert_allclose(g[k], d * (1 - 3 / (4 * (len(a) + len(b)) - 9)), rtol=1e-10)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.integers(1, 3))
+def test_bh_qvalues_equal_scipy(ps, groups):
+    rng = np.random.default_rng(len(ps))
+    p = np.stack([rng.permutation(np.array(ps)) for _ in range(groups)]).reshape(groups, 1, -1)
+    q = bh_qvalues(p)
+    for k in range(groups):
+        np.testing.assert_allclose(q[k].ravel(), scipy_stats.false_discovery_control(p[k].ravel()),
+                                   rtol=1e-12, atol=0)
+
+
+def test_nan_p_values_stay_out_of_the_count():
+    q = bh_qvalues(np.array([[0.01, np.nan, 0.04]]))
+    np.testing.assert_allclose(q, [[0.02, np.nan, 0.04]])
+
+
+def test_rest_moments_merge_the_other_groups_exactly():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 5))
+    codes = np.repeat([0, 1, 2, 3], 10)
+    count, mean, m2 = moments_by_chunks(x, codes, 4, 7)
+    n_r, mean_r, m2_r = rest_moments(count, mean, m2)
+    for k in range(4):
+        rest = x[codes != k]
+        assert n_r[k] == len(rest)
+        np.testing.assert_allclose(mean_r[k], rest.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(m2_r[k], ((rest - rest.mean(0)) ** 2).sum(0), rtol=1e-10)
+
+
+def test_a_group_of_one_sample_is_refused():
+    with pytest.raises(ParameterError, match="at least two samples"):
+        welch(np.array([1.0]), np.zeros((1, 2)), np.zeros((1, 2)), np.array([5.0]), np.zeros((1, 2)),
+              np.ones((1, 2)))
