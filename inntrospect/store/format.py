@@ -20,7 +20,7 @@ from ..errors import StoreError, StoreMismatchError
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "DEFAULT_CHUNK_MIB", "MAX_CHUNK_SAMPLES", "BLOCK_CHUNKS", "BLOCKS_DONE",
     "LAYERS", "LayerSpec", "ChunkPlan", "plan_chunks", "plan_for", "spatial_dims", "layer_dims",
-    "layer_path", "root_attrs", "new_extraction", "timestamp", "check_same",
+    "layer_path", "root_attrs", "changed_files", "new_extraction", "timestamp", "check_same",
 ]
 
 FORMAT = "inntrospect"
@@ -148,14 +148,7 @@ def check_same(stored: dict, wanted: dict, path) -> None:
     elif sc.get("files_sha256") != wc["files_sha256"]:
         diffs.append("corpus: the batch files' names or shapes differ")
     elif sc.get("files") and wc.get("files"):  # (stores made before sizes and times were recorded: unknown)
-        changed: dict[str, str] = {}  # contents compared where both runs hashed them, else size and time
-        for s, w in zip(sc["files"], wc["files"]):
-            hashed = s.get("sha256") and w.get("sha256")
-            what = ("size" if s.get("bytes") != w.get("bytes") else
-                    "contents" if hashed and s["sha256"] != w["sha256"] else
-                    "modification time" if not hashed and s.get("mtime_ns") != w.get("mtime_ns") else None)
-            if what:
-                changed.setdefault(w["file"], what)
+        changed = changed_files(sc["files"], wc["files"])
         if changed:
             named = [f"{f} ({what})" for f, what in list(changed.items())[:10]]
             more = f" and {len(changed) - 10} more" if len(changed) > 10 else ""
@@ -175,6 +168,20 @@ def check_same(stored: dict, wanted: dict, path) -> None:
             + "\n  - ".join(diffs)
             + "\nUse another store path, or overwrite=True (--overwrite) to start over."
         )
+
+
+def changed_files(stored: Sequence[dict], now: Sequence[dict]) -> dict[str, str]:
+    """``{file: what changed}`` between two corpus ``files`` records, row by row: ``"size"``,
+    ``"contents"`` (where both hashed the file), else ``"modification time"``."""
+    changed: dict[str, str] = {}
+    for s, w in zip(stored, now):
+        hashed = s.get("sha256") and w.get("sha256")
+        what = ("size" if s.get("bytes") != w.get("bytes") else
+                "contents" if hashed and s["sha256"] != w["sha256"] else
+                "modification time" if not hashed and s.get("mtime_ns") != w.get("mtime_ns") else None)
+        if what:
+            changed.setdefault(w["file"], what)
+    return changed
 
 
 def plan_for(layers: Sequence[LayerSpec], chunk_mib: float | None, n_samples: int) -> ChunkPlan:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from . import steps as steps_
-from .format import BLOCKS_DONE
+from .format import BLOCKS_DONE, changed_files
 from .handle import Store
 from .nodes import array_meta, blocks_done, group_labels, has_node, is_locked, node_bytes
 
@@ -84,18 +84,18 @@ def corpus_changes(corpus: dict) -> list[str]:
     folder = Path(corpus.get("path") or "").parent
     if not corpus.get("files") or not folder.is_dir():
         return []
-    out = []
+    now, missing = [], []
     for rec in corpus["files"]:
         try:
-            now = (folder / rec["file"]).stat()
+            stat = (folder / rec["file"]).stat()
         except OSError:
-            out.append(f"{rec['file']} (missing)")
-            continue
-        if now.st_size != rec.get("bytes"):
-            out.append(f"{rec['file']} (size)")
-        elif now.st_mtime_ns != rec.get("mtime_ns"):
-            out.append(f"{rec['file']} (modification time)")
-    return list(dict.fromkeys(out))
+            missing.append(f"{rec['file']} (missing)")
+            stat = None
+        now.append({"file": rec["file"], "bytes": stat and stat.st_size,
+                    "mtime_ns": stat and stat.st_mtime_ns})
+    changed = changed_files(corpus["files"], now)
+    return list(dict.fromkeys(missing + [f"{f} ({what})" for f, what in changed.items()
+                                         if f"{f} (missing)" not in missing]))
 
 
 def _describe_steps(store: Store) -> list[str]:
