@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...errors import LayerNotFoundError, ModelError
+from ...errors import ModelError
 from ...store.format import LayerSpec
-from .source import ModelSource, model_source
+from .source import ModelSource, check_layer_names, model_source
 
 __all__ = ["KerasModel", "load_model", "import_tensorflow"]
 
@@ -128,13 +128,7 @@ class KerasModel:
 
     # -- layers ----------------------------------------------------------------
     def _select(self, wanted: Sequence[str] | None) -> list[LayerSpec]:
-        wanted = list(wanted or [])
-        unknown = [w for w in wanted if w not in self.layer_names]
-        if unknown:
-            raise LayerNotFoundError(
-                f"no layer named {', '.join(map(repr, unknown))} in {self.source.describe()}. "
-                f"Its layers are: {', '.join(self.layer_names)}."
-            )
+        wanted = check_layer_names(wanted, self.layer_names, self.source.describe())
         keep = set(wanted) | {self._input_layer.name, self._output_layer.name}
         infos = []
         for name in self.layer_names:
