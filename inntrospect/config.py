@@ -3,14 +3,18 @@
 ::
 
     [model]   path = "model.keras" | name = "VGG16", weights = "vgg16.h5", layers = ["conv2d"]
+              | torch = "package.module:make_model" | "net.py:make_model", weights = "model.pt"
     [corpus]  path = "corpus/corpus.csv", allow_duplicates = false, allow_outside = false
     [store]   path = "run.zarr" | "s3://bucket/run.zarr", chunk_mib = 32 (above 0, at most 4096),
               storage_options = {endpoint_url = "http://…", key = "…", secret = "…"} (fsspec's)
     [extract] gradient_target = "predicted" | "target", batch_size = 128, verify_corpus = false
     [naps]    aligned = false, std = false
-    [contrast] groups = ["cat", "dog"] (default: all), weight_by_group_size = false
+    [exemplars] k = 16 (top and bottom samples per unit and group; 0: none)
+    [contrast] groups = ["cat", "dog"] (default: all), weight_by_group_size = false,
+               significance = true (Welch's t, p, q, effect per unit; makes [naps] std true)
     [topomap] method = "umap", metric = "euclidean", distribute_in_circle = true, seed = 0,
-              resolution = 100, from = "contrast" | "naps", compare = ["umap", "pca", …]
+              resolution = 100, from = "contrast" | "naps", compare = ["umap", "pca", …],
+              fade_q = 0.05 (absent: off; units not significant at q < fade_q drawn as 0)
     [projection] samples_per_group = 100, sampling = "random" | "first", seed = 0
     [plot]    mode = "row" | "individual", format = "png" | "pdf" | "svg", output = "figures"
     [cluster] address = "tcp://host:8786" (default: an in-process cluster), n_workers,
@@ -36,14 +40,15 @@ __all__ = ["Config", "load_config", "SCHEMA"]
 
 #: section -> key -> accepted types
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "model": {"path": (str,), "name": (str,), "weights": (str,), "layers": (list,)},
+    "model": {"path": (str,), "name": (str,), "torch": (str,), "weights": (str,), "layers": (list,)},
     "corpus": {"path": (str,), "allow_duplicates": (bool,), "allow_outside": (bool,)},
     "store": {"path": (str,), "chunk_mib": (int, float), "storage_options": (dict,)},
     "extract": {"gradient_target": (str,), "batch_size": (int,), "verify_corpus": (bool,)},
     "naps": {"aligned": (bool,), "std": (bool,)},
-    "contrast": {"groups": (list,), "weight_by_group_size": (bool,)},
+    "exemplars": {"k": (int,)},
+    "contrast": {"groups": (list,), "weight_by_group_size": (bool,), "significance": (bool,)},
     "topomap": {"method": (str,), "metric": (str,), "distribute_in_circle": (bool,), "seed": (int,),
-                "resolution": (int,), "from": (str,), "compare": (list,)},
+                "resolution": (int,), "from": (str,), "compare": (list,), "fade_q": (int, float)},
     "projection": {"samples_per_group": (int,), "sampling": (str,), "seed": (int,)},
     "plot": {"mode": (str,), "format": (str,), "output": (str,)},
     "cluster": {"address": (str,), "n_workers": (int,), "threads_per_worker": (int,),
@@ -60,14 +65,15 @@ CHOICES = {
 }
 #: smallest value of the numeric keys that have one (numpy takes seeds >= 0; a cluster of
 #: no workers would wait for ever)
-MINIMUM = {("topomap", "seed"): 0, ("projection", "seed"): 0, ("extract", "batch_size"): 1,
+MINIMUM = {("exemplars", "k"): 0, ("topomap", "seed"): 0, ("projection", "seed"): 0, ("extract", "batch_size"): 1,
            ("topomap", "resolution"): 2, ("projection", "samples_per_group"): 1,
            ("cluster", "n_workers"): 1, ("cluster", "threads_per_worker"): 1}
 #: numeric keys that must lie strictly above their first and at most at their second bound
 #: (a chunk is read and written whole by every step: beyond 4 GiB is no chunk size)
-BOUNDS = {("store", "chunk_mib"): (0, 4096)}
+BOUNDS = {("store", "chunk_mib"): (0, 4096), ("topomap", "fade_q"): (0, 1)}
 #: keys whose value is a boolean (everywhere else a bool is refused: ``true`` is no number)
 BOOLS = {("naps", "aligned"), ("naps", "std"), ("contrast", "weight_by_group_size"),
+         ("contrast", "significance"),
          ("topomap", "distribute_in_circle"), ("corpus", "allow_duplicates"), ("corpus", "allow_outside"),
          ("extract", "verify_corpus")}
 #: keys holding paths, resolved against the config file's folder
@@ -101,14 +107,22 @@ class Config:
 
         ``verify_corpus=True`` (``--verify-corpus``) hashes the batch files whatever the config says.
         """
-        if (self.get("model", "path") is None) == (self.get("model", "name") is None):
+        given = [k for k in ("path", "name", "torch") if self.get("model", k) is not None]
+        if len(given) != 1:
             raise ConfigError(
                 f"{self.path}: [model] needs exactly one of 'path' (a model file or SavedModel "
-                "folder) or 'name' (a keras.applications model such as 'VGG16')."
+                "folder), 'name' (a keras.applications model such as 'VGG16') or 'torch' (a PyTorch "
+                "model factory 'package.module:make_model' or 'net.py:make_model', with weights = "
+                f"'model.pt'); got {' and '.join(map(repr, given)) or 'none'}."
             )
+        model, weights = self.get("model", given[0]), self.get("model", "weights")
+        if given[0] == "torch":  # checked now (no torch import); the file path is relative to here
+            from .extraction.models.source import torch_source
+
+            model, weights = torch_source(model, weights, base=self.path.parent, config=self.path), None
         kwargs = {
-            "model": self.get("model", "path") or self.get("model", "name"),
-            "weights": self.get("model", "weights"),
+            "model": model,
+            "weights": weights,
             "layers": self.get("model", "layers", []),
             "corpus": self.require("corpus", "path"),
             "store": self.store_path(),
@@ -126,7 +140,13 @@ class Config:
 
     def naps_kwargs(self) -> dict[str, Any]:
         """Arguments of :func:`inntrospect.naps` from ``[naps]``."""
-        return {"aligned": self.get("naps", "aligned", False), "std": self.get("naps", "std", False)}
+        # the contrast step's significance is computed from the NAP pass's moments: it needs std
+        std = self.get("naps", "std", False) or self.contrast_kwargs()["significance"]
+        return {"aligned": self.get("naps", "aligned", False), "std": std}
+
+    def exemplars_k(self) -> int:
+        """``k`` of :func:`inntrospect.exemplars` from ``[exemplars]`` (default 16; 0: the step is off)."""
+        return self.get("exemplars", "k", 16)
 
     def contrast_kwargs(self) -> dict[str, Any]:
         """Arguments of :func:`inntrospect.contrastive_naps` from ``[contrast]``."""
@@ -136,6 +156,7 @@ class Config:
         return {
             "groups": None if groups is None else [str(g) for g in groups],
             "weight_by_group_size": self.get("contrast", "weight_by_group_size", False),
+            "significance": self.get("contrast", "significance", True),
         }
 
     def layout_kwargs(self) -> dict[str, Any]:
@@ -162,6 +183,14 @@ class Config:
         if res < 2:
             raise ConfigError(f"{self.path}: [topomap] resolution must be at least 2 pixels; got {res}.")
         return res
+
+    def fade_q(self) -> float | None:
+        """``[topomap] fade_q``: the q at which topomaps fade units (None: absent, no fading)."""
+        q = self.get("topomap", "fade_q")
+        if q is not None and not 0 < q < 1:
+            raise ConfigError(f"{self.path}: [topomap] fade_q must be a q-value above 0 and below 1 "
+                              f"(e.g. 0.05); got {q!r}. Leave it out for no fading.")
+        return None if q is None else float(q)
 
     def projection_kwargs(self) -> dict[str, Any]:
         """Arguments of :func:`inntrospect.instance_projection` from ``[projection]``."""

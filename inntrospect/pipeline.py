@@ -29,13 +29,15 @@ from . import store as st
 from .errors import ConfigError
 from .store import steps
 
-__all__ = ["run", "PIPELINE"]
+__all__ = ["run", "PIPELINE", "is_done"]
 
 #: the steps of :func:`run`, in order
 PIPELINE = tuple(registry.STEPS)
 
 
-def _is_done(path, step: str, wanted: dict) -> bool:
+def is_done(path, step: str, wanted: dict) -> bool:
+    """Whether ``step``'s results in the store at ``path`` are current and were made with ``wanted``
+    parameters (as :func:`inntrospect.registry.wanted_params` gives them): what ``run`` keeps."""
     if not st.is_store(path):
         return False
     attrs = st.store_attrs(path)
@@ -47,7 +49,7 @@ def _current(step: registry.Step, path, wanted: dict, redo: set) -> bool:
     """Whether ``step`` is kept: never for the figures and the report, nor the extraction (it resumes)."""
     if step.always or step.params is None or step.name in redo:
         return False
-    return _is_done(path, step.name, wanted[step.name])
+    return is_done(path, step.name, wanted[step.name])
 
 
 @contextlib.contextmanager
@@ -119,6 +121,10 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
             if name in skipped:
                 done[name] = "skipped"
                 continue
+            if name == "exemplars" and done.get("naps") == "ran" and is_done(path, name, wanted[name]):
+                done[name] = "ran"  # the NAP pass computed them too
+                echo(f"{name:<10} done in the naps step's pass over the store")
+                continue
             if _current(step, path, wanted, redo):
                 done[name] = "current"
                 echo(f"{name:<10} current, kept")
@@ -133,11 +139,11 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
             echo(f"{name:<10} done in {time.perf_counter() - t:.1f} s{beside}")
             if name == "extract" and side is not None:  # not before: that process holds GBs
                 # the layout waits for the warm-up rather than compile the same kernels beside it
-                if any(s in redo or not _is_done(path, s, wanted[s])
+                if any(s in redo or not is_done(path, s, wanted[s])
                        for s in _UMAP_BEFORE if s not in skipped):
                     warm = side.submit(_warm_up, cfg.layout_kwargs()["metric"])
                     _import_umap_aside()  # and here, in a thread, for the layout
-                if "projection" in redo or not _is_done(path, "projection", wanted["projection"]):
+                if "projection" in redo or not is_done(path, "projection", wanted["projection"]):
                     # opened here, before any other step writes: the side process only reads chunks
                     aside = side.submit(_project_here, cfg.projection_kwargs(), st.open_store(path),
                                         progress)

@@ -90,9 +90,17 @@ def _align(cfg, path, progress, **_):
 
 
 def _naps(cfg, path, progress, **_):
-    from .analysis.profiles import naps
+    from .analysis.profiles import naps, naps_and_exemplars
 
+    if STEPS["exemplars"].applies(cfg):  # one read of the store for both; the exemplars step is then current
+        return naps_and_exemplars(path, **cfg.naps_kwargs(), k=cfg.exemplars_k(), progress=progress)[0]
     return naps(path, **cfg.naps_kwargs(), persist=True, progress=progress)
+
+
+def _exemplars(cfg, path, progress, **_):
+    from .analysis.profiles import exemplars
+
+    return exemplars(path, cfg.exemplars_k(), persist=True, progress=progress)
 
 
 def _contrast(cfg, path, progress, **_):
@@ -110,7 +118,7 @@ def _layout(cfg, path, progress, **_):
 def _topomap(cfg, path, progress, **_):
     from .topomap.api import topomap_images
 
-    return topomap_images(path, cfg.resolution(), progress=progress)
+    return topomap_images(path, cfg.resolution(), fade=cfg.fade_q(), progress=progress)
 
 
 def _projection(cfg, path, progress, aside=None, **_):
@@ -138,7 +146,8 @@ def _report(cfg, path, progress, **_):
 
 #: the function of each step, looked up when it runs (a test may replace one)
 RUNNERS: dict[str, Callable[..., Any]] = {
-    "extract": _extract, "align": _align, "naps": _naps, "contrast": _contrast, "layout": _layout,
+    "extract": _extract, "align": _align, "naps": _naps, "exemplars": _exemplars, "contrast": _contrast,
+    "layout": _layout,
     "topomap": _topomap, "projection": _projection, "plots": _plots, "report": _report,
 }
 
@@ -154,14 +163,27 @@ def _profiled(cfg, results) -> str:
     first = next(iter(done.values()))
     groups = ", ".join(f"{g} ({c})" for g, c in zip(first.group.values, first["count"].values))
     return (f"NAPs of {len(done)} layers ({'aligned' if kwargs['aligned'] else 'raw'} activations"
-            f"{', with std' if kwargs['std'] else ''}) in {cfg.store_path()}/naps; groups: {groups}")
+            f"{', with std' if kwargs['std'] else ''}) in {cfg.store_path()}/naps; groups: {groups}"
+            + (f"; in the same pass, the top {cfg.exemplars_k()} exemplars in {cfg.store_path()}/exemplars"
+               if STEPS["exemplars"].applies(cfg) else ""))
+
+
+def _exemplified(cfg, results) -> str:
+    done = results["exemplars"]
+    return (f"top and bottom {cfg.exemplars_k()} exemplars per unit and group of {len(done)} layers "
+            f"in {cfg.store_path()}/exemplars")
 
 
 def _contrasted(cfg, results) -> str:
     done = results["contrast"]
     first = next(iter(done.values()))
-    return (f"contrastive NAPs of {len(done)} layers for groups {', '.join(map(str, first.group.values))} "
+    text = (f"contrastive NAPs of {len(done)} layers for groups {', '.join(map(str, first.group.values))} "
             f"in {cfg.store_path()}/contrast")
+    if "q" in first:
+        found = sum(int((ds["q"].min([d for d in ds["q"].dims if d not in ("group", ds["q"].dims[-1])])
+                         < 0.05).sum()) for ds in done.values())
+        text += f"; {found} (group, unit) pairs significant at q < 0.05 (Welch's t, Benjamini-Hochberg)"
+    return text
 
 
 def _mapped(cfg, results) -> str:
@@ -203,18 +225,23 @@ STEPS: dict[str, Step] = {s.name: s for s in (
     Step("naps", "naps", ("extract", "align"), "naps",
          "neuron activation profiles: per-group mean activations ([naps])", _profiled,
          params=lambda cfg: cfg.naps_kwargs()),
+    Step("exemplars", "exemplars", ("extract",), "exemplars",
+         "top exemplars per unit and group: the samples that excite each unit most and least "
+         "([exemplars]; inntrospect naps computes them in its pass)", _exemplified,
+         params=lambda cfg: {"k": cfg.exemplars_k()}, when=lambda cfg: cfg.exemplars_k() > 0),
     Step("contrast", "contrast", ("naps",), "contrast",
          "contrastive NAPs of the groups of interest ([contrast])", _contrasted, params=_contrast_params),
     Step("layout", "topomap", ("naps", "contrast"), "layout",  # the profiles [topomap] from names
          "topomap layouts and images of every layer ([topomap])", params=lambda cfg: cfg.layout_kwargs()),
     Step("topomap", "topomap", ("layout",), "layout", summary=_mapped,
-         params=lambda cfg: {**cfg.layout_kwargs(), "resolution": cfg.resolution()}),
+         params=lambda cfg: {**cfg.layout_kwargs(), "resolution": cfg.resolution(),
+                             **({} if cfg.fade_q() is None else {"fade_q": cfg.fade_q()})}),
     Step("projection", "projection", ("extract",), "project",
          "2-D instance projections, a sample of each group ([projection])", _projected,
          params=lambda cfg: cfg.projection_kwargs()),
     Step("plots", "plot", ("topomap", "projection"), "plot",
          "topomap, overview and projection figures ([plot])", _plotted, always=True),
-    Step("report", "plot", ("topomap", "projection"), "report",
+    Step("report", "plot", ("topomap", "projection", "exemplars"), "report",
          "a self-contained HTML report of the store ([plot] output)", _reported, always=True),
 )}
 

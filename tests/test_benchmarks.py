@@ -39,3 +39,10 @@ def test_bench_checksum_quick(cnn_store):
     for label in ("naps with/without checksums =", "aligned naps with/without checksums =",
                   "extract with/without checksums =", "verify: "):
         assert label in out, out
+
+
+@needs_shared
+def test_bench_exemplars_quick(cnn_store, tmp_path):
+    out = run("bench_exemplars.py", "--quick", "--source", str(cnn_store), "--store", str(tmp_path / "e.zarr"))
+    for label in ("(b)   NAP pass alone", "(bx)  NAPs + exemplars, one pass", "b / bx =", "(c) contrast step"):
+        assert label in out, out

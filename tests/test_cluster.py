@@ -46,7 +46,7 @@ distributed = pytest.importorskip("distributed")
 #: every wait of this file is bounded by this many seconds
 TIMEOUT = 60
 #: the analysis steps: what the run on the cluster redoes, and what is compared
-STEPS = ("naps", "contrast", "layout", "topomap", "projection")
+STEPS = ("naps", "exemplars", "contrast", "layout", "topomap", "projection")
 #: steps left out where a test is about the cluster, not them: the figures and the
 #: report (drawn in this process from the store; ``test_pipeline.py`` tests them)
 FIGURES = ("plots", "report")

@@ -23,8 +23,8 @@ def test_run_does_every_step_once_then_only_what_changed(tmp_path, mnist_corpus)
     cfg = _config(tmp_path, mnist_corpus)
     lines = []
     done = run(cfg, progress=False, echo=lines.append)
-    assert done == {s: "ran" for s in ("extract", "align", "naps", "contrast", "layout", "topomap",
-                                       "projection", "plots", "report")}
+    assert done == {s: "ran" for s in ("extract", "align", "naps", "exemplars", "contrast", "layout",
+                                       "topomap", "projection", "plots", "report")}
     path = tmp_path / "run.zarr"
     # the results are those of the steps run one by one
     tree = inntrospect.open_store(path)
@@ -106,7 +106,7 @@ def test_json_config_runs_the_pipeline_steps(tmp_path, mnist_corpus, monkeypatch
                                "use_aligned_naps": True}))
     assert main(["extract", str(cfg), "--no-progress"]) == 0
     assert main(["naps", str(cfg), "--no-progress"]) == 0
-    assert "NAPs of 3 layers (aligned activations)" in capsys.readouterr().out
+    assert "NAPs of 3 layers (aligned activations, with std)" in capsys.readouterr().out
     assert (tmp_path / "out.zarr").is_dir()
 
 

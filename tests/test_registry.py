@@ -112,4 +112,4 @@ def test_the_pipeline_and_the_demo_run_the_registry_s_steps_in_order(calls, tmp_
     assert all(options == {"overwrite": True} for _, options in calls)
     out = capsys.readouterr().out
     assert "most group-specific unit of layer 'dense'" in out
-    assert "inntrospect extract|align|naps|contrast|layout|project|plot|report" in out
+    assert "inntrospect extract|align|naps|exemplars|contrast|layout|project|plot|report" in out

@@ -254,7 +254,7 @@ def align_reference(acts: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return out
 
 
-def align(store, persist: bool = False, *, progress: bool = False) -> dict:
+def align(store, persist: bool = False, *, progress: bool = False, incremental: bool = True) -> dict:
     """Aligned activations of every layer, lazily: ``{layer: DataArray}``.
 
     ``store`` is a store path or the tree :func:`inntrospect.open_store` returns.
@@ -267,7 +267,11 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
     layers that have spatial axes, recorded as the ``align`` step, and
     returned as stored (lazy): ``{layer: DataArray}`` of those layers only.
     :func:`inntrospect.naps` with ``aligned=True`` then reads them instead of
-    aligning again.
+    aligning again. After samples were appended to the store, persisted
+    ``aligned`` arrays are extended (``incremental``, the default): only the
+    chunks from the one holding the first new sample are written, in place
+    (the samples before keep their values); ``incremental=False`` writes all
+    of them anew.
     """
     import dask.array as da
     import xarray as xr
@@ -275,11 +279,11 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
     from .. import store as st
     from ..checks import check_bool
 
-    check_bool(persist=persist, progress=progress)
+    check_bool(persist=persist, progress=progress, incremental=incremental)
     if persist:
         if isinstance(store, xr.DataTree):
             raise StoreError("align(persist=True) writes into the store: pass its path, not an opened tree.")
-        return _persist(st.Store.open(store), progress)
+        return _persist(st.Store.open(store), progress, incremental)
     handle = None if isinstance(store, xr.DataTree) else st.Store.open(store)
     tree = store if handle is None else handle.tree()
     result = {}
@@ -297,7 +301,7 @@ def align(store, persist: bool = False, *, progress: bool = False) -> dict:
     return result
 
 
-def _persist(store, progress: bool) -> dict:
+def _persist(store, progress: bool, incremental: bool = True) -> dict:
     """Write ``aligned`` chunk by chunk (one task per stored chunk) and record the step."""
     import dask.array as da
 
@@ -307,10 +311,14 @@ def _persist(store, progress: bool) -> dict:
     from ..store.nodes import STAGED
 
     with store.writing():
-        st.check_chunks(store)  # a missing chunk of acts or grads would be aligned into NaN: refused
         lazy = {k: v for k, v in align(store).items() if v.name == "aligned"}
+        n = int(st.array_meta(store, store.layers[0])["shape"][0])
+        prior = _prior(store, list(lazy), n) if incremental else None
+        if prior is not None:
+            return _extend(store, lazy, prior, n, progress)
+        st.check_chunks(store)  # a missing chunk of acts or grads would be aligned into NaN: refused
         # written as aligned.next beside the old arrays, swapped in once all are: a failed run keeps them
-        with steps.recording(store, "align", {}, {}, lazy) as rec, \
+        with steps.recording(store, "align", {}, {}, lazy, n_samples=n) as rec, \
                 steps.replacing(store, rec, [st.layer_path(layer, "aligned") for layer in lazy]):
             writes = []
             for layer, arr in lazy.items():
@@ -319,4 +327,56 @@ def _persist(store, progress: bool) -> dict:
                     codec=store.attrs["codecs"][layer]["acts"], attributes=steps.node_attrs(rec, layer))
                 writes.append(da.store(arr.data, target, lock=False, compute=False))
             compute(*writes, progress=progress, desc="align")
+    return steps.load(store, "align")
+
+
+def _prior(store, layers: list, n: int) -> dict | None:
+    """The align record to extend after an append (None: align every sample): complete, of these
+    layers, covering (``n_samples``) all the samples of an earlier extraction id of the store, fewer
+    than ``n``, each layer's ``aligned`` carrying its id and already ``n`` long (:func:`inntrospect.store.grow`)."""
+    from .. import store as st
+
+    attrs = store.attrs
+    ext = attrs.get("extraction") or {}
+    rec = (attrs.get("steps") or {}).get("align")
+    if not ext.get("appends") or ext.get("state") != "complete" or not isinstance(rec, dict) \
+            or rec.get("state") != "complete" or rec.get("layers") != layers or not layers:
+        return None
+    covered = rec.get("n_samples")
+    before = {e.get("id_before"): e.get("n_samples_before") for e in ext["appends"]}
+    if not isinstance(covered, int) or before.get((rec.get("inputs") or {}).get("extraction"), -1) != covered \
+            or not 0 < covered < n:
+        return None
+    for layer in layers:
+        node = st.layer_group(store, layer)
+        if "aligned" not in node or node["aligned"].attrs.get("id") != rec["id"] \
+                or node["aligned"].shape != node["acts"].shape:
+            return None
+    return rec
+
+
+def _extend(store, lazy: dict, prior: dict, n: int, progress: bool) -> dict:
+    """Write the chunks of ``aligned`` from the one holding sample ``prior["n_samples"]`` on, in place,
+    and record the step anew (the samples before keep their stored values, which are the same)."""
+    import dask.array as da
+
+    from .. import store as st
+    from ..scheduler import compute
+    from ..store import steps
+
+    first = prior["n_samples"]
+    targets = {layer: st.open_array(store, layer, "aligned", write=True) for layer in lazy}
+    st.check_chunks(store, start=first)
+    update = {"id": prior["id"], "n_samples": first}
+    with steps.recording(store, "align", {}, {}, lazy, n_samples=n, update_of=update) as rec:
+        writes = []
+        for layer, arr in lazy.items():
+            target = targets[layer]
+            lo = first // target.chunks[0] * target.chunks[0]  # whole chunks: the first one holds old samples too
+            writes.append(da.store(arr.data[lo:], target, regions=(slice(lo, n),), lock=False, compute=False))
+        compute(*writes, progress=progress, desc="align (new samples)")
+        steps.begin(store, rec)  # the arrays now carry the new run's values: the old record no longer holds
+        for layer, target in targets.items():
+            target.attrs.update(steps.node_attrs(rec, layer))
+        st.consolidate(store)
     return steps.load(store, "align")

@@ -13,10 +13,12 @@ import math
 import os
 import threading
 
+import numpy as np
+
 #: ``numba.prange`` once compiled (set by :class:`_Compiled`); a plain range for the Python definition
 prange = range
 
-__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "fr_displacement"]
+__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "insert", "top_bottom", "rank_queued", "offer", "merge_ranked", "fr_displacement"]
 
 
 def group_sums(x, index, sums):  # pragma: no cover - compiled by numba
@@ -92,6 +94,139 @@ def fr_displacement(pos, indptr, indices, k, disp):  # pragma: no cover - compil
         disp[i, 1] = sy
 
 
+def insert(value, sample, position, count, end, g, u, v, ident, where):  # pragma: no cover
+    """Put ``(v, ident, where)`` at its rank in ``value[end, g, u]`` if it enters the best ``k``.
+
+    Ranks are kept sorted: end 0 (top) by value descending, end 1 (bottom)
+    ascending, ties by the lower ``ident`` (sample index); ``count[end, g, u]``
+    ranks are filled. Returns whether it entered; when full, the last rank is dropped.
+    """
+    k = value.shape[3]
+    c = count[end, g, u]
+    j = min(c, k - 1)
+    if c >= k:  # full: it must beat the k-th
+        w = value[end, g, u, k - 1]
+        if not ((v > w if end == 0 else v < w) or (v == w and ident < sample[end, g, u, k - 1])):
+            return False
+    while j > 0:
+        w = value[end, g, u, j - 1]
+        if not ((v > w if end == 0 else v < w) or (v == w and ident < sample[end, g, u, j - 1])):
+            break
+        value[end, g, u, j] = w
+        sample[end, g, u, j] = sample[end, g, u, j - 1]
+        position[end, g, u, j] = position[end, g, u, j - 1]
+        j -= 1
+    value[end, g, u, j] = v
+    sample[end, g, u, j] = ident
+    position[end, g, u, j] = where
+    if c < k:
+        count[end, g, u] = c + 1
+    return True
+
+
+def top_bottom(x, index, start, value, sample, position, count, above, below, key, score, ident,
+               where):  # pragma: no cover - compiled by numba
+    """Add the samples of ``x`` into each group's running top and bottom ``k`` per unit.
+
+    ``x`` is ``(n, spatial, unit)``; a sample's score for a unit is its maximum
+    over the spatial positions (its first position in C order); ``index`` the
+    sample's row of the state, ``start`` the global index of ``x[0]``. The
+    state, per group row ``g`` and unit ``u``: ``value``, ``sample`` and
+    ``position`` ``(2, g, u, k)`` and ``count`` ``(2, g, u)`` (:func:`insert`),
+    and the thresholds a score must pass to enter once full, ``above`` (the
+    top's k-th, else -inf) and ``below`` (the bottom's k-th, else +inf),
+    ``(g, u)``. Each score is compared with its thresholds in a branch-free
+    loop; those that pass are queued in ``key`` (``g * units + u``),
+    ``score``, ``ident`` and ``where`` and ranked in (:func:`rank_queued`)
+    when the queue is full and at the end, sorted by group and unit: the
+    state (megabytes for wide layers) is then walked in order rather than
+    hit at random, a cache miss per score. Samples come in increasing index
+    order, and the sort is stable, so ties go to the lower index.
+    """
+    n, size, units = x.shape
+    best = np.empty(units, x.dtype)
+    at = np.zeros(units, np.int32)
+    enter = np.zeros(units, np.uint8)
+    m = 0
+    for i in range(n):
+        g = index[i]
+        best[:] = x[i, 0]
+        for p in range(1, size):  # the spatial maximum, vectorised; where it is, below, if needed
+            row = x[i, p]
+            for u in range(units):
+                best[u] = max(best[u], row[u])
+        top, bottom = above[g], below[g]
+        hits = 0
+        for u in range(units):  # branch-free, vectorised: which units may take this sample
+            enter[u] = (best[u] > top[u]) | (best[u] < bottom[u])
+            hits += enter[u]
+        if hits == 0:
+            continue
+        if size > 1:  # the first position of the maximum, for the units that may take it only
+            for u in range(units):
+                if enter[u]:
+                    p = 0
+                    while x[i, p, u] != best[u]:
+                        p += 1
+                    at[u] = p
+        if m + hits > len(key):
+            rank_queued(m, key, score, ident, where, value, sample, position, count, above, below)
+            m = 0
+        for u in range(units):
+            if enter[u]:
+                key[m] = g * units + u
+                score[m] = best[u]
+                ident[m] = start + i
+                where[m] = at[u]
+                m += 1
+    rank_queued(m, key, score, ident, where, value, sample, position, count, above, below)
+
+
+def rank_queued(m, key, score, ident, where, value, sample, position, count, above, below):  # pragma: no cover
+    """Rank the first ``m`` queued scores of :func:`top_bottom` in, by group and unit (stable)."""
+    units = above.shape[1]
+    # a stable counting sort by key (group * units + unit): linear, and the queue stays in sample order
+    lo, hi = key[0] if m else 0, key[0] if m else 0
+    for j in range(m):
+        lo, hi = min(lo, key[j]), max(hi, key[j])
+    starts = np.zeros(hi - lo + 2, np.int64)
+    for j in range(m):
+        starts[key[j] - lo + 1] += 1
+    for b in range(1, len(starts)):
+        starts[b] += starts[b - 1]
+    order = np.empty(m, np.int64)
+    for j in range(m):
+        b = key[j] - lo
+        order[starts[b]] = j
+        starts[b] += 1
+    for j in order:
+        offer(value, sample, position, count, above, below, key[j] // units, key[j] % units, score[j],
+              ident[j], where[j])
+
+
+def offer(value, sample, position, count, above, below, g, u, v, ident, where):  # pragma: no cover
+    """Rank score ``v`` of sample ``ident`` in at both ends of group ``g``, unit ``u``, where it
+    passes the thresholds, and move those once the ends are full (:func:`top_bottom`)."""
+    k = value.shape[3]
+    if v > above[g, u] and insert(value, sample, position, count, 0, g, u, v, ident, where):
+        if count[0, g, u] == k:
+            above[g, u] = value[0, g, u, k - 1]
+    if v < below[g, u] and insert(value, sample, position, count, 1, g, u, v, ident, where):
+        if count[1, g, u] == k:
+            below[g, u] = value[1, g, u, k - 1]
+
+
+def merge_ranked(cvalue, csample, cposition, crow, value, sample, position, count):  # pragma: no cover
+    """Add candidates ``(2, unit, row)`` (row ``r`` of state group ``crow[r]``) into the state of
+    :func:`top_bottom` by :func:`insert`: the merge of partial results, exact in any order."""
+    units, rows = cvalue.shape[1], cvalue.shape[2]
+    for end in range(2):
+        for u in range(units):
+            for r in range(rows):
+                insert(value, sample, position, count, end, crow[r], u, cvalue[end, u, r],
+                       csample[end, u, r], cposition[end, u, r])
+
+
 KERNELS: list = []
 _KERNELS_LOCK = threading.Lock()
 
@@ -109,6 +244,11 @@ class _Compiled:
         self.group_sums = jit(group_sums)
         self.group_m2 = jit(group_m2)
         self.shifted_sums = jit(shifted_sums)
+        globals()["insert"] = jit(insert)  # called by those below: compiled first
+        globals()["offer"] = jit(offer)
+        globals()["rank_queued"] = jit(rank_queued)
+        self.top_bottom = jit(top_bottom)
+        self.merge_ranked = jit(merge_ranked)
         globals()["prange"] = numba.prange
         try:
             self.fr_displacement = numba.njit(parallel=True, cache=True)(fr_displacement)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ParameterError
 
-__all__ = ["merge_pair", "rest_moments", "welch", "hedges_g", "bh_qvalues"]
+__all__ = ["merge_pair", "rest_moments", "welch", "hedges_g", "bh_qvalues", "contrast_statistics"]
 
 
 def merge_pair(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -43,16 +43,41 @@ def rest_moments(count, mean, m2):
     if count.ndim != 1 or mean.shape[0] != len(count) or m2.shape != mean.shape:
         raise ParameterError(f"expected count (group,) and mean, m2 (group, ...) of one shape; got "
                              f"{count.shape}, {mean.shape} and {m2.shape}.")
-    n_r, mean_r, m2_r = [], [], []
-    for g in range(len(count)):
-        n, mu, s = 0.0, np.zeros(mean.shape[1:]), np.zeros(mean.shape[1:])
-        for i in range(len(count)):
-            if i != g:
-                n, mu, s = merge_pair(n, mu, s, count[i], mean[i], m2[i])
-        n_r.append(n)
-        mean_r.append(mu)
-        m2_r.append(s)
-    return np.array(n_r), np.stack(mean_r), np.stack(m2_r)
+    # prefix[g] pools groups < g, suffix[g] groups > g: O(groups) exact merges, no subtraction
+    shape = mean.shape[1:]
+    G = len(count)
+    suffix = [(0.0, np.zeros(shape), np.zeros(shape))]
+    for g in range(G - 1, 0, -1):
+        suffix.append(merge_pair(count[g], mean[g], m2[g], *suffix[-1]))
+    suffix.reverse()  # suffix[g]: the groups after g
+    n_r, mean_r, m2_r = np.empty(G), np.empty_like(mean), np.empty_like(m2)
+    prefix = (0.0, np.zeros(shape), np.zeros(shape))
+    for g in range(G):
+        n_r[g], mean_r[g], m2_r[g] = merge_pair(*prefix, *suffix[g])
+        prefix = merge_pair(*prefix, count[g], mean[g], m2[g])
+    return n_r, mean_r, m2_r
+
+
+def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
+    """Each group against all other samples pooled: ``t``, ``p``, ``q``, ``effect`` and ``rest_count``.
+
+    ``count`` is ``(group,)``, ``mean`` and ``m2`` ``(group, *spatial, unit)``
+    (the moments of *every* group of the store). ``t`` and ``p`` are Welch's,
+    ``q`` the Benjamini–Hochberg q-values of each group across its units and
+    positions, ``effect`` Hedges' g; all ``(group, *spatial, unit)`` float64.
+    A group with fewer than two samples, or whose rest has fewer, gets NaN
+    (and stays out of the q-values' count).
+    """
+    count = np.asarray(count, dtype=np.float64)
+    n_r, mean_r, m2_r = rest_moments(count, mean, m2)
+    mean = np.asarray(mean, dtype=np.float64)
+    m2 = np.asarray(m2, dtype=np.float64)
+    ok = (count >= 2) & (n_r >= 2)
+    t, p, effect = (np.full(mean.shape, np.nan) for _ in range(3))
+    if ok.any():
+        t[ok], _, p[ok] = welch(count[ok], mean[ok], m2[ok], n_r[ok], mean_r[ok], m2_r[ok])
+        effect[ok] = hedges_g(count[ok], mean[ok], m2[ok], n_r[ok], mean_r[ok], m2_r[ok])
+    return {"t": t, "p": p, "q": bh_qvalues(p), "effect": effect, "rest_count": n_r.astype(np.int64)}
 
 
 def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

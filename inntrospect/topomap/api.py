@@ -28,7 +28,7 @@ from ..checks import check_bool, check_choice
 from ..errors import ParameterError
 from ..store import steps
 from . import circle
-from .images import image_extent, interpolate, triangulate, unit_values
+from .images import fade_insignificant, image_extent, interpolate, triangulate, unit_values
 from .layout import METHODS, MIN_UNITS, Layout, profile_matrix
 from .quality import topographic_quality
 
@@ -163,7 +163,8 @@ def topomap_layout(
                              skipped=skipped)
 
 
-def topomap_images(store, resolution: int = 100, *, persist: bool = True, progress: bool = False) -> dict:
+def topomap_images(store, resolution: int = 100, *, fade: float | None = None, persist: bool = True,
+                   progress: bool = False) -> dict:
     """Topomap values and images of every laid-out layer (``REFERENCE.md`` §7, §9).
 
     The value of a unit for a group is its (contrastive) NAP averaged over
@@ -172,12 +173,23 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
     Pixels outside the layout's convex hull are NaN (blank in plots; the
     reference paints them as 0).
 
+    With ``fade``, units whose contrast is not significant for a group (their
+    smallest q over positions is ``fade`` or more, or NaN) get the value 0 for
+    that group before interpolation, neutral in the diverging colour map
+    (:func:`~inntrospect.topomap.images.fade_insignificant`). Off by default,
+    so the images stay comparable with the reference toolbox's.
+
     Parameters
     ----------
     store : str or os.PathLike
         Path of a store with a current layout (:func:`topomap_layout`).
     resolution : int, default 100
         Pixels per side.
+    fade : float, optional
+        A q-value threshold in (0, 1) (e.g. 0.05; config ``[topomap] fade_q``).
+        Needs a layout made from contrasts computed with statistics. Recorded
+        in the step's parameters as ``fade_q`` (only when set), so changing
+        it makes the images stale.
     persist : bool, default True
         Write ``topomap/<layer>``, replacing earlier images.
 
@@ -188,13 +200,18 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
         ``image`` (``group``, ``row``, ``col``) per layer. Attributes: the
         layout's parameters, ``extent`` (for ``imshow``), ``vmax`` (the
         layer's symmetric colour scale ``[-vmax, vmax]``, over all groups),
-        ``quality`` (topographic quality, lower is smoother) and ``seconds``.
+        ``quality`` (topographic quality, lower is smoother) and ``seconds``;
+        with ``fade``, ``faded`` (units set to 0, per group). ``value`` holds
+        the values the images were made from (faded ones 0).
 
     Raises
     ------
     StepNotFoundError, StaleResultError
         No current layout (or its profiles changed since); the message names
         the command to run.
+    ParameterError
+        ``fade`` is not in (0, 1), or the layout was made from NAPs or from
+        contrasts without statistics; the message names the fix.
     """
     import xarray as xr
 
@@ -206,19 +223,27 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
         raise ParameterError(f"resolution must be an integer >= 2 (pixels per side); got {resolution!r}. "
                              "Pass e.g. 100 (the default).")
     resolution = int(resolution)
+    fade = _check_fade(fade)
+    extra = {} if fade is None else {"fade_q": fade}  # absent when off: older records stay current
 
     def compute():
         layout_rec = steps.check_current(store, "layout")
         source = layout_rec["params"]["source"]
         layouts = steps.load(store, "layout")
         profiles = steps.load(store, source)
+        if fade is not None:
+            _check_fadeable(source, profiles)
         out = {}
         for layer, lay in progress_bar(layouts.items(), progress, "topomap images", len(layouts)):
             xy = lay["xy"].values
             values = unit_values(profiles[layer]["nap"].values)
+            faded = {}
+            if fade is not None:
+                values, mask = fade_insignificant(values, profiles[layer]["q"].values, fade)
+                faded = {"faded": [int(n) for n in mask.sum(axis=1)]}
             images = interpolate(xy, values, resolution, triangulation=triangulate(xy))
             q = topographic_quality(images)
-            params = {**layout_rec["params"], "resolution": resolution}
+            params = {**layout_rec["params"], "resolution": resolution, **extra}
             out[layer] = xr.Dataset(
                 {"xy": (("unit", "coord"), xy), "value": (("group", "unit"), values),
                  "image": (("group", "row", "col"), images)},
@@ -228,7 +253,7 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
                        "inputs": {"layout": layout_rec["id"]},
                        "extent": list(image_extent(xy)), "vmax": float(np.abs(values).max()),
                        "quality": {"resize": q.resize_mean, "blur": q.blur_mean},
-                       "seconds": lay.attrs.get("seconds", {})},
+                       "seconds": lay.attrs.get("seconds", {}), **faded},
             )
         return out, layout_rec
 
@@ -236,8 +261,39 @@ def topomap_images(store, resolution: int = 100, *, persist: bool = True, progre
         return compute()[0]
     with store.writing():
         results, layout_rec = compute()
-        return steps.persist(store, "topomap", {**layout_rec["params"], "resolution": resolution},
+        return steps.persist(store, "topomap", {**layout_rec["params"], "resolution": resolution,
+                                                **extra},
                              {"layout": layout_rec["id"]}, results)
+
+
+def _check_fade(fade) -> float | None:
+    """``fade`` as a float in (0, 1), or None; else an error naming the fix."""
+    import numbers
+
+    if fade is None:
+        return None
+    if isinstance(fade, bool) or not isinstance(fade, numbers.Real) or not 0 < float(fade) < 1:
+        raise ParameterError(f"fade must be a q-value threshold in (0, 1), e.g. 0.05 (or None: no "
+                             f"fading); got {fade!r}.")
+    return float(fade)
+
+
+def _check_fadeable(source: str, profiles: dict) -> None:
+    """Fading needs contrasts with q-values: an error naming the fix otherwise."""
+    if source != "contrast":
+        raise ParameterError(
+            "fade needs topomaps made from contrasts (their q-values say which units to fade), and "
+            "this layout was made from NAPs: lay out from contrasts ([topomap] from = \"contrast\", "
+            "or topomap_layout(store, source=\"contrast\")), or leave fade out ([topomap] fade_q).")
+    lacking = [layer for layer, ds in profiles.items() if "q" not in ds.variables]
+    if lacking:
+        raise ParameterError(
+            f"fade needs the contrasts' statistics (q-values), and the contrasts of "
+            f"{', '.join(map(repr, lacking[:3]))}{' …' if len(lacking) > 3 else ''} have none: compute "
+            f"them with inntrospect contrast CONFIG ([contrast] significance = true, with [naps] "
+            f"std) then inntrospect layout CONFIG (in Python: inntrospect.naps(store, std=True, "
+            f"persist=True), contrastive_naps(store, significance=True, persist=True), "
+            f"topomap_layout(store)), or leave fade out.")
 
 
 def compare_layouts(

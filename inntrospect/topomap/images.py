@@ -7,6 +7,8 @@
   coordinates' bounding box, ``(group, unit) -> (group, resolution, resolution)``.
 * :func:`image_extent` — the ``extent`` that puts those images over a scatter
   of the coordinates in ``imshow``.
+* :func:`fade_insignificant` — the unit values with those of units whose
+  contrast is not significant set to 0 (an option of the topomaps).
 
 The images equal ``scipy.interpolate.griddata(xy, values[g], grid,
 method="linear")`` for each group ``g``, to the last bit (it is the same
@@ -31,7 +33,7 @@ import numpy as np
 
 from ..errors import NonFiniteError, ParameterError
 
-__all__ = ["unit_values", "interpolate", "triangulate", "image_extent", "grid"]
+__all__ = ["unit_values", "fade_insignificant", "interpolate", "triangulate", "image_extent", "grid"]
 
 
 def unit_values(nap: np.ndarray, unit_axis: int = -1) -> np.ndarray:
@@ -77,6 +79,55 @@ def unit_values(nap: np.ndarray, unit_axis: int = -1) -> np.ndarray:
     if not spatial:
         return nap.astype(np.float64, copy=False)
     return nap.mean(axis=spatial, dtype=np.float64)
+
+
+def fade_insignificant(values, q, fade_q: float) -> tuple[np.ndarray, np.ndarray]:
+    """Unit values with the units whose contrast is not significant set to 0, per group.
+
+    A unit is significant for a group when its smallest q over the spatial
+    positions is below ``fade_q``; otherwise (including when every q is NaN,
+    untestable) its value for that group becomes exactly 0, neutral in the
+    topomaps' diverging colour map. The others keep their value bit for bit.
+
+    Parameters
+    ----------
+    values : array_like
+        ``(group, unit)`` unit values (see :func:`unit_values`).
+    q : array_like
+        ``(group, *spatial, unit)`` q-values of the same groups and units (the
+        ``q`` of a ``contrast/<layer>`` node).
+    fade_q : float
+        The threshold, in (0, 1).
+
+    Returns
+    -------
+    values : numpy.ndarray
+        ``(group, unit)`` float64, a new array.
+    faded : numpy.ndarray of bool
+        ``(group, unit)``: the units set to 0.
+
+    Examples
+    --------
+    >>> values = np.array([[1.0, -2.0, 3.0]])
+    >>> q = np.array([[[0.01, 0.5, np.nan]], [[0.9, 0.04, np.nan]]]).transpose(1, 0, 2)  # (1, 2, 3)
+    >>> fade_insignificant(values, q, 0.05)[0]
+    array([[ 1., -2.,  0.]])
+    """
+    values = np.array(values, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    if values.ndim != 2 or q.ndim < 2 or q.shape[0] != values.shape[0] or q.shape[-1] != values.shape[1]:
+        raise ParameterError(
+            f"values must be (group, unit) and q (group, *spatial, unit) of the same groups and units; "
+            f"got {values.shape} and {q.shape}. Pass unit_values(nap) and the 'q' of the same "
+            f"contrast/<layer> Dataset."
+        )
+    if isinstance(fade_q, bool) or not 0 < float(fade_q) < 1:
+        raise ParameterError(f"fade_q must be a q-value threshold in (0, 1); got {fade_q!r}. "
+                             f"Pass e.g. 0.05.")
+    qmin = np.where(np.isnan(q), np.inf, q).min(axis=tuple(range(1, q.ndim - 1)))  # (group, unit)
+    faded = ~(qmin < float(fade_q))
+    values[faded] = 0.0
+    return values, faded
 
 
 # -- grid and weights ----------------------------------------------------------

@@ -8,6 +8,9 @@ Two small display objects hold computed data and draw it, the scikit-learn
   shared by all panels, with one colour bar.
 * :class:`ProjectionDisplay` — the 2-D embedding of sampled instances of one
   layer, coloured by group, with a legend.
+* :class:`VolcanoDisplay` — the statistics of one layer's contrasts: effect
+  size (Hedges' g) against −log10 q, one point per unit and group, coloured
+  by group, with the significance threshold as a dashed line.
 
 And functions that write figure files from a store (or from results already
 loaded with :func:`inntrospect.load`):
@@ -16,6 +19,7 @@ loaded with :func:`inntrospect.load`):
   or one file per layer and group (``mode="individual"``).
 * :func:`plot_overview` — all layers in one figure, one row per layer.
 * :func:`plot_projection` — per layer one scatter of the instance projection.
+* :func:`plot_volcano` — per layer one volcano plot of the contrasts' statistics.
 
 Everything uses matplotlib's object-oriented API (:class:`matplotlib.figure.Figure`
 on a :class:`~matplotlib.backends.backend_agg.FigureCanvasAgg`), never
@@ -46,6 +50,10 @@ __all__ = [
     "plot_topomaps",
     "plot_overview",
     "plot_projection",
+    "VolcanoDisplay",
+    "plot_volcano",
+    "most_significant",
+    "has_statistics",
     "plot_all",
     "safe_file_stems",
     "FORMATS",
@@ -164,6 +172,34 @@ def _labels(values) -> list[str]:
     return [str(v) for v in np.atleast_1d(np.asarray(values, dtype=object)).ravel().tolist()]
 
 
+def _scatter_axes(ax, n_groups: int, legend: str, height: float):
+    """``(ax, figure, legend outside?)`` of a scatter with one colour per group: a new figure when
+    ``ax`` is None, wider when the legend goes outside (``"auto"``: more than 5 groups)."""
+    outside = legend == "outside" or (legend == "auto" and n_groups > 5)
+    if ax is None:
+        ax = _new_figure((6.4 + (1.2 * math.ceil(n_groups / 25) if outside else 0.0), height)).add_subplot()
+    return ax, ax.get_figure(root=True), outside
+
+
+def _finish_scatter(display, ax, fig, outside: bool, n_groups: int, title, kw: dict, *entries):
+    """The legend (``entries``: handles and labels, else the artists') and title of a display's
+    scatter; the display, with ``legend_``, ``figure_`` and ``ax_`` set."""
+    if outside:
+        display.legend_ = ax.legend(*entries, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                                    ncols=math.ceil(n_groups / 25), borderaxespad=0.0, **kw)
+    else:
+        display.legend_ = ax.legend(*entries, loc="best", **kw)
+    if title:
+        ax.set_title(display.title() if title is True else str(title))
+    display.figure_, display.ax_ = fig, ax
+    return display
+
+
+def _what_it_holds(ds):
+    """A Dataset's variable names, or the type of whatever was given instead (for messages)."""
+    return list(ds.variables) if hasattr(ds, "variables") else type(ds).__name__
+
+
 def _blank(ax) -> None:
     """No ticks, no frame: a picture, not a chart (axis labels stay usable)."""
     ax.set_xticks([])
@@ -253,7 +289,7 @@ class TopomapDisplay:
         ``source`` and ``method`` come from its attributes unless given.
         """
         if "image" not in getattr(ds, "variables", {}) or "group" not in ds.coords:
-            got = list(getattr(ds, "variables", {})) if hasattr(ds, "variables") else type(ds).__name__
+            got = _what_it_holds(ds)
             raise ParameterError(
                 f"expected a topomap/<layer> Dataset with an 'image' (group, row, col) variable "
                 f"and a 'group' coordinate; got {got}. Load it with inntrospect.load(store, "
@@ -440,11 +476,7 @@ class ProjectionDisplay:
              title: bool | str = True) -> ProjectionDisplay:
         """Scatter the samples, one colour per group, with a legend; returns self."""
         n = len(self.groups)
-        outside = legend == "outside" or (legend == "auto" and n > 5)
-        if ax is None:
-            fig = _new_figure((6.4 + (1.2 * math.ceil(n / 25) if outside else 0.0), 5.4))
-            ax = fig.add_subplot()
-        fig = ax.get_figure(root=True)
+        ax, fig, outside = _scatter_axes(ax, n, legend, 5.4)
         size = float(np.clip(3000.0 / max(len(self.xy), 1), 3.0, 30.0))
         self.collections_ = {}
         for g, color in zip(self.groups, group_colors(n)):
@@ -456,19 +488,269 @@ class ProjectionDisplay:
         ax.set_xlabel("UMAP 1")
         ax.set_ylabel("UMAP 2")
         kw = dict(title="group", markerscale=max(1.0, 20.0 / size) ** 0.5, fontsize="small")
-        if outside:
-            self.legend_ = ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                                     ncols=math.ceil(n / 25), borderaxespad=0.0, **kw)
-        else:
-            self.legend_ = ax.legend(loc="best", **kw)
-        if title:
-            ax.set_title(self.title() if title is True else str(title))
-        self.figure_, self.ax_ = fig, ax
-        return self
+        return _finish_scatter(self, ax, fig, outside, n, title, kw)
 
     def figure(self, **kwargs):
         """A new figure of :meth:`plot` (keyword arguments as there)."""
         return self.plot(**kwargs).figure_
+
+
+# -- volcano plots -------------------------------------------------------------
+#: the q-value below which a contrast counts as significant, unless told otherwise
+Q_THRESHOLD = 0.05
+#: the statistics a contrast/<layer> node holds when computed with significance
+STATISTICS = ("t", "p", "q", "effect")
+
+
+def has_statistics(results) -> bool:
+    """Whether every ``contrast/<layer>`` Dataset of ``results`` holds ``q`` and ``effect``."""
+    results = dict(results)
+    return bool(results) and all("q" in ds.variables and "effect" in ds.variables
+                                 for ds in results.values())
+
+
+def most_significant(q, effect) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each unit's most significant position per group: its q, its effect and where it is.
+
+    A unit of a layer with spatial axes has one test per position. It is
+    represented by the position of its smallest q; among positions with that
+    same q (Benjamini–Hochberg q-values tie often) by the one of largest
+    ``|effect|``, then by the first in C order. NaN q (untestable) counts as
+    larger than any q; a unit whose every q is NaN gets NaN.
+
+    Parameters
+    ----------
+    q, effect : array_like
+        ``(group, *spatial, unit)``, as the ``q`` and ``effect`` variables of a
+        ``contrast/<layer>`` node.
+
+    Returns
+    -------
+    q : numpy.ndarray
+        ``(group, unit)`` float64, the smallest q over positions (for layers
+        without spatial axes, ``q`` itself).
+    effect : numpy.ndarray
+        ``(group, unit)`` float64, the effect at that position.
+    position : numpy.ndarray
+        ``(group, unit, n_spatial)`` int64, the position's spatial index
+        (an empty last axis without spatial axes).
+
+    Examples
+    --------
+    >>> q = np.array([[[[0.5, 0.01]], [[0.01, 0.2]]]])   # (group 1, y 2, x 1, unit 2)
+    >>> e = np.array([[[[1.0, -3.0]], [[2.0, 0.5]]]])
+    >>> qmin, eff, pos = most_significant(q, e)
+    >>> qmin, eff, pos[0, 0]
+    (array([[0.01, 0.01]]), array([[ 2., -3.]]), array([1, 0]))
+    """
+    q = np.asarray(q, dtype=np.float64)
+    effect = np.asarray(effect, dtype=np.float64)
+    if q.ndim < 2 or q.shape != effect.shape:
+        raise ParameterError(
+            f"q and effect must be shaped alike, (group, *spatial, unit); got {q.shape} and "
+            f"{effect.shape}. Pass the 'q' and 'effect' variables of one contrast/<layer> Dataset."
+        )
+    n_groups, *spatial, n_units = q.shape
+    flat = int(np.prod(spatial, dtype=np.int64)) if spatial else 1
+    qf = np.moveaxis(q.reshape(n_groups, flat, n_units), 1, -1)  # (group, unit, position)
+    ef = np.moveaxis(effect.reshape(n_groups, flat, n_units), 1, -1)
+    key = np.where(np.isnan(qf), np.inf, qf)
+    qmin = key.min(axis=-1, keepdims=True)
+    size = np.where(np.isnan(ef), -1.0, np.abs(ef))  # |effect| >= 0 > NaN's -1 > the others' -2
+    best = np.where(key == qmin, size, -2.0).argmax(axis=-1)  # the first on ties
+    qbest = np.take_along_axis(qf, best[..., None], axis=-1)[..., 0]
+    ebest = np.take_along_axis(ef, best[..., None], axis=-1)[..., 0]
+    if spatial:
+        position = np.stack(np.unravel_index(best, tuple(spatial)), axis=-1).astype(np.int64)
+    else:
+        position = np.zeros((n_groups, n_units, 0), dtype=np.int64)
+    return qbest, ebest, position
+
+
+def _statistics_of(ds, layer: str):
+    """``q`` and ``effect`` of a contrast/<layer> Dataset, or an error naming the fix."""
+    missing = [name for name in ("q", "effect") if name not in getattr(ds, "variables", {})]
+    if missing:
+        raise ParameterError(
+            f"a volcano plot needs the contrasts' statistics ('q' and 'effect' of a contrast/<layer> "
+            f"Dataset); layer '{layer}' has {_what_it_holds(ds)}, without {' and '.join(missing)}. Compute them with inntrospect contrast CONFIG "
+            f"([contrast] significance = true, the default) or inntrospect.contrastive_naps(store, "
+            f"significance=True, persist=True)."
+        )
+    return np.asarray(ds["q"].values), np.asarray(ds["effect"].values)
+
+
+class VolcanoDisplay:
+    """Effect size against −log10 q of one layer's contrasts: one point per unit and group.
+
+    Each point is a unit's contrast of a group against all other samples:
+    x is Hedges' g (positive: higher in the group), y is −log10 of its
+    Benjamini–Hochberg q. For a layer with spatial axes each unit is shown
+    once per group, at its most significant position (see
+    :func:`most_significant`): one point per unit reads better than one per
+    unit and position, and it is the position the report's table names.
+
+    q = 0 (a p-value below the smallest float: −log10 would be infinite) is
+    drawn at the top, at :attr:`y_cap`, with a triangle marker; points whose
+    q or effect is NaN (untestable) or whose effect is infinite are left out
+    (counted in :attr:`n_hidden`).
+
+    Parameters
+    ----------
+    effect, q : array_like
+        ``(group, unit)``: each unit's effect size and q per group (for
+        spatial layers, at its most significant position).
+    groups : sequence of str
+        Group names, one per row.
+    layer : str
+        Layer name, for the title.
+    threshold : float, default 0.05
+        The q below which a contrast counts as significant, drawn as a dashed line.
+    spatial : bool, default False
+        Whether the units have spatial positions (said in the title).
+
+    Attributes
+    ----------
+    x, y : numpy.ndarray
+        ``(group, unit)``: the effect, and −log10 q with q = 0 at :attr:`y_cap`
+        (NaN where not drawn).
+    capped : numpy.ndarray of bool
+        ``(group, unit)``: q = 0, drawn at the top.
+    y_cap : float
+    n_hidden : int
+        Points not drawn (NaN or infinite values).
+    figure_, ax_ : the Figure and Axes drawn into
+    collections_ : dict of str to matplotlib.collections.PathCollection
+        Per group, its points with q > 0, in legend order.
+    capped_ : dict of str to PathCollection
+        Per group with any, its points with q = 0 (at :attr:`y_cap`).
+    threshold_line_ : matplotlib.lines.Line2D
+    legend_ : matplotlib.legend.Legend
+
+    Examples
+    --------
+    >>> d = VolcanoDisplay([[0.5, -2.0, 1.0]], [[0.2, 1e-4, 0.0]], ["a"], "dense").plot()
+    >>> d.collections_["a"].get_offsets().tolist()
+    [[0.5, 0.6989700043360187], [-2.0, 4.0]]
+    >>> bool(d.capped[0, 2]), d.capped_["a"].get_offsets()[0, 0]
+    (True, np.float64(1.0))
+    """
+
+    def __init__(self, effect, q, groups, layer: str, threshold: float = Q_THRESHOLD, *,
+                 spatial: bool = False):
+        effect = np.asarray(effect, dtype=np.float64)
+        q = np.asarray(q, dtype=np.float64)
+        groups = _labels(groups)
+        if effect.ndim != 2 or q.shape != effect.shape or len(groups) != effect.shape[0]:
+            raise ParameterError(
+                f"effect and q must be shaped (group, unit) alike, with one group name per row "
+                f"({len(groups)} groups); got {effect.shape} and {q.shape}. For a contrast/<layer> "
+                f"Dataset use VolcanoDisplay.from_dataset(ds)."
+            )
+        if isinstance(threshold, bool) or not (0 < float(threshold) < 1):
+            raise ParameterError(f"threshold must be a q-value in (0, 1); got {threshold!r}. "
+                                 f"Pass e.g. 0.05 (the default).")
+        self.effect, self.q, self.groups = effect, q, groups
+        self.layer, self.threshold, self.spatial = str(layer), float(threshold), bool(spatial)
+        shown = np.isfinite(effect) & ~np.isnan(q)
+        with np.errstate(divide="ignore"):
+            y = -np.log10(q)
+        self.capped = shown & (q == 0)
+        finite = y[shown & ~self.capped]
+        top = max(float(finite.max()) if finite.size else 0.0, -math.log10(self.threshold))
+        self.y_cap = top + max(0.5, 0.08 * top)
+        self.x = np.where(shown, effect, np.nan)
+        self.y = np.where(self.capped, self.y_cap, np.where(shown, y, np.nan))
+        self.n_hidden = int((~shown).sum())
+
+    @classmethod
+    def from_dataset(cls, ds, layer: str | None = None, threshold: float = Q_THRESHOLD
+                     ) -> VolcanoDisplay:
+        """The display of a ``contrast/<layer>`` Dataset with statistics (each unit at its most
+        significant position, see :func:`most_significant`)."""
+        layer = layer if layer is not None else ds.attrs.get("layer", "?")
+        q, effect = _statistics_of(ds, layer)
+        qmin, eff, _ = most_significant(q, effect)
+        return cls(eff, qmin, np.asarray(ds["group"].values), layer, threshold,
+                   spatial=q.ndim > 2)
+
+    def title(self) -> str:
+        what = f"Volcano plot of layer '{self.layer}'"
+        return what + ("\n(each unit at its most significant position)" if self.spatial else "")
+
+    def plot(self, ax=None, *, legend: Literal["auto", "inside", "outside"] = "auto",
+             title: bool | str = True) -> VolcanoDisplay:
+        """Scatter the units, one colour per group, with the threshold line and a legend; returns self."""
+        from matplotlib.lines import Line2D
+
+        n = len(self.groups)
+        ax, fig, outside = _scatter_axes(ax, n, legend, 5.0)
+        drawn = int(np.isfinite(self.x).sum())
+        size = float(np.clip(2000.0 / max(drawn, 1), 4.0, 30.0))
+        self.collections_, self.capped_ = {}, {}
+        for i, (g, color) in enumerate(zip(self.groups, group_colors(n))):
+            keep = np.isfinite(self.x[i]) & ~self.capped[i]
+            self.collections_[g] = ax.scatter(self.x[i, keep], self.y[i, keep], s=size, color=color,
+                                              label=g, alpha=0.75, linewidths=0)
+            if self.capped[i].any():
+                top = self.capped[i]
+                self.capped_[g] = ax.scatter(self.x[i, top], self.y[i, top], s=size * 1.6,
+                                             color=color, marker="^", alpha=0.9, linewidths=0)
+        self.threshold_line_ = ax.axhline(-math.log10(self.threshold), color="0.25", linestyle="--",
+                                          linewidth=1.0, label=f"q = {self.threshold:g}")
+        ax.axvline(0.0, color="0.8", linewidth=0.8, zorder=0)
+        ax.set_xlabel("effect size (Hedges' g, group vs. all other samples)")
+        ax.set_ylabel("−log10 q (Benjamini–Hochberg)")
+        handles, labels = ax.get_legend_handles_labels()
+        if self.capped_:
+            handles.append(Line2D([], [], color="0.3", marker="^", linestyle="none"))
+            labels.append("q = 0 (beyond float range), at the top")
+        kw = dict(title="group", fontsize="small",
+                  markerscale=max(1.0, 20.0 / size) ** 0.5)
+        return _finish_scatter(self, ax, fig, outside, n, title, kw, handles, labels)
+
+    def figure(self, **kwargs):
+        """A new figure of :meth:`plot` (keyword arguments as there)."""
+        return self.plot(**kwargs).figure_
+
+
+def plot_volcano(results, out: str | os.PathLike, format: str = "png",
+                 layers: Sequence[str] | None = None, dpi: float = 150,
+                 threshold: float = Q_THRESHOLD) -> list[Path]:
+    """Write per layer a volcano plot of the contrasts' statistics, ``volcano_<layer>.<format>``.
+
+    Parameters
+    ----------
+    results : str, PathLike or mapping
+        A store path (read with ``inntrospect.load(path, "contrast")``) or
+        ``{layer: Dataset}`` in the ``contrast/<layer>`` format, with the
+        statistics (``q``, ``effect``).
+    out : str or PathLike
+        Folder for the files (created if needed).
+    format : {"png", "pdf", "svg"}, default "png"
+    layers : sequence of str, optional
+    dpi : float, default 150
+    threshold : float, default 0.05
+        The q drawn as the dashed significance line.
+
+    Returns
+    -------
+    list of pathlib.Path
+
+    Raises
+    ------
+    ValueError
+        The contrasts have no statistics; the message names the command.
+    inntrospect.StepNotFoundError, inntrospect.StaleResultError
+        For a store without current contrasts.
+    """
+    format = _check_format(format)
+    results = _select_layers(_as_results(results, "contrast"), layers, "contrast")
+    displays = {layer: VolcanoDisplay.from_dataset(ds, layer, threshold)
+                for layer, ds in results.items()}
+    stems = safe_file_stems("volcano", [(la,) for la in displays])
+    return [_save(d.figure(), Path(out) / f"{stems[(layer,)]}.{format}", format, dpi)
+            for layer, d in displays.items()]
 
 
 # -- files ---------------------------------------------------------------------
@@ -626,10 +908,12 @@ def plot_projection(results, out: str | os.PathLike, format: str = "png",
 
 
 def plot_all(store, out, mode: Literal["row", "individual"] = "row", format: str = "png") -> list[Path]:
-    """Every figure of a store into ``out``: topomaps per layer, the overview, the projections.
+    """Every figure of a store into ``out``: topomaps per layer, the overview, the projections,
+    the volcano plots.
 
     Projection plots are left out, with a logged message, when the store has
-    no current projections. Returns the files written.
+    no current projections; volcano plots, quietly, when its contrasts have no
+    statistics (or there are no current contrasts). Returns the files written.
     """
     import logging
 
@@ -642,4 +926,11 @@ def plot_all(store, out, mode: Literal["row", "individual"] = "row", format: str
         files += plot_projection(store, out, format=format)
     except (StepNotFoundError, StaleResultError) as err:
         logging.getLogger("inntrospect").warning("no projection plots: %s", err)
+    try:
+        contrast = _as_results(store, "contrast")
+    except (StepNotFoundError, StaleResultError) as err:
+        logging.getLogger("inntrospect").debug("no volcano plots: %s", err)
+    else:
+        if has_statistics(contrast):
+            files += plot_volcano(contrast, out, format=format)
     return files

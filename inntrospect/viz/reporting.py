@@ -1,9 +1,11 @@
-"""A self-contained HTML report of a store: topomaps, projections, quality, provenance.
+"""A self-contained HTML report of a store: topomaps, projections, significant units, quality,
+provenance.
 
 :func:`report` writes one folder::
 
     out/index.html        the page (inline CSS, no scripts, relative links only)
     out/figures/*.png     its figures (or .svg)
+    out/thumbnails/*.png  the top exemplars' inputs, when the input is an image
 
 The folder can be copied, zipped or opened straight from disk: nothing is
 fetched from a server or the internet. Figures come from
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from .. import store as st
 
-__all__ = ["report", "REPORT_FORMATS"]
+__all__ = ["report", "REPORT_FORMATS", "input_kind", "thumbnail", "top_significant"]
 
 #: figure formats a browser shows in ``<img>``
 REPORT_FORMATS = ("png", "svg")
@@ -60,6 +62,9 @@ tr:nth-child(even) td { background: #fafbfc; }
 td code { font-size: .8rem; }
 table.steps td:nth-child(n+6) { white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+table.significant td { vertical-align: middle; }
+.exemplars { display: flex; flex-wrap: wrap; gap: 3px; }
+img.thumb { image-rendering: pixelated; border: 1px solid var(--line); background: #000; }
 table.kv th { width: 12rem; }
 code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
             font-size: .85rem; }
@@ -234,8 +239,16 @@ def _clean_figures(figures: Path) -> None:
     if not figures.is_dir():
         return
     for f in figures.iterdir():
-        if f.is_file() and f.name.startswith(("topomap_", "projection_", "overview.")):
+        if f.is_file() and f.name.startswith(("topomap_", "projection_", "overview.", "volcano_")):
             f.unlink()
+
+
+def _clean_thumbnails(thumbs: Path) -> None:
+    """Remove thumbnails an earlier report left (only files this module names)."""
+    if thumbs.is_dir():
+        for f in thumbs.iterdir():
+            if f.is_file() and f.name.startswith("sample_") and f.suffix == ".png":
+                f.unlink()
 
 
 def report(
@@ -254,9 +267,13 @@ def report(
     only, inline CSS, nothing fetched from the network) shows: a summary of
     the model, corpus and store; per layer the topomaps of all groups; the
     multi-layer overview; the instance projections (or how to compute them);
-    the layout quality per layer; the rows of ``compare_csv``; and the
-    provenance (extraction record, every step's record, package versions and
-    the configuration file).
+    per layer the units with the strongest significant contrasts per group
+    (unit, position, effect, t, q), with their top exemplars as thumbnails of
+    the store's own inputs (or the inputs' file and index, when they are no
+    images), and the volcano plot (or how to compute the statistics and the
+    exemplars); the layout quality per layer; the rows of ``compare_csv``;
+    and the provenance (extraction record, every step's record, package
+    versions and the configuration file).
 
     Parameters
     ----------
@@ -317,16 +334,19 @@ def report(
             f"{RERUN['projection']}, then write this report again.")
     except StaleResultError as err:
         projections, projection_note = {}, f"The instance projections are out of date: {err}"
+    contrast, significance_note = _statistics(store)
+    exemplars, exemplars_note = _exemplars(store) if contrast else ({}, None)
 
     out.mkdir(parents=True, exist_ok=True)
     figures = out / "figures"
     _clean_figures(figures)
     figures.mkdir(exist_ok=True)
+    _clean_thumbnails(out / THUMBS)
 
     from ..scheduler import bar as make_bar
 
-    bar = make_bar(total=len(topomaps) + 1 + len(projections), desc="report figures",
-                   progress=progress, unit="fig")
+    bar = make_bar(total=len(topomaps) + 1 + len(projections) + len(contrast),
+                   desc="report figures", progress=progress, unit="fig")
     with bar, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         rows = {}
@@ -343,14 +363,61 @@ def report(
             (proj[layer],) = plots.plot_projection({layer: projections[layer]}, figures,
                                                   format=fmt, dpi=dpi)
             bar.update(1)
+        volcano, significant = {}, {}
+        for layer, ds in contrast.items():
+            (volcano[layer],) = plots.plot_volcano({layer: ds}, figures, format=fmt, dpi=dpi,
+                                                   threshold=Q_THRESHOLD)
+            significant[layer] = top_significant(ds)
+            bar.update(1)
+    cells = (_exemplar_cells(store, exemplars, {la: rows for la, (rows, _) in significant.items()},
+                             out / THUMBS) if exemplars else None)
 
     page = _page(_PageInputs(
         store=store, attrs=attrs, topomaps=topomaps, projections=projections,
         topomap_figures=rows, overview=overview, projection_figures=proj,
-        projection_note=projection_note, out=out, config=config, compare_csv=compare_csv, dpi=dpi))
+        projection_note=projection_note, out=out, config=config, compare_csv=compare_csv, dpi=dpi,
+        contrast=contrast, significant=significant, exemplar_cells=cells, volcano_figures=volcano,
+        significance_note=significance_note, exemplars_note=exemplars_note))
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
+
+
+def _statistics(store: st.Store) -> tuple[dict, str | None]:
+    """The current contrasts with statistics ``{layer: Dataset}``, or ``{}`` and why not."""
+    from ..errors import StaleResultError, StepNotFoundError
+    from ..store.steps import RERUN, load
+    from .plots import has_statistics
+
+    try:
+        contrast = load(store, "contrast")
+    except StepNotFoundError:
+        return {}, (f"This store has no contrasts, so no per-unit statistics: compute them with "
+                    f"{RERUN['contrast']}, then write this report again.")
+    except StaleResultError as err:
+        return {}, f"The contrasts are out of date, so their statistics are not shown: {err}"
+    if not has_statistics(contrast):
+        return {}, ("The contrasts were computed without statistics (t, q, effect): compute them "
+                    "with inntrospect contrast CONFIG and [contrast] significance = true (the "
+                    "default), or in Python inntrospect.naps(store, std=True, persist=True) then "
+                    "inntrospect.contrastive_naps(store, significance=True, persist=True), then "
+                    "write this report again.")
+    return contrast, None
+
+
+def _exemplars(store: st.Store) -> tuple[dict, str | None]:
+    """The current exemplars ``{layer: Dataset}``, or ``{}`` and why not."""
+    from ..errors import StaleResultError, StepNotFoundError
+    from ..store.steps import load
+
+    how = ("compute them with inntrospect exemplars CONFIG (or inntrospect.exemplars(store, "
+           "persist=True)), then write this report again.")
+    try:
+        return load(store, "exemplars"), None
+    except StepNotFoundError:
+        return {}, "This store has no top exemplars to show beside the units: " + how
+    except StaleResultError as err:
+        return {}, f"The top exemplars are out of date, so they are not shown: {err}"
 
 
 @dataclass(frozen=True)
@@ -373,6 +440,18 @@ class _PageInputs:
     config: str | os.PathLike | None
     compare_csv: str | os.PathLike | None
     dpi: float
+    #: ``{layer: Dataset}`` of the current contrasts ({} when there are none)
+    contrast: dict | None = None
+    #: ``{layer: (rows, {group: significant units})}`` of :func:`top_significant`
+    significant: dict | None = None
+    #: ``{(layer, group, unit): cell}`` of the top exemplars, or None without current exemplars
+    exemplar_cells: dict | None = None
+    #: ``{layer: figure}`` of the volcano plots
+    volcano_figures: dict | None = None
+    #: why there are no statistics to show, or None
+    significance_note: str | None = None
+    #: why there are no exemplars to show, or None
+    exemplars_note: str | None = None
 
 
 def _page(p: _PageInputs) -> str:
@@ -386,6 +465,7 @@ def _page(p: _PageInputs) -> str:
         *_topomaps_section(p),
         *_overview_section(p),
         *_projections_section(p),
+        *_significant_section(p),
         *_quality_section(p),
         *_comparison_section(p),
         *_provenance_section(p),
@@ -412,7 +492,7 @@ def _head(p: _PageInputs, now: str) -> list[str]:
         "</header>",
         '<nav><a href="#summary">Summary</a><a href="#topomaps">Topomaps</a>'
         '<a href="#overview">Overview</a><a href="#projections">Projections</a>'
-        '<a href="#quality">Layout quality</a>'
+        '<a href="#significant">Significant units</a><a href="#quality">Layout quality</a>'
         + ('<a href="#comparison">Layout comparison</a>' if p.compare_csv is not None else "")
         + '<a href="#provenance">Provenance</a></nav>',
     ]
@@ -498,6 +578,238 @@ def _projections_section(p: _PageInputs) -> list[str]:
         parts += [f"<h3>Layer {_e(layer)}</h3>",
                   _img(path, p.out, p.dpi, f"Instance projection of layer {layer}", "projection",
                        caption)]
+    parts.append("</section>")
+    return parts
+
+
+# -- significant units and their exemplars -----------------------------------------
+#: q below which a unit's contrast counts as significant in the report
+Q_THRESHOLD = 0.05
+#: rows of the significant-units table per group
+UNITS_PER_GROUP = 8
+#: top exemplars shown per row
+EXEMPLARS_SHOWN = 6
+#: thumbnails are drawn at least this many CSS pixels on their longer side (whole multiples)
+THUMB_CSS = 56
+#: longer side of a thumbnail file, in pixels: larger inputs are scaled down to it
+THUMB_MAX = 64
+#: the folder of the thumbnails, inside the report folder
+THUMBS = "thumbnails"
+
+_STATS_NOTE = (
+    "Each group's samples are tested against all other samples, per unit (and position): "
+    "<b>t</b> is Welch's t; <b>q</b> the Benjamini–Hochberg adjusted p-value, per group across "
+    "the layer's units and positions (q &lt; {thr:g}: significant, at most a {pct:g} % expected "
+    "share of false discoveries); <b>effect</b> is Hedges' g, the difference of the means in "
+    "pooled standard deviations (positive: higher in the group). Per group, up to {n} units with "
+    "q &lt; {thr:g} by |effect|; units with spatial positions at their most significant one "
+    "(smallest q, ties by |effect|)."
+)
+
+
+def top_significant(ds, threshold: float = Q_THRESHOLD, per_group: int = UNITS_PER_GROUP
+                    ) -> tuple[list[dict], dict[str, int]]:
+    """The units of one layer with the strongest significant contrasts, per group.
+
+    Each unit is taken at its most significant position
+    (:func:`inntrospect.viz.plots.most_significant`); per group, the units whose
+    q there is below ``threshold``, by ``|effect|`` descending (ties: lower
+    unit first), at most ``per_group``.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A ``contrast/<layer>`` node with ``t``, ``q`` and ``effect``.
+
+    Returns
+    -------
+    rows : list of dict
+        ``group``, ``unit``, ``position`` (tuple of ints; ``()`` without spatial
+        axes), ``effect``, ``t`` and ``q``, group by group in the order of ``ds``.
+    significant : dict of str to int
+        Per group, how many units are significant.
+    """
+    import numpy as np
+
+    from .plots import most_significant
+
+    q, effect = np.asarray(ds["q"].values), np.asarray(ds["effect"].values)
+    t = np.asarray(ds["t"].values) if "t" in ds.variables else np.full(q.shape, np.nan)
+    qmin, eff, pos = most_significant(q, effect)
+    groups = [str(g) for g in ds["group"].values]
+    rows, significant = [], {}
+    for g, name in enumerate(groups):
+        sig = np.flatnonzero(qmin[g] < threshold)
+        significant[name] = int(sig.size)
+        order = sig[np.argsort(-np.abs(eff[g, sig]), kind="stable")][:per_group]
+        for u in order.tolist():
+            where = tuple(int(i) for i in pos[g, u])
+            rows.append({"group": name, "unit": u, "position": where, "effect": float(eff[g, u]),
+                         "t": float(t[(g, *where, u)]), "q": float(qmin[g, u])})
+    return rows, significant
+
+
+def input_kind(store: st.Store) -> tuple[str, tuple[int, ...]]:
+    """How the store's input layer is shown: ``("image", shape)`` for 2-D inputs with 1 or 3
+    channels (or none), else ``("text", shape)``."""
+    shape = tuple(st.array_meta(store, store.layers[0])["shape"][1:])
+    if len(shape) == 3 and shape[2] in (1, 3) and min(shape[:2]) >= 2:
+        return "image", shape
+    if len(shape) == 2 and min(shape) >= 2:  # (y, x) stored as (t, unit): no channel axis
+        return "image", shape
+    return "text", shape
+
+
+def thumbnail(x, path: Path) -> tuple[int, int]:
+    """Write one input as a PNG, min-max scaled on its own; returns its (width, height) in pixels."""
+    import numpy as np
+    from PIL import Image
+
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[..., 0]
+    finite = np.isfinite(x)
+    lo, hi = (float(x[finite].min()), float(x[finite].max())) if finite.any() else (0.0, 0.0)
+    scaled = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    pixels = np.round(np.where(finite, scaled, 0.0) * 255).astype(np.uint8)
+    img = Image.fromarray(pixels)  # uint8: (y, x) is mode L, (y, x, 3) RGB
+    if max(img.size) > THUMB_MAX:
+        img.thumbnail((THUMB_MAX, THUMB_MAX), Image.Resampling.LANCZOS)
+    img.save(path, format="PNG", optimize=True)
+    return img.size
+
+
+def _exemplar_cells(store: st.Store, exemplars: dict, layer_rows: dict, thumbs: Path
+                    ) -> dict[tuple[str, str, int], _Html]:
+    """Per ``(layer, group, unit)`` of the table rows, its top exemplars as HTML.
+
+    Reads from the store only the input samples shown (by index, chunk by
+    chunk), or only their ``file`` and ``index_in_file`` when the input is no image.
+    """
+    import numpy as np
+
+    wanted: dict[tuple[str, str, int], list[tuple[int, float, tuple]]] = {}
+    for layer, rows in layer_rows.items():
+        ex = exemplars.get(layer)
+        if ex is None or not rows:
+            continue
+        names = [str(g) for g in ex["group"].values]
+        units = sorted({r["unit"] for r in rows})
+        top = ex.sel(end="top").isel(unit=units)
+        sample = np.asarray(top["sample"].values)  # (group, rank, unit)
+        value = np.asarray(top["value"].values)
+        position = np.asarray(top["position"].values) if "position" in top else None
+        axes = [str(a) for a in ex["axis"].values] if "axis" in ex.coords else []
+        for r in rows:
+            if r["group"] not in names:
+                continue
+            g, u = names.index(r["group"]), units.index(r["unit"])
+            found = []
+            for k in range(sample.shape[1]):
+                if sample[g, k, u] >= 0 and len(found) < EXEMPLARS_SHOWN:
+                    where = () if position is None else tuple(zip(axes, position[g, k, u].tolist()))
+                    found.append((int(sample[g, k, u]), float(value[g, k, u]), where))
+            wanted[(layer, r["group"], r["unit"])] = found
+    samples = sorted({s for found in wanted.values() for s, _, _ in found})
+    if not samples:
+        return {}
+    index = np.asarray(samples, dtype=np.int64)
+    first = store.layers[0]
+    kind, shape = input_kind(store)
+    if kind == "image":
+        data = st.open_array(store, first, "acts").oindex[index]  # only the chunks holding them
+        thumbs.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for s, x in zip(samples, data):
+            path = thumbs / f"sample_{s}.png"
+            files[s] = (path, thumbnail(x, path))
+    else:
+        file = st.open_array(store, first, "file").oindex[index]
+        in_file = st.open_array(store, first, "index_in_file").oindex[index]
+        where_from = {s: (str(f), int(i)) for s, f, i in zip(samples, file, in_file)}
+
+    cells = {}
+    for key, found in wanted.items():
+        parts = []
+        for s, v, where in found:
+            tip = f"sample {s}, value {_num(v)}" + (
+                ", at " + ", ".join(f"{a}={i}" for a, i in where) if where else "")
+            if kind == "image":
+                path, (w, h) = files[s]
+                scale = max(1, THUMB_CSS // max(w, h))
+                src = f"{THUMBS}/{path.name}"
+                parts.append(f'<img class="thumb" src="{_e(src)}" width="{w * scale}" '
+                             f'height="{h * scale}" alt="sample {s}" title="{_e(tip)}">')
+            else:
+                f, i = where_from[s]
+                parts.append(f'<code title="{_e(tip)}">{_e(f"{f}[{i}]" if f else f"sample {s}")}'
+                             f"</code>")
+        joined = "".join(parts) if kind == "image" else ", ".join(parts)
+        cells[key] = _Html(f'<span class="exemplars">{joined}</span>')
+    return cells
+
+
+def _stat(x: float):
+    """A statistic for a table cell: the number, or text for 0 q-values and infinities."""
+    if x != x:
+        return "–"
+    if x in (float("inf"), float("-inf")):
+        return "∞" if x > 0 else "−∞"
+    return x
+
+
+def _significant_section(p: _PageInputs) -> list[str]:
+    """Per layer, the units with the strongest significant contrasts per group and the volcano plot."""
+    parts = ['<section id="significant"><h2>Significant units</h2>']
+    for note in (p.significance_note, p.exemplars_note):
+        if note:
+            parts.append(f'<p class="note">{_e(note)}</p>')
+    if not p.significant:
+        parts.append("</section>")
+        return parts
+    parts.append('<p class="note">' + _STATS_NOTE.format(
+        thr=Q_THRESHOLD, pct=100 * Q_THRESHOLD, n=UNITS_PER_GROUP) + "</p>")
+    if p.exemplar_cells is not None:
+        parts.append(f'<p class="note">Top exemplars: the up to {EXEMPLARS_SHOWN} samples of the '
+                     "group that activate the unit most (raw activations; for units with spatial "
+                     "positions, their maximum over positions), drawn from the store's input "
+                     "layer, each image scaled to its own minimum and maximum (or, for inputs that "
+                     "are no images, their batch file and index). Hover for the sample, its value "
+                     "and position.</p>")
+    for layer, (rows, counts) in p.significant.items():
+        ds = p.contrast[layer]
+        spatial = ds["q"].ndim > 2
+        dims = list(ds["q"].dims[1:-1])
+        n_units = ds.sizes.get("unit", "?")
+        parts.append(f'<h3 id="significant-{_e(layer)}">Layer {_e(layer)}</h3>')
+        parts.append('<p class="note">Significant units (q &lt; '
+                     f'{Q_THRESHOLD:g}) per group: ' + ", ".join(
+                         f"{_e(g)} {n} of {_e(n_units)}" for g, n in counts.items()) + ".</p>")
+        header = ["group", "unit"] + (["position"] if spatial else []) + ["effect", "t", "q"]
+        with_exemplars = p.exemplar_cells is not None
+        if with_exemplars:
+            header.append("top exemplars")
+        table_rows = []
+        for r in rows:
+            row = [_Html(_e(r["group"])), r["unit"]]  # a name, even when it reads as a number
+            if spatial:
+                row.append(", ".join(f"{d}={i}" for d, i in zip(dims, r["position"])))
+            row += [_stat(r["effect"]), _stat(r["t"]), "0 (below float range)" if r["q"] == 0
+                    else _stat(r["q"])]
+            if with_exemplars:
+                row.append(p.exemplar_cells.get((layer, r["group"], r["unit"]), _Html("")))
+            table_rows.append(row)
+        if table_rows:
+            parts.append(_table(header, table_rows, "significant"))
+        else:
+            parts.append(f'<p class="note">No unit of layer {_e(layer)} is significant at q &lt; '
+                         f"{Q_THRESHOLD:g} for any group.</p>")
+        volcano = (p.volcano_figures or {}).get(layer)
+        if volcano is not None:
+            parts.append(_img(volcano, p.out, p.dpi, f"Volcano plot of layer {layer}", "volcano",
+                              "Effect size against −log10 q, one point per unit and group"
+                              + (" (each unit at its most significant position)" if spatial else "")
+                              + f"; dashed: q = {Q_THRESHOLD:g}."))
     parts.append("</section>")
     return parts
 

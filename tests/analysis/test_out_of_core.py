@@ -1,4 +1,4 @@
-"""Out of core: NAPs of a store several times a worker's memory, on a real LocalCluster.
+"""Out of core: NAPs and exemplars of a store several times a worker's memory, on a real LocalCluster.
 
 Plus the parts that make the NAP pass fast, against their definitions: the
 stored chunks read directly, the compiled kernels and their numpy fallback,
@@ -27,6 +27,8 @@ from inntrospect.testing import store_from_arrays
 #: once inntrospect, xarray, zarr and the numba kernels are loaded
 LIMIT = 500_000_000
 GROUPS = np.array(["cat", "dog", "eel", "emu", "fox", "gnu", "yak"])
+#: exemplars kept per unit, group and end
+K = 16
 
 
 def _vm_hwm() -> int:
@@ -64,6 +66,9 @@ class ObservedChunks:
         self.lazy, self.codes, self.shape = lazy, codes, lazy.shape
         self.sums = np.zeros((n_groups, int(np.prod(lazy.shape[1:]))))
         self.seen = np.zeros(len(codes), np.int64)
+        # each sample's score per unit (maximum over positions) and its position: the exemplars' inputs
+        self.score = np.zeros((len(codes), lazy.shape[-1]), np.float32)
+        self.where = np.zeros((len(codes), lazy.shape[-1]), np.int32)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         block = np.asarray(self.lazy[key])
@@ -72,11 +77,31 @@ class ObservedChunks:
         for g in np.unique(codes):
             self.sums[g] += flat[codes == g].sum(axis=0, dtype=np.float64)
         self.seen[key] += 1
+        per_unit = block.reshape(len(block), -1, block.shape[-1])
+        self.score[key], self.where[key] = per_unit.max(axis=1), per_unit.argmax(axis=1)
         return block
+
+    def exemplars(self, k: int):
+        """``sample``, ``value``, flat position (end, group, rank, unit) by sorting every sample."""
+        G, U = self.sums.shape[0], self.shape[-1]
+        sample = np.full((2, G, k, U), -1, np.int64)
+        value = np.full((2, G, k, U), np.nan)
+        where = np.full((2, G, k, U), -1, np.int64)
+        for g in range(G):
+            idx = np.flatnonzero(self.codes == g)
+            for u in range(U):
+                s = self.score[idx, u]
+                for end, order in enumerate((np.lexsort((idx, -s)), np.lexsort((idx, s)))):
+                    take = idx[order[:k]]
+                    sample[end, g, : len(take), u] = take
+                    value[end, g, : len(take), u] = self.score[take, u]
+                    where[end, g, : len(take), u] = self.where[take, u]
+        return sample, value, where
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /proc/self/status")
-def test_naps_of_a_store_4x_the_worker_memory_on_a_local_cluster(tmp_path, request):
+def test_naps_and_exemplars_of_a_store_4x_the_worker_memory_on_a_local_cluster(tmp_path, request):
+    import dask
     import dask.array as da
     from distributed import Client, LocalCluster, get_task_stream
 
@@ -106,9 +131,10 @@ def test_naps_of_a_store_4x_the_worker_memory_on_a_local_cluster(tmp_path, reque
                       dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
         before = client.run(_worker_state)
-        lazy = inntrospect.naps(path)  # the library uses whatever scheduler is active: this client
+        # one pass for both; the library uses whatever scheduler is active: this client
+        lazy, lazy_ex = inntrospect.naps_and_exemplars(path, k=K, persist=False)
         with get_task_stream(client) as stream:
-            result = {layer: ds.compute() for layer, ds in lazy.items()}
+            result, exemplars = dask.compute(lazy, lazy_ex)
         after = client.run(_worker_state)
         warnings = [line for log in client.get_worker_logs().values() for level, line in log
                     if level in ("WARNING", "ERROR", "CRITICAL")]
@@ -116,7 +142,9 @@ def test_naps_of_a_store_4x_the_worker_memory_on_a_local_cluster(tmp_path, reque
 
     # it ran on the cluster: one task per few stored chunks
     chunk_tasks = [t for t in stream.data if "naps-chunk" in str(t["key"])]
-    assert len(chunk_tasks) == sum(len(nap_graph.task_chunks(codes, np.arange(0, n + 1, c), 1))
+    assert len(chunk_tasks) == sum(len(nap_graph.task_chunks(codes, np.arange(0, n + 1, c), 1,
+                                                             nap_graph.EXEMPLAR_MIN_TASKS,
+                                                             nap_graph.EXEMPLAR_CHUNKS_PER_TASK))
                                    for c in (chunk, 8192))
     # the same worker throughout: never killed, restarted or replaced
     assert list(after) == list(before)
@@ -135,6 +163,13 @@ def test_naps_of_a_store_4x_the_worker_memory_on_a_local_cluster(tmp_path, reque
         np.testing.assert_array_equal(ds["count"].values, counts)
         expected = (ref.sums / counts[:, None]).reshape(ds.nap.shape)
         np.testing.assert_allclose(ds.nap.values, expected, rtol=1e-10, atol=0)
+        sample, value, where = ref.exemplars(K)
+        ex = exemplars[layer]
+        np.testing.assert_array_equal(ex["sample"].values, sample)
+        np.testing.assert_array_equal(ex["value"].values, value)
+        if layer == "conv":
+            flat = np.ravel_multi_index(np.moveaxis(ex["position"].values, -1, 0), shape[:-1])
+            np.testing.assert_array_equal(flat, where)
     print(f"\nstore {acts_bytes / 1e9:.2f} GB of acts = {acts_bytes / LIMIT:.1f}x the worker limit; "
           f"built in {t_built - t_start:.1f} s; cluster part {t_done - t_built:.1f} s; worker peak RSS "
           f"{peak / 1e6:.0f} MB (limit {LIMIT / 1e6:.0f} MB); test process grew {test_process_growth / 1e6:.0f} MB")

@@ -89,3 +89,124 @@ def test_a_group_of_one_sample_is_refused():
     with pytest.raises(ParameterError, match="at least two samples"):
         welch(np.array([1.0]), np.zeros((1, 2)), np.zeros((1, 2)), np.array([5.0]), np.zeros((1, 2)),
               np.ones((1, 2)))
+
+
+# -- the contrast step's statistics, on stores ---------------------------------------------
+def scipy_statistics(x: np.ndarray, labels: np.ndarray, group: str):
+    """Welch's t and p of ``group`` against the rest, BH q across units and positions, Hedges' g."""
+    x = np.asarray(x, dtype=np.float64)
+    a, b = x[labels == group], x[labels != group]
+    ref = scipy_stats.ttest_ind(a, b, equal_var=False, axis=0)
+    flat, q = ref.pvalue.ravel(), np.full(ref.pvalue.size, np.nan)
+    ok = ~np.isnan(flat)  # units constant in both sets (dead units) are untestable: left out
+    q[ok] = scipy_stats.false_discovery_control(flat[ok])
+    q = q.reshape(ref.pvalue.shape)
+    sp = np.sqrt(((len(a) - 1) * a.var(0, ddof=1) + (len(b) - 1) * b.var(0, ddof=1)) / (len(x) - 2))
+    g = (a.mean(0) - b.mean(0)) / sp * (1 - 3 / (4 * len(x) - 9))
+    return ref.statistic, ref.pvalue, q, g
+
+
+def assert_statistics(ds, x, labels):
+    for group in ds.group.values:
+        t, p, q, g = scipy_statistics(x, labels, str(group))
+        sel = ds.sel(group=group)
+        np.testing.assert_allclose(sel["t"].values, t, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(sel["p"].values, p, rtol=1e-8, atol=1e-300)
+        np.testing.assert_allclose(sel["q"].values, q, rtol=1e-8, atol=1e-300)
+        np.testing.assert_allclose(sel["effect"].values, g, rtol=1e-10, atol=1e-12)
+        assert int(sel["rest_count"]) == int((labels != group).sum())
+
+
+@st.composite
+def grouped_store(draw):
+    x, codes, n_groups, chunk = draw(samples())
+    labels = np.array([f"g{c}" for c in codes])
+    names = sorted(set(labels))
+    chosen = draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    return x, labels, chunk, chosen
+
+
+@settings(max_examples=25, deadline=None)
+@given(grouped_store())
+def test_persisted_contrast_statistics_equal_scipy_on_the_raw_arrays(case):
+    import tempfile
+
+    import inntrospect
+    from inntrospect.testing import store_from_arrays
+
+    x, labels, chunk, chosen = case
+    with tempfile.TemporaryDirectory() as tmp:
+        path = store_from_arrays(f"{tmp}/s.zarr", {"a": x}, labels, chunks=chunk)
+        inntrospect.naps(path, std=True, persist=True)
+        result = inntrospect.contrastive_naps(path, chosen, persist=True)["a"]
+        stored = inntrospect.load(path, "contrast")["a"].compute()
+    assert list(result.group.values) == sorted(chosen)
+    assert_statistics(result, x, labels)
+    for var in ("t", "p", "q", "effect", "rest_count"):
+        np.testing.assert_array_equal(stored[var].values, result[var].values)
+    assert stored.attrs["params"]["significance"] is True
+
+
+def test_lazy_contrast_statistics_equal_the_eager_ones(tmp_path):
+    import inntrospect
+    from inntrospect.testing import store_from_arrays
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((90, 2, 3)).astype(np.float32)
+    labels = np.repeat(["a", "b", "c"], 30)
+    path = store_from_arrays(tmp_path / "s.zarr", {"l": x}, labels, chunks=16)
+    lazy = inntrospect.contrastive_naps(path, ["c", "a"], naps=inntrospect.naps(path, std=True))["l"]
+    assert lazy["t"].chunks is not None  # nothing computed yet
+    assert_statistics(lazy.compute(), x, labels)
+
+
+def test_significance_needs_std_and_is_skipped_without_it(tmp_path):
+    import inntrospect
+    from inntrospect.testing import store_from_arrays
+
+    x = np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32)
+    path = store_from_arrays(tmp_path / "s.zarr", {"l": x}, np.repeat(["a", "b"], 10))
+    inntrospect.naps(path, persist=True)
+    with pytest.raises(ParameterError, match="std=True"):
+        inntrospect.contrastive_naps(path, significance=True)
+    plain = inntrospect.contrastive_naps(path)["l"]
+    assert "t" not in plain and plain.attrs["params"]["significance"] is False
+
+
+def test_a_group_of_one_sample_gets_nan_statistics_and_the_others_are_kept(tmp_path):
+    import inntrospect
+    from inntrospect.testing import store_from_arrays
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((21, 4)).astype(np.float32)
+    labels = np.array(["a"] * 10 + ["b"] * 10 + ["c"])
+    path = store_from_arrays(tmp_path / "s.zarr", {"l": x}, labels)
+    ds = inntrospect.contrastive_naps(path, naps=inntrospect.naps(path, std=True))["l"].compute()
+    assert np.isnan(ds["t"].sel(group="c")).all() and np.isnan(ds["q"].sel(group="c")).all()
+    t, p, q, g = scipy_statistics(x, labels, "a")
+    np.testing.assert_allclose(ds["t"].sel(group="a").values, t, rtol=1e-10)
+    np.testing.assert_allclose(ds["q"].sel(group="a").values, q, rtol=1e-8)
+
+
+@pytest.mark.usefixtures("cnn_store")
+def test_contrast_statistics_on_the_mnist_cnn_store_equal_scipy(cnn_store, tmp_path):
+    """Aligned NAPs of the real CNN store (aligned on the fly): statistics against scipy on the
+    activations aligned by the plain reference."""
+    import shutil
+
+    import zarr
+
+    import inntrospect
+    from inntrospect.analysis.alignment import align_reference
+
+    path = tmp_path / "cnn.zarr"
+    shutil.copytree(cnn_store, path)
+    inntrospect.naps(path, aligned=True, std=True, persist=True)
+    result = inntrospect.contrastive_naps(path, persist=True)
+    root = zarr.open_group(str(path), mode="r")
+    labels = np.asarray(root["layers/conv2d_25/group"][:]).astype(object).astype(str)
+    for layer in ("conv2d_25", "flatten_8"):
+        acts = np.asarray(root[f"layers/{layer}/acts"][:])
+        if acts.ndim > 2:
+            acts = align_reference(acts, np.asarray(root[f"layers/{layer}/grads"][:]))
+        assert_statistics(result[layer], acts, labels)

@@ -282,7 +282,7 @@ def test_run_with_an_s3_store_in_the_config(s3, mnist_corpus, tmp_path, monkeypa
     cfg = write_config(tmp_path, sections)
     done = pipeline.run(cfg, progress=False, echo=lambda _: None)
     assert [s for s, how in done.items() if how == "ran"] == [
-        "extract", "naps", "contrast", "layout", "topomap", "projection", "plots", "report"]
+        "extract", "naps", "exemplars", "contrast", "layout", "topomap", "projection", "plots", "report"]
     assert done["align"] == "skipped"
     assert not (tmp_path / "s3:").exists() and not any(tmp_path.glob("**/*.zarr"))
 

@@ -150,8 +150,9 @@ def test_mnist_cnn_topomaps_plots_and_report(cnn_store, tmp_path):
 
     path = tmp_path / "cnn.zarr"
     shutil.copytree(cnn_store, path)
-    inntrospect.naps(path, aligned=True, persist=True)
+    inntrospect.naps(path, aligned=True, std=True, persist=True)
     inntrospect.contrastive_naps(path, persist=True)
+    inntrospect.exemplars(path, k=4, persist=True)
     lay = inntrospect.topomap_layout(path, method="pca")
     imgs = inntrospect.topomap_images(path)
     con = inntrospect.load(path, "contrast")
@@ -164,9 +165,17 @@ def test_mnist_cnn_topomaps_plots_and_report(cnn_store, tmp_path):
     files = inntrospect.plot_all(path, tmp_path / "figures", format="png")
     names = {f.name for f in files}
     assert {"topomap_conv2d_24.png", "topomap_flatten_8.png", "overview.png"} <= names
+    assert {f"volcano_{layer}.png" for layer in con} <= names
     assert all(f.stat().st_size > 10_000 for f in files)
     index = inntrospect.report(path, tmp_path / "report")
     html = index.read_text()
     for layer in ("conv2d_24", "conv2d_25", "flatten_8"):
         assert layer in html
+        assert f'id="significant-{layer}"' in html and f"figures/volcano_{layer}.png" in html
+    # the top exemplars drawn from the store's own 28 x 28 x 1 inputs, shown twice their size
+    from PIL import Image
+
+    thumbs = sorted((tmp_path / "report" / "thumbnails").iterdir())
+    assert thumbs and all(Image.open(t).size == (28, 28) for t in thumbs)
+    assert html.count('class="thumb"') >= len(thumbs) and 'width="56" height="56"' in html
     assert inntrospect.open_store(path).attrs["extraction"]["id"] in html

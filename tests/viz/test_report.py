@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import io
 import re
 import shutil
@@ -21,7 +22,8 @@ from ..conftest import write_config
 from .test_plots import projection_ds, topomap_ds
 
 GROUPS = ["airplane", "cat <b>", "dog"]  # sorted, one with markup to escape
-LAYERS = ["conv", "dense/1"]
+LAYERS = ["conv", "dense/1"]  # with topomaps; the store's first layer, "input", has none
+K = 3  # exemplars per unit and group
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
                                         else None)
 
@@ -38,12 +40,19 @@ def _write_step(path, step: str, results: dict, params: dict) -> dict:
     return steps.finish(path, rec)
 
 
-def make_store(tmp_path, projections: bool = True) -> Path:
+def make_store(tmp_path, projections: bool = True, statistics: bool = True,
+               exemplars: bool = True, first: str = "image") -> Path:
+    """Topomaps (and projections) written as results; NAPs, contrasts (with statistics) and
+    exemplars computed. The first layer is the input: 6 x 6 x 1 images, or a vector."""
     labels = np.repeat(GROUPS, 4)
     rng = np.random.default_rng(0)
-    path = store_from_arrays(tmp_path / "run.zarr",
-                             {"conv": rng.random((12, 2, 2, 20)), "dense/1": rng.random((12, 30))},
-                             labels)
+    conv, dense = rng.random((12, 2, 2, 20)), rng.random((12, 30))
+    conv[labels == "airplane", :, 1, :4] += 3.0  # significant for airplane (and, lower, the rest)
+    dense[labels == "dog", 5:8] -= 2.0
+    image = rng.random((12, 6, 6, 1)) if first == "image" else rng.random((12, 5))
+    image[labels == "cat <b>", 2:4, ...] += 3.0  # a bright band (or the middle features) for cats
+    path = store_from_arrays(tmp_path / "run.zarr", {"input": image, "conv": conv, "dense/1": dense},
+                             labels, chunks=4)
     topo = {la: topomap_ds(la, GROUPS, n=24, res=24, seed=i) for i, la in enumerate(LAYERS)}
     params = topo["conv"].attrs["params"]
     _write_step(path, "topomap", topo, params)
@@ -60,6 +69,11 @@ def make_store(tmp_path, projections: bool = True) -> Path:
     from inntrospect.store import consolidate
 
     consolidate(path)
+    if statistics:
+        inntrospect.naps(path, std=True, persist=True)
+        inntrospect.contrastive_naps(path, persist=True)
+    if exemplars:
+        inntrospect.exemplars(path, k=K, persist=True)
     return path
 
 
@@ -96,7 +110,10 @@ def test_report_is_one_self_contained_folder(built):
     page = index.read_text()
     refs = _Refs()
     refs.feed(page)
-    assert len(refs.imgs) == len(LAYERS) + 1 + len(LAYERS)  # rows, overview, projections
+    figures = [s for s in refs.imgs if s.startswith("figures/")]
+    thumbs = [s for s in refs.imgs if s.startswith("thumbnails/")]
+    assert len(figures) == len(LAYERS) + 1 + len(LAYERS) + 3  # rows, overview, projections, volcanos
+    assert len(thumbs) > 0 and len(figures) + len(thumbs) == len(refs.imgs)
     for src in refs.imgs + refs.links:
         if src.startswith("#"):
             continue
@@ -106,7 +123,9 @@ def test_report_is_one_self_contained_folder(built):
         assert target.stat().st_size > 0
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(
-        Path(s).name for s in refs.imgs)
+        Path(s).name for s in figures)
+    assert sorted(p.name for p in (out / "thumbnails").iterdir()) == sorted(
+        {Path(s).name for s in thumbs})
 
 
 def test_report_content(built):
@@ -137,8 +156,10 @@ def test_report_content(built):
 
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory):
-    """A store with topomaps and no projections (read only: copy it to change it)."""
-    return make_store(tmp_path_factory.mktemp("bare"), projections=False)
+    """A store with topomaps and no projections, contrasts or exemplars (read only: copy it to
+    change it)."""
+    return make_store(tmp_path_factory.mktemp("bare"), projections=False, statistics=False,
+                      exemplars=False)
 
 
 def test_report_without_projections_says_how_to_compute_them(bare, tmp_path):
@@ -149,6 +170,11 @@ def test_report_without_projections_says_how_to_compute_them(bare, tmp_path):
     figs = sorted(p.name for p in (tmp_path / "out" / "figures").iterdir())
     assert all(f.endswith(".svg") for f in figs) and len(figs) == len(LAYERS) + 1
     assert 'id="comparison"' not in page
+    # no contrasts: the significant-units section says how to compute them, and shows nothing else
+    section = re.search(r'<section id="significant">.*?</section>', page, re.S).group(0)
+    assert "no contrasts" in section and "inntrospect contrast CONFIG" in section
+    assert "<table" not in section and "<img" not in section
+    assert not (tmp_path / "out" / "thumbnails").exists()
 
 
 def test_report_needs_current_topomaps(bare, tmp_path):
@@ -195,13 +221,33 @@ def test_report_renders_in_headless_chromium(built, tmp_path):
             images = page.evaluate(
                 "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
                 "i.naturalWidth])")
+            significant = page.evaluate(
+                "Array.from(document.querySelectorAll('#significant table.significant')).map(t => "
+                "Array.from(t.querySelectorAll('tbody tr')).map(r => [r.cells[0].textContent, "
+                "r.cells[1].textContent, r.querySelectorAll('img.thumb').length, "
+                "Array.from(r.querySelectorAll('img.thumb')).map(i => [i.naturalWidth, "
+                "i.getBoundingClientRect().width, getComputedStyle(i).imageRendering])]))")
+            volcanos = page.evaluate(
+                "Array.from(document.querySelectorAll('#significant img')).filter(i => "
+                "i.getAttribute('src').startsWith('figures/volcano_')).map(i => [i.naturalWidth, "
+                "i.getBoundingClientRect().width])")
             shot = page.screenshot(full_page=True)
             (tmp_path / "report.png").write_bytes(shot)
         finally:
             browser.close()
     assert external == []
-    assert len(images) == len(LAYERS) * 2 + 1
+    thumbs = [src for src, _, _ in images if src.startswith("thumbnails/")]
+    assert len(images) == len(LAYERS) * 2 + 1 + 3 + len(thumbs) and thumbs
     assert all(complete and width > 0 for _, complete, width in images), images
+    # the significant units: one table per layer (input, conv, dense/1), rows with thumbnails
+    # drawn 6 x 6 pixels scaled up (x9 to 54 CSS px), pixelated
+    assert len(significant) == 3 and all(len(rows) > 0 for rows in significant)
+    for rows in significant:
+        for group, unit, n, drawn in rows:
+            assert group in GROUPS and unit.isdigit() and 1 <= n <= K
+            assert all(w == 6 and css == 54 and rendering == "pixelated"
+                       for w, css, rendering in drawn), drawn
+    assert len(volcanos) == 3 and all(w > 0 and css > 100 for w, css in volcanos)
     pixels = imread(io.BytesIO(shot))[..., :3]
     assert pixels.shape[0] > 900  # a long page, not an error page
     rgb = (pixels[::3, ::3] * 255).astype(np.uint32)
@@ -219,3 +265,218 @@ def test_plots_read_a_store_path(built, tmp_path):
     proj = plots.plot_projection(str(store), tmp_path, format="svg", dpi=20, layers=["conv"])
     assert [p.name for p in proj] == ["projection_conv.svg"]
     assert proj[0].read_bytes()[:5] in (b"<?xml", b"<svg ")
+
+
+# -- significant units, their exemplars, volcano plots -------------------------------
+class _Rows(HTMLParser):
+    """Per table of class ``significant``: rows of (cell texts, image sources per cell)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._in, self._cell = [], False, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table" and a.get("class") == "significant":
+            self._in = True
+            self.tables.append([])
+        elif self._in and tag == "tr":
+            self.tables[-1].append([])
+        elif self._in and tag == "td":
+            self._cell = ["", []]
+            self.tables[-1][-1].append(self._cell)
+        elif self._in and tag == "img" and self._cell is not None:
+            self._cell[1].append(a["src"])
+        elif self._in and tag == "code" and self._cell is not None:
+            self._cell[1].append(None)
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in = False
+        if tag == "td":
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[0] += data
+
+
+def _tables(page: str) -> dict[str, list]:
+    """``{layer: rows}`` of the significant-units section, each row ``[(text, srcs), …]``."""
+    section = re.search(r'<section id="significant">.*?</section>', page, re.S).group(0)
+    out = {}
+    for part in re.split(r'(?=<h3 id="significant-)', section)[1:]:
+        layer = html.unescape(re.match(r'<h3 id="significant-([^"]*)"', part).group(1))
+        parser = _Rows()
+        parser.feed(part)
+        out[layer] = [row for table in parser.tables for row in table if row]
+    return out
+
+
+def expected_rows(ds, threshold: float = 0.05, per_group: int = 8):
+    """The report's rows by pandas: per group and unit the position of smallest q (then largest
+    |effect|, then first), the significant ones by |effect| descending (then unit), 8 per group."""
+    import pandas as pd
+
+    spatial = list(ds["q"].dims[1:-1])
+    frame = ds[["q", "effect", "t"]].compute().to_dataframe().reset_index()
+    frame["order"] = np.arange(len(frame))  # C order of (group, *spatial, unit)
+    frame["qkey"] = frame["q"].fillna(np.inf)
+    frame["size"] = frame["effect"].abs().fillna(-1.0)
+    best = (frame.sort_values(["group", "unit", "qkey", "size", "order"],
+                              ascending=[True, True, True, False, True])
+            .groupby(["group", "unit"], sort=False).head(1))
+    sig = best[best["q"] < threshold].assign(abs_effect=lambda f: f["effect"].abs())
+    sig = (sig.sort_values(["group", "abs_effect", "unit"], ascending=[True, False, True])
+           .groupby("group", sort=False).head(per_group))
+    assert isinstance(sig, pd.DataFrame)
+    return [(str(r.group), int(r.unit), ", ".join(f"{d}={getattr(r, d)}" for d in spatial),
+             float(r.effect), float(r.t), float(r.q)) for r in sig.itertuples()]
+
+
+def test_significant_units_table_equals_pandas(built):
+    store, index = built
+    page = index.read_text()
+    contrast, ex = inntrospect.load(store, "contrast"), inntrospect.load(store, "exemplars")
+    tables = _tables(page)
+    assert list(tables) == ["input", "conv", "dense/1"]
+    for layer, rows in tables.items():
+        want = expected_rows(contrast[layer])
+        assert len(want) > 0 and len(rows) == len(want), layer
+        spatial = contrast[layer]["q"].ndim > 2
+        top = ex[layer]["sample"].sel(end="top").values  # (group, rank, unit)
+        groups = [str(g) for g in ex[layer]["group"].values]
+        for row, (group, unit, position, effect, t, q) in zip(rows, want):
+            texts = [html.unescape(text).strip() for text, _ in row]
+            assert texts[0] == group and int(texts[1]) == unit
+            cells = texts[2:]
+            if spatial:
+                assert cells.pop(0) == position
+            assert float(cells[0]) == pytest.approx(effect, rel=1e-3)
+            assert float(cells[1]) == pytest.approx(t, rel=1e-3)
+            assert float(cells[2]) == pytest.approx(q, rel=1e-3) and q < 0.05
+            shown = [s for s in top[groups.index(group), :, unit] if s >= 0][:6]
+            assert row[-1][1] == [f"thumbnails/sample_{s}.png" for s in shown]
+    for explained in ("Welch", "Benjamini–Hochberg", "Hedges"):
+        assert explained in page
+    # the fixture's premise: conv units 0-3 fire for airplane, so they are among its rows
+    assert {r[1] for r in expected_rows(contrast["conv"]) if r[0] == "airplane"} >= {0, 1, 2, 3}
+
+
+def test_thumbnails_are_the_inputs_min_max_scaled(built):
+    from PIL import Image
+
+    from inntrospect.store import open_array
+
+    store, index = built
+    acts = open_array(store, "input", "acts")[:]
+    thumbs = sorted((index.parent / "thumbnails").iterdir())
+    assert thumbs
+    for path in thumbs:
+        s = int(path.stem.removeprefix("sample_"))
+        x = acts[s, ..., 0].astype(np.float64)
+        want = np.round((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8)
+        img = Image.open(path)
+        assert img.mode == "L" and img.size == (6, 6)
+        np.testing.assert_array_equal(np.asarray(img), want)
+
+
+def test_report_reads_only_the_samples_it_shows(built, tmp_path, monkeypatch):
+    from inntrospect import store as st
+
+    store, index = built
+    real, calls = st.open_array, []
+
+    class Spy:
+        def __init__(self, arr, name):
+            self.arr, self.name = arr, name
+
+        @property
+        def oindex(self):
+            spy = self
+
+            class _O:
+                def __getitem__(self, idx):
+                    calls.append((spy.name, np.asarray(idx).tolist()))
+                    return spy.arr.oindex[idx]
+            return _O()
+
+        def __getitem__(self, key):
+            raise AssertionError(f"{self.name} read by slice {key!r}, not by sample index")
+
+    monkeypatch.setattr(st, "open_array", lambda path, layer, var, **kw: Spy(real(path, layer, var, **kw),
+                                                                               f"{layer}/{var}"))
+    out = report(store, tmp_path / "out", dpi=30)
+    shown = sorted(int(p.stem.removeprefix("sample_")) for p in (out.parent / "thumbnails").iterdir())
+    assert calls == [("input/acts", shown)]
+
+
+def test_report_without_exemplars_or_image_inputs(tmp_path):
+    from inntrospect.store import open_array
+
+    plain = make_store(tmp_path / "plain", projections=False, exemplars=False)
+    page = report(plain, tmp_path / "plain-out", dpi=30).read_text()
+    section = re.search(r'<section id="significant">.*?</section>', page, re.S).group(0)
+    assert "no top exemplars" in section and "inntrospect exemplars CONFIG" in section
+    assert "top exemplars</th>" not in section and 'class="thumb"' not in section
+    assert len(_tables(page)) == 3 and section.count("figures/volcano_") == 2 * 3  # href and src
+    inntrospect.contrastive_naps(plain, significance=False, persist=True)
+    page = report(plain, tmp_path / "plain-out", dpi=30).read_text()
+    section = re.search(r'<section id="significant">.*?</section>', page, re.S).group(0)
+    assert "without statistics" in section and "significance = true" in section
+    assert "<table" not in section and "<img" not in section
+    assert not list((tmp_path / "plain-out" / "figures").glob("volcano_*"))  # an earlier report's
+
+    vector = make_store(tmp_path / "vector", projections=False, first="vector")
+    files = open_array(vector, "input", "file", write=True)
+    files[:] = np.array([f"batch_{i // 5}.npy" for i in range(12)])
+    index = report(vector, tmp_path / "vector-out", dpi=30)
+    page = index.read_text()
+    assert not (index.parent / "thumbnails").exists()
+    ex = inntrospect.load(vector, "exemplars")["conv"]
+    rows = _tables(page)["conv"]
+    for row in rows:
+        group, unit = html.unescape(row[0][0]), int(row[1][0])
+        shown = [int(s) for s in ex["sample"].sel(end="top", group=group).values[:, unit] if s >= 0]
+        assert row[-1][0] == ", ".join(f"batch_{s // 5}.npy[{s}]" for s in shown)
+
+
+def test_plot_all_writes_volcano_plots_only_with_statistics(built, bare, tmp_path):
+    from inntrospect.viz import plots
+
+    store, _ = built
+    files = plots.plot_all(store, tmp_path / "with")
+    assert sorted(p.name for p in files if p.name.startswith("volcano_")) == sorted(
+        ["volcano_input.png", "volcano_conv.png", next(p.name for p in files
+                                                         if p.name.startswith("volcano_dense_1"))])
+    files = plots.plot_all(bare, tmp_path / "without")
+    assert not [p for p in files if p.name.startswith("volcano_")]
+    assert not list((tmp_path / "without").glob("volcano_*"))
+
+
+def test_thumbnails_of_rgb_gray_constant_and_large_inputs(tmp_path):
+    from PIL import Image
+
+    from inntrospect.store import Store
+    from inntrospect.viz.reporting import input_kind, thumbnail
+
+    rng = np.random.default_rng(0)
+    rgb = rng.normal(size=(5, 7, 3))
+    assert thumbnail(rgb, tmp_path / "rgb.png") == (7, 5)
+    img = Image.open(tmp_path / "rgb.png")
+    assert img.mode == "RGB"  # one scale for the three channels together
+    want = np.round((rgb - rgb.min()) / (rgb.max() - rgb.min()) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(img), want)
+    gray = rng.normal(size=(5, 7))  # no channel axis
+    thumbnail(gray, tmp_path / "gray.png")
+    assert Image.open(tmp_path / "gray.png").mode == "L"
+    thumbnail(np.full((4, 4, 1), 3.0), tmp_path / "flat.png")
+    assert (np.asarray(Image.open(tmp_path / "flat.png")) == 0).all()
+    assert thumbnail(rng.random((100, 200, 1)), tmp_path / "big.png") == (64, 32)  # scaled down
+    kinds = {}
+    for name, shape in {"rgb": (8, 8, 3), "gray": (8, 8, 1), "plain": (8, 8), "four": (8, 8, 4),
+                        "vector": (8,), "volume": (4, 4, 4, 1)}.items():
+        path = store_from_arrays(tmp_path / f"{name}.zarr", {"input": np.zeros((2, *shape))}, ["a", "b"])
+        kinds[name] = input_kind(Store.open(path))[0]
+    assert kinds == {"rgb": "image", "gray": "image", "plain": "image", "four": "text",
+                     "vector": "text", "volume": "text"}

@@ -1,0 +1,116 @@
+"""Do exemplars ride along the NAP pass for free, and the statistics along the contrasts? Side by side.
+
+What is compared
+----------------
+On ``bench_naps.py``'s store (real MNIST CNN activations repeated to
+``--samples`` samples, 40,000 by default: 4.9 GB of activations in chunks of
+32 MiB; built once by that script's code and cached), on dask's threaded
+scheduler with ``--threads`` threads:
+
+(b)  the NAP pass alone: ``inntrospect.naps(store)`` computed;
+(x)  the exemplars alone: ``inntrospect.exemplars(store, k)`` computed (a read of its own);
+(bx) both from one pass: ``inntrospect.naps_and_exemplars(store, k=k, persist=False)``
+     computed together. Target: b / bx >= 0.8 (one pass for both at >= 0.8 of
+     the NAP pass alone); b + x is what two passes would cost.
+(ba), (bax) the same with ``aligned=True`` (alignment fused, on the fly).
+(c)  the contrast step persisted (``contrastive_naps(store, persist=True)``),
+     without and with ``significance`` (the NAPs persisted with ``std=True``
+     first): the statistics' extra time, target < 5 %.
+
+Each is the median of ``--repeats`` runs in rounds (each method once per
+round). The page cache is warm; ``--cold`` evicts the store before each run.
+The exemplars of (x) and (bx) are checked to be equal, and so are the NAPs of
+(b) and (bx).
+
+Run::
+
+    python benchmarks/bench_exemplars.py              # 40,000 samples (builds the store once)
+    python benchmarks/bench_exemplars.py --quick      # tiny (1,000 samples, 4 MiB chunks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_naps import SOURCE, STORE, STORE_QUICK, arrays, get_store, timed  # beside this script
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=40000)
+    p.add_argument("--store", type=Path, default=None, help="the cached store (default: bench_naps.py's)")
+    p.add_argument("--source", type=Path, default=SOURCE)
+    p.add_argument("--chunk-mib", type=float, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("-k", type=int, default=16, help="exemplars per unit, group and end (default 16)")
+    p.add_argument("--cold", action="store_true")
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.samples, a.repeats, a.chunk_mib = 1000, 1, a.chunk_mib or 4.0
+    store = a.store or Path(str(STORE_QUICK if a.quick else STORE).format(n=a.samples))
+    get_store(store, a.source, a.samples, a.chunk_mib, False)
+    acts_gb = sum(x.nbytes for x in arrays(store)) / 1e9
+
+    import dask
+
+    import inntrospect
+
+    T, k = a.threads, a.k
+
+    def go(*lazy):
+        return dask.compute(*lazy, scheduler="threads", num_workers=T)
+
+    methods = {
+        "b": lambda: go(inntrospect.naps(str(store))),
+        "x": lambda: go(inntrospect.exemplars(str(store), k)),
+        "bx": lambda: go(*inntrospect.naps_and_exemplars(str(store), k=k, persist=False)),
+        "ba": lambda: go(inntrospect.naps(str(store), aligned=True)),
+        "bax": lambda: go(*inntrospect.naps_and_exemplars(str(store), aligned=True, k=k, persist=False)),
+    }
+    for fn in methods.values():  # warm: kernels compiled or loaded, imports done
+        fn()
+    runs = timed(methods, a.repeats, a.cold, store)
+    med = {name: statistics.median(r[0]) for name, r in runs.items()}
+
+    (b_naps,), (x_ex,), (bx_naps, bx_ex) = runs["b"][2], runs["x"][2], runs["bx"][2]
+    for layer in b_naps:
+        np.testing.assert_array_equal(b_naps[layer].nap.values, bx_naps[layer].nap.values)
+        for var in ("sample", "value"):
+            np.testing.assert_array_equal(x_ex[layer][var].values, bx_ex[layer][var].values)
+
+    # (c) the contrast step without and with the statistics
+    with dask.config.set(scheduler="threads", num_workers=T):
+        inntrospect.naps(str(store), std=True, persist=True)
+        contrast = {}
+        for _ in range(max(a.repeats, 3)):
+            for sig in (False, True):
+                t0 = time.perf_counter()
+                inntrospect.contrastive_naps(str(store), significance=sig, persist=True)
+                contrast.setdefault(sig, []).append(time.perf_counter() - t0)
+    c0, c1 = statistics.median(contrast[False]), statistics.median(contrast[True])
+
+    gbs = {name: acts_gb / t for name, t in med.items()}
+    print(f"store {store}: {a.samples} samples, {acts_gb:.2f} GB of activations; k = {k}; "
+          f"{T} threads; {'cold' if a.cold else 'warm'} page cache; median of {a.repeats}")
+    print(f"{'':<44} {'seconds':>8} {'GB/s':>7}")
+    rows = [("(b)   NAP pass alone", "b"), ("(x)   exemplars alone", "x"),
+            ("(bx)  NAPs + exemplars, one pass", "bx"), ("(ba)  aligned NAP pass alone", "ba"),
+            ("(bax) aligned NAPs + exemplars, one pass", "bax")]
+    for label, name in rows:
+        print(f"{label:<44} {med[name]:>8.2f} {gbs[name]:>7.2f}")
+    print(f"one pass vs NAPs alone: b / bx = {med['b'] / med['bx']:.2f} (target >= 0.8); "
+          f"aligned: ba / bax = {med['ba'] / med['bax']:.2f}")
+    print(f"two passes would take b + x = {med['b'] + med['x']:.2f} s; one pass saves "
+          f"{med['b'] + med['x'] - med['bx']:.2f} s")
+    print(f"(c) contrast step: {c0:.3f} s without statistics, {c1:.3f} s with: "
+          f"+{(c1 / c0 - 1) * 100:.1f} % (target < 5 %)")
+
+
+if __name__ == "__main__":
+    main()
