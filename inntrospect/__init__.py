@@ -5,7 +5,13 @@ imports it when called.
 """
 
 from .analysis.alignment import align
-from .analysis.profiles import contrastive_naps, naps
+from .analysis.profiles import (
+    contrast_significance,
+    contrastive_naps,
+    exemplars,
+    naps,
+    naps_and_exemplars,
+)
 from .analysis.stacking import stack
 from .errors import (
     ConfigError,
@@ -30,6 +36,7 @@ from .errors import (
 from .extraction.corpus import read_corpus
 from .extraction.legacy import import_legacy
 from .extraction.local import extract
+from .extraction.writer import StoreWriter, open_writer
 from .pipeline import run
 from .store import open_store
 from .store.backends import Location
@@ -40,7 +47,7 @@ from .version import __version__ as __version__
 
 #: functions whose modules import matplotlib or UMAP: loaded on first use
 _LAZY = {"plot_topomaps": "viz.plots", "plot_overview": "viz.plots", "plot_projection": "viz.plots",
-         "plot_all": "viz.plots",
+         "plot_all": "viz.plots", "plot_volcano": "viz.plots",
          "report": "viz.reporting", "instance_projection": "analysis.projection"}
 
 
@@ -57,9 +64,14 @@ __all__ = [
     "run",
     "extract",
     "import_legacy",
+    "open_writer",
+    "StoreWriter",
     "align",
     "naps",
     "contrastive_naps",
+    "contrast_significance",
+    "exemplars",
+    "naps_and_exemplars",
     "stack",
     "load",
     "verify",
@@ -70,6 +82,7 @@ __all__ = [
     "plot_topomaps",
     "plot_overview",
     "plot_projection",
+    "plot_volcano",
     "plot_all",
     "report",
     "open_store",

@@ -11,12 +11,23 @@ from .errors import InntrospectError
 
 
 def _cmd_extract(args) -> int:
+    from . import store as st
     from .config import load_config
     from .extraction.local import prepare_extraction, run_extraction
-    from .extraction.prepare import estimate_ratio
+    from .extraction.prepare import estimate_ratio, keep_store_plan
 
     cfg = load_config(args.config)
     ex = prepare_extraction(**cfg.extract_kwargs(verify_corpus=args.verify_corpus))
+    if args.append and args.overwrite:
+        from .errors import ConfigError
+
+        raise ConfigError("--append adds the corpus's new rows to the store, --overwrite deletes it first: "
+                          "give one of them.")
+    before = None
+    if not args.overwrite and st.is_store(ex.path):
+        stored = st.store_attrs(ex.path)
+        ex = keep_store_plan(ex, stored)  # what the run writes: the store's chunks
+        before = (stored.get("corpus") or {}).get("n_samples")
     if args.dry_run:
         print(ex.summary(estimate_ratio(ex)))
         print("dry run: nothing written.")
@@ -29,13 +40,18 @@ def _cmd_extract(args) -> int:
         with Client(address) as client:
             print(f"dask: {address}; dashboard: {client.dashboard_link}")
             computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress,
-                                      where="cluster", verify=args.verify, on_damaged=_print_damaged)
+                                      where="cluster", verify=args.verify, on_damaged=_print_damaged,
+                                      append=args.append)
     else:
         computed = run_extraction(ex, overwrite=args.overwrite, progress=not args.no_progress,
-                                  verify=args.verify, on_damaged=_print_damaged)
+                                  verify=args.verify, on_damaged=_print_damaged, append=args.append)
     skipped = ex.n_blocks - len(computed)
     note = f" ({skipped} finished blocks kept from an earlier run)" if skipped else ""
     print(f"extracted {len(computed)} of {ex.n_blocks} blocks into {ex.path}{note}")
+    if args.append and before is not None and before < ex.corpus.n_samples:
+        print(f"appended {ex.corpus.n_samples - before} samples: the store holds {before} before, "
+              f"{ex.corpus.n_samples} now (derived results are stale; inntrospect naps CONFIG updates "
+              "the NAPs from the new samples alone)")
     return 0
 
 
@@ -144,6 +160,8 @@ def _extract_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--dry-run", action="store_true",
                    help="print samples, layers, shapes and sizes, write nothing")
     e.add_argument("--overwrite", action="store_true", help="delete an existing store and start over")
+    e.add_argument("--append", action="store_true", help="the corpus has new rows after those extracted: "
+                   "extract only their samples into the store (the rows extracted must be unchanged)")
     e.add_argument("--verify", action="store_true", help="also read every chunk of the recorded blocks "
                    "and extract again those that fail their checksum (missing chunks always are)")
     e.add_argument("--verify-corpus", action="store_true", help="record (and on resume compare) "

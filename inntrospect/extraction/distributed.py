@@ -3,8 +3,9 @@
 The client holds the writer lock, creates the store (or finds what is
 recorded in it), submits one task per block not yet recorded, and marks the
 extraction complete once every block is. A worker prepares the extraction
-once per process (it loads the model from its path, since model objects do
-not pickle reliably, and reads the corpus table), checks that the store
+once per process (it loads the model from its path, or builds a torch model
+from its factory and ``state_dict`` file, since model objects do not pickle
+reliably: a torch module object is refused; and reads the corpus table), checks that the store
 still holds the extraction the task belongs to and the same model and
 corpus, and then writes the block as a local run does (:mod:`inntrospect.extraction.local`):
 whole chunks of every array, then the block's predictions, then its record
@@ -70,7 +71,7 @@ def cluster_client(where: str):
 
 def _prepared(request: dict, extraction_id: str) -> Extraction:
     """This process's extraction of ``request``, prepared once; checked against the store."""
-    from .prepare import prepare_extraction
+    from .prepare import keep_store_plan, prepare_extraction
 
     store = st.Store.open(request["store"])
     now = store.extraction_id
@@ -84,7 +85,7 @@ def _prepared(request: dict, extraction_id: str) -> Extraction:
     ex = _PREPARED.get(key)
     if ex is None:
         _PREPARED.clear()  # one model per worker process
-        ex = prepare_extraction(**request)
+        ex = keep_store_plan(prepare_extraction(**request), store.attrs)  # a grown store keeps its chunks
         MODEL_LOADS["count"] += 1
         _PREPARED[key] = ex
     st.check_same(store.attrs, ex.attrs, ex.path)  # this worker sees the same model and corpus
@@ -93,13 +94,14 @@ def _prepared(request: dict, extraction_id: str) -> Extraction:
 
 def extract_block(request: dict, extraction_id: str, block: int) -> int:
     """The task: write and record ``block`` of the extraction (a no-op when it is recorded)."""
-    from .writer import write_blocks
+    from .writer import StoreWriter, write_blocks
 
     with _LOCK:
         ex = _prepared(request, extraction_id)
-        done_arr = st.blocks_done(ex.path, write=True)
-        if not done_arr[block]:
-            write_blocks(ex, done_arr, [block], np.zeros(ex.n_blocks, bool), False, None)
+        # the client holds the lock: this writer writes this block only, and leaves completing to it
+        with StoreWriter.attach(ex.path, ex.model.layers, ex.plan, ex.corpus.n_samples, [block],
+                                gradient_target=ex.gradient_target, table=ex.corpus.sample_table) as writer:
+            write_blocks(ex, writer, writer.blocks_todo)
         return block
 
 
@@ -111,6 +113,13 @@ def extract_on_cluster(client, ex: Extraction, todo: list[int], done: np.ndarray
     if ex.request is None:
         raise ConfigError("this extraction was not made by prepare_extraction(); it cannot be "
                           "sent to a cluster.")
+    if getattr(ex.request["model"], "module", None) is not None:
+        raise ConfigError(
+            f"{ex.model.source.describe()} is an object in this process and cannot be built on the "
+            "cluster's workers. Give the model as a factory and its weights instead (workers build it "
+            "from them): inntrospect.extract('file.py:make_model', ..., weights='model.pt') with "
+            "torch.save(module.state_dict(), 'model.pt'); or extract here with where='local'."
+        )
     extraction_id = st.Store.open(ex.path).extraction_id
     n, B = ex.corpus.n_samples, ex.plan.block
     bar = None

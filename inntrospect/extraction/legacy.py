@@ -25,10 +25,14 @@ is false and ``extraction.gradient_target`` is null (unknown).
 ``aligned/`` is not imported: inntrospect aligns on the fly from ``grads``
 (``naps(aligned=True)``) or persists its own with ``inntrospect align``.
 
-Memory stays bounded: batch files are memory-mapped one at a time and copied
-into one chunk-sized buffer per array, which is written as one chunk-aligned
-region once full. The store is marked complete only after the last chunk is
-written, so an interrupted import leaves a store ``open_store`` refuses.
+The import is a client of the public writer API
+(:class:`~inntrospect.extraction.writer.StoreWriter`): batch files are
+memory-mapped one at a time per array and handed to the writer, which copies
+their rows into chunk-sized buffers and writes each as one chunk-aligned
+region, recording each block once written. Memory stays bounded. The store is
+marked complete only after the last block is recorded, so an interrupted
+import leaves a store ``open_store`` refuses; importing the same folder again
+resumes it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import numpy as np
 
 from .. import store as st
 from ..errors import ConfigError, CorpusError, NonFiniteError, StoreError
+from .writer import StoreWriter
 
 __all__ = ["import_legacy", "read_legacy_folder", "LegacyFolder"]
 
@@ -313,44 +318,23 @@ def read_rows(path: Path) -> np.ndarray:
 
 # -- writing -----------------------------------------------------------------
 class ChunkStream:
-    """Rows of one array into a chunk-sized buffer; each full chunk is one region write."""
+    """One array of the folder (a layer's ``acts`` or ``grads``): the rows of the batch file being imported.
 
-    def __init__(self, array, chunk: int, shape: tuple[int, ...], what: str):
-        self.array, self.chunk, self.shape, self.what = array, chunk, shape, what
-        self.buf: np.ndarray | None = None
-        self.fill = 0
-        self.pos = 0
+    :func:`import_legacy` pushes each batch file's rows of every array, then
+    hands them all to the store's writer at once; one batch file per array is
+    open (memory-mapped) at a time.
+    """
+
+    def __init__(self, layer: LegacyLayer, var: str, what: str):
+        self.layer, self.var, self.what = layer, var, what
+        self.rows: np.ndarray | None = None
 
     def push(self, rows: np.ndarray, file: str) -> None:
-        if self.buf is None:
-            self.buf = np.empty((self.chunk, *self.shape), np.float32)
-        i, n = 0, len(rows)
-        while i < n:
-            take = min(self.chunk - self.fill, n - i)
-            part = self.buf[self.fill : self.fill + take]
-            np.copyto(part, rows[i : i + take], casting="unsafe")
-            ok = np.isfinite(part.reshape(take, -1)).all(axis=1)
-            if not ok.all():
-                row = i + int(np.flatnonzero(~ok)[0])
-                raise NonFiniteError(
-                    f"{self.what}/{file} row {row} contains NaN or infinity (after conversion "
-                    "to float32). Fix or drop that batch file and import again with overwrite=True "
-                    "(--overwrite)."
-                )
-            self.fill += take
-            i += take
-            if self.fill == self.chunk:
-                self.flush()
+        self.rows = rows
 
-    def flush(self) -> None:
-        if self.fill:
-            self.array[self.pos : self.pos + self.fill] = self.buf[: self.fill]
-            self.pos += self.fill
-            self.fill = 0
-
-    def close(self) -> None:
-        self.flush()
-        self.buf = None
+    def take(self) -> np.ndarray:
+        rows, self.rows = self.rows, None
+        return rows
 
 
 def choose_legacy_codecs(legacy: LegacyFolder, plan: st.ChunkPlan) -> dict:
@@ -424,8 +408,10 @@ def import_legacy(
     NonFiniteError
         A batch file holds NaN or infinity.
     StoreError
-        The store exists (pass ``overwrite=True``); ``StoreLockedError`` if
-        another process writes to it.
+        The store exists and is complete, or is not a store (pass
+        ``overwrite=True``); ``StoreMismatchError`` if it is an incomplete
+        import of another folder (an interrupted import of this one is
+        resumed); ``StoreLockedError`` if another process writes to it.
 
     Examples
     --------
@@ -436,66 +422,64 @@ def import_legacy(
     legacy = read_legacy_folder(folder, layer_names)
     path = st.location(store)
     n = legacy.n_samples
+    if not overwrite and (what := st.occupant(path)) == "something that is not a store":
+        raise StoreError(
+            f"{path} already exists and holds {what}. Choose another store path, or pass "
+            "overwrite=True (--overwrite) to replace it."
+        )
+    if chunk_mib is None and not overwrite and st.is_store(path):  # resuming: keep the store's chunking
+        chunk_mib = st.store_attrs(path).get("chunk_mib")
     plan = st.plan_for(legacy.layers, chunk_mib, n)
-    with st.writer_lock(path):
-        if not overwrite and (what := st.occupant(path)):
+    attrs = st.root_attrs(
+        model={"framework": "legacy", "source": str(legacy.path), "path": str(legacy.path), "sha256": None},
+        corpus=legacy.identity(), layers=legacy.layers, plan=plan, n_samples=n,
+        gradient_target=None,  # unknown: the folder does not say
+        source="import-legacy")
+    table = {
+        "group": np.array([f.group for f in legacy.files for _ in range(f.n)], dtype=object),
+        "file": np.array([f.file for f in legacy.files for _ in range(f.n)], dtype=object),
+        "index_in_file": np.concatenate([np.arange(f.n) for f in legacy.files]),
+        "target": np.full(n, -1, np.int64),
+    }
+
+    def refuse_complete(stored: dict) -> None:  # an interrupted import of the same folder is resumed
+        if stored["extraction"].get("state") == "complete":
             raise StoreError(
-                f"{path} already exists and holds {what}. Choose another store path, or pass "
+                f"{path} already exists and holds a store. Choose another store path, or pass "
                 "overwrite=True (--overwrite) to replace it."
             )
-        st.remove_store(path)
-        attrs = st.new_extraction(st.root_attrs(
-            model={"framework": "legacy", "source": str(legacy.path), "path": str(legacy.path),
-                   "sha256": None},
-            corpus=legacy.identity(), layers=legacy.layers, plan=plan, n_samples=n,
-            gradient_target=None,  # unknown: the folder does not say
-            codecs=choose_legacy_codecs(legacy, plan), source="import-legacy"))
-        table = {
-            "group": np.array([f.group for f in legacy.files for _ in range(f.n)], dtype=object),
-            "file": np.array([f.file for f in legacy.files for _ in range(f.n)], dtype=object),
-            "index_in_file": np.concatenate([np.arange(f.n) for f in legacy.files]),
-            "target": np.full(n, -1, np.int64),
-        }
-        st.create_store(path, attrs, legacy.layers, plan, table)
-        del table
-        _write_data(legacy, path, plan, progress)
-        st.blocks_done(path, write=True)[:] = 1
-        st.finish_extraction(path)
+
+    with StoreWriter.open(path, attrs, legacy.layers, plan, table, overwrite=overwrite,
+                          codecs=lambda: choose_legacy_codecs(legacy, plan), check=refuse_complete,
+                          progress=progress, desc="import-legacy") as writer:
+        _write_data(legacy, writer)
     return path
 
 
-def _write_data(legacy: LegacyFolder, path: st.Location, plan: st.ChunkPlan, progress: bool) -> None:
-    def open_(layer, var):
-        return st.open_array(path, layer, var, write=True)
-
-    streams = [
-        (layer, var, ChunkStream(open_(layer.name, var), plan.chunks[layer.name], layer.shape,
-                             f"{legacy.path / var / layer.folder}"))
-        for layer in legacy.layers for var in (("acts", "grads") if layer.has_grads else ("acts",))
-    ]
-    done = st.blocks_done(path, write=True)
-    bar = None
-    if progress:
-        from ..scheduler import bar as make_bar
-
-        bar = make_bar(total=legacy.n_samples, unit="sample", desc="import-legacy")
-    try:
-        pos, recorded = 0, 0
-        for f in legacy.files:
-            if f.n:
-                for layer, var, stream in streams:
-                    rows = read_rows(legacy.file_path(var, layer, f.file))
-                    stream.push(rows, f.file)
-                    del rows  # one batch file per array at a time
-            pos += f.n
-            # every chunk length divides the block: blocks below pos are fully written
-            while (recorded + 1) * plan.block <= pos:
-                done[recorded] = 1
-                recorded += 1
-            if bar is not None:
-                bar.update(f.n)
-        for _, _, stream in streams:
-            stream.close()
-    finally:
-        if bar is not None:
-            bar.close()
+def _write_data(legacy: LegacyFolder, writer: StoreWriter) -> None:
+    """Every batch file's rows, from the writer's next sample on, to the writer, file by file."""
+    streams = [ChunkStream(layer, var, f"{legacy.path / var / layer.folder}")
+               for layer in legacy.layers for var in (("acts", "grads") if layer.has_grads else ("acts",))]
+    end = 0
+    for f in legacy.files:
+        start, end = end, end + f.n
+        skip = max(0, writer.next_sample - start)
+        if skip >= f.n:  # no rows, or recorded by an import this one resumes
+            continue
+        for stream in streams:
+            stream.push(read_rows(legacy.file_path(stream.var, stream.layer, f.file)), f.file)
+        rows = {(stream.layer.name, stream.var): stream.take()[skip:] for stream in streams}
+        try:
+            writer.write({name: a for (name, var), a in rows.items() if var == "acts"},
+                         {name: a for (name, var), a in rows.items() if var == "grads"}, start=start + skip)
+        except NonFiniteError as err:
+            bad = [s for s in streams if (s.layer.name, s.var) == (getattr(err, "layer", None), getattr(err, "var", None))]
+            if not bad:
+                raise
+            raise NonFiniteError(
+                f"{bad[0].what}/{f.file} row {err.sample - start} contains NaN or infinity (after conversion "
+                "to float32). Fix or drop that batch file and import again with overwrite=True "
+                "(--overwrite)."
+            ) from None
+        finally:
+            del rows  # one batch file per array at a time

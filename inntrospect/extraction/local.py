@@ -1,7 +1,8 @@
 """Stream a corpus through a model into the store, resumably: the driver and :func:`extract`.
 
-The corpus is cut into extraction blocks of ``plan.block`` samples, written by
-:mod:`.writer` here or by tasks on a cluster's workers (:mod:`.distributed`). A
+The corpus is cut into extraction blocks of ``plan.block`` samples, computed
+here or by tasks on a cluster's workers (:mod:`.distributed`) and written by
+the store writer of the public writer API (:class:`.writer.StoreWriter`). A
 block is recorded in ``extraction/block_done`` only after every write of it has
 finished, so a run killed at any point resumes at the first unrecorded block
 and recomputes nothing that was recorded.
@@ -16,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 from .. import store as st
-from .prepare import Extraction, measure_ratios, prepare_extraction
+from .prepare import Extraction, keep_store_plan, measure_ratios, prepare_extraction
 
 __all__ = ["extract", "prepare_extraction", "run_extraction", "Where"]
 
@@ -32,6 +33,7 @@ def run_extraction(
     where: Where = "auto",
     verify: bool = False,
     on_damaged: Callable[[list[int], int], None] | None = None,
+    append: bool = False,
 ) -> list[int]:
     """Write (or resume) the extraction; return the blocks computed by this call.
 
@@ -45,104 +47,46 @@ def run_extraction(
     does not decode (every chunk of the recorded blocks is read:
     :func:`inntrospect.store.integrity.verify`). ``on_damaged(blocks, n_blocks)``
     is told which (default: a warning logged on the ``inntrospect`` logger).
+
+    With ``append``, a store holding the first samples of the corpus takes the
+    others (see :func:`extract`). An existing store keeps its chunk plan
+    (:func:`~inntrospect.extraction.prepare.keep_store_plan`) unless ``overwrite``.
     """
+    from ..checks import check_bool
+    from ..errors import ParameterError
     from .distributed import cluster_client, extract_on_cluster
-    from .writer import write_blocks
+    from .writer import StoreWriter, write_blocks
 
+    check_bool(overwrite=overwrite, append=append)
+    if append and overwrite:
+        raise ParameterError("append=True adds the corpus's new rows to the store, overwrite=True deletes "
+                             "it first: give one of them.")
+    if not overwrite:
+        ex = keep_store_plan(ex)
+    record = {"corpus": {k: ex.attrs["corpus"].get(k) for k in ("path", "csv_sha256", "n_files")}}
     client = cluster_client(where)
-
-    with st.writer_lock(ex.path):
-        fresh = overwrite or not st.is_store(ex.path)
-        if not fresh:
-            attrs = st.store_attrs(ex.path)
-            if "extraction" not in attrs:  # interrupted while being created: nothing to keep
-                fresh = True
-            else:
-                st.check_same(attrs, ex.attrs, ex.path)
-        if fresh:
-            st.remove_store(ex.path)
-            attrs = {**st.new_extraction(ex.attrs), "codecs": st.choose_codecs(measure_ratios(ex))}
-            st.create_store(ex.path, attrs, ex.model.layers, ex.plan, ex.corpus.sample_table)
-        done_arr = st.blocks_done(ex.path, write=True)
-        if not fresh:  # recorded blocks whose chunks are missing or damaged: extracted again
-            _unrecord_damaged(ex, done_arr, verify, progress, on_damaged)
-        done = np.asarray(done_arr[:], dtype=bool)
-        todo = [b for b in range(ex.n_blocks) if not done[b]]
-        if client is None:
-            computed = write_blocks(ex, done_arr, todo, done, progress, on_block)
+    here = client is None
+    # the writer takes the lock, then creates the store (or resumes it: checks it holds this
+    # extraction, and un-records its damaged blocks); it marks it complete when every block is recorded
+    with StoreWriter.open(ex.path, ex.attrs, ex.model.layers, ex.plan, ex.corpus.sample_table,
+                          codecs=lambda: st.choose_codecs(measure_ratios(ex)), overwrite=overwrite,
+                          verify=verify, on_damaged=on_damaged, on_block=on_block if here else None,
+                          progress=progress and here, desc="extract", append=append,
+                          append_record=record) as writer:
+        todo = writer.blocks_todo
+        if here:
+            write_blocks(ex, writer, todo)
         else:
+            done = np.ones(ex.n_blocks, bool)
+            done[todo] = False
             computed = extract_on_cluster(client, ex, todo, done, progress, on_block)
-        if np.asarray(done_arr[:], dtype=bool).all():
-            st.finish_extraction(ex.path)
-    return computed
-
-
-def _unrecord_damaged(ex: Extraction, done_arr, verify: bool, progress: bool,
-                      on_damaged: Callable[[list[int], int], None] | None) -> list[int]:
-    """Un-record the recorded blocks with missing (and, with ``verify``, damaged) chunks; return them.
-
-    A complete store becomes incomplete again until they are extracted (its
-    extraction id is kept: they are written again as they were).
-    """
-    bad: set[int] = set()
-    names = [st.layer_path(info.name, var) for info in ex.model.layers
-             for var in ("acts", "grads", "prediction") if var != "grads" or info.has_grads]
-    if verify:
-        from ..store.integrity import verify as verify_store
-
-        bad.update(verify_store(ex.path, progress=progress, arrays=[st.BLOCKS_DONE, *names]).damaged_blocks)
-        for b in bad:  # a damaged record first: reading the records would fail on it
-            done_arr[b] = 0
-    done = _read_records(ex, done_arr)
-    for name in names:
-        layer, var = name.split("/")[1:]
-        arr = st.open_array(ex.path, layer, var)
-        c = int(arr.chunks[0])
-        bad.update(int(k) * c // ex.plan.block for k in _chunk_indices(
-            st.missing_chunks(ex.path, layer, var, recorded=done, block=ex.plan.block, arr=arr)))
-    bad = sorted(bad)
-    if not bad:
-        return []
-    for b in bad:
-        done_arr[b] = 0
-    extraction = dict(st.store_attrs(ex.path)["extraction"])
-    if extraction.get("state") == "complete":
-        extraction.update(state="incomplete")
-        st.update_attrs(ex.path, extraction=extraction)
-    if on_damaged is not None:
-        on_damaged(bad, ex.n_blocks)
-    else:
-        import logging
-
-        logging.getLogger("inntrospect").warning(
-            "%s: %d recorded blocks had missing or damaged chunks (%s); extracting them again",
-            ex.path, len(bad), ", ".join(map(str, bad[:20])))
-    return bad
-
-
-def _chunk_indices(keys: list[str]) -> list[int]:
-    """The index along ``sample`` of each chunk key (``c/3/0/0`` or ``c.3.0.0``: 3)."""
-    return [int(k.replace(".", "/").split("/")[1]) for k in keys]
-
-
-def _read_records(ex: Extraction, done_arr) -> np.ndarray:
-    """The block records as bools; a damaged record raises an error naming it and the fix."""
-    from ..store.nodes import decode_problem
-
-    try:
-        return np.asarray(done_arr[:], dtype=bool)
-    except (ValueError, RuntimeError):
-        for (b,), key in st.chunk_grid(done_arr):
-            try:
-                done_arr[b]
-            except (ValueError, RuntimeError) as err:
-                raise st.damaged_error(ex.path, st.BLOCKS_DONE, key, decode_problem(err)) from err
-        raise
+    return writer.blocks_recorded if here else computed
 
 
 def extract(
     *args,
     overwrite: bool = False,
+    append: bool = False,
     progress: bool = False,
     on_block: Callable[[int, int], None] | None = None,
     where: Where = "auto",
@@ -164,7 +108,8 @@ def extract(
         ``corpus.csv`` (or its folder): rows ``file,group[,target]``.
     store
         Path of the Zarr store to write. An existing store of the same
-        extraction is resumed; one of another model or corpus is refused.
+        extraction is resumed; one of another model or corpus is refused
+        (a corpus that grew: see ``append``).
     layers
         Layer names of interest; the input and output layers are always added.
     gradient_target
@@ -175,6 +120,18 @@ def extract(
         Inference batch size.
     overwrite
         Start over, deleting an existing store at ``store``.
+    append
+        The corpus has new rows after those the store holds (new batch files
+        listed after the extracted ones): extract only their samples, as new
+        blocks, into the same store. Refused (``StoreMismatchError``, naming
+        the difference) when the rows already extracted changed (other files,
+        groups or targets; a batch file whose size, modification time or
+        sha256 changed) or the model, layers or gradient target differ. New
+        groups may come. The store keeps its chunk plan and gets a new
+        extraction id (derived results become stale; ``inntrospect.naps``
+        then updates stored NAPs from the new samples alone). An incomplete
+        store is resumed and appended to in the same run. Without a store,
+        the whole corpus is extracted.
     progress
         Show a progress bar.
     on_block
@@ -202,7 +159,7 @@ def extract(
     """
     ex = prepare_extraction(*args, **kwargs)
     run_extraction(ex, overwrite=overwrite, progress=progress, on_block=on_block, where=where,
-                   verify=verify)
+                   verify=verify, append=append)
     return st.open_store(ex.path)
 
 

@@ -18,7 +18,7 @@ from .corpus import Corpus, read_corpus
 from .models.source import ModelSource, model_source
 
 __all__ = ["Extraction", "GradientTarget", "prepare_extraction", "measure_ratios", "estimate_ratio",
-           "batch_targets", "MAX_CHUNK_MIB", "memory_bytes", "check_chunk_mib"]
+           "batch_targets", "MAX_CHUNK_MIB", "memory_bytes", "check_chunk_mib", "keep_store_plan"]
 
 
 GradientTarget = Literal["predicted", "target"]
@@ -59,7 +59,7 @@ class Extraction:
     """Everything an extraction needs, validated; nothing written yet."""
 
     corpus: Corpus
-    model: object  # KerasModel; typed loosely so this module imports without TensorFlow
+    model: object  # KerasModel or TorchModel; typed loosely so this module imports without either
     path: st.Location
     plan: st.ChunkPlan
     gradient_target: str
@@ -116,7 +116,7 @@ class Extraction:
 
 
 def prepare_extraction(
-    model: str | os.PathLike | ModelSource,
+    model: str | os.PathLike | ModelSource | object,
     corpus: str | os.PathLike | Corpus,
     store: str | os.PathLike,
     layers: Sequence[str] | None = None,
@@ -130,6 +130,11 @@ def prepare_extraction(
 ) -> Extraction:
     """Validate corpus, model, layers and settings; load the model. Writes nothing.
 
+    ``model`` is a Keras model path or ``keras.applications`` name, a torch factory
+    ``"package.module:function"``/``"file.py:function"`` (``weights``: its
+    ``state_dict`` file) or a ``torch.nn.Module`` object (see
+    :func:`~inntrospect.extraction.models.model_source`).
+
     ``verify_corpus`` records each batch file's sha256 in the store (read in full once),
     besides its size and modification time; a resumed extraction compares them, so
     a batch file changed since is found even when its size and time are the same
@@ -139,7 +144,7 @@ def prepare_extraction(
     integer or whose batch (inputs and every recorded array) would need more
     than half the machine's memory, and a ``chunk_mib`` out of range.
     """
-    from .models.keras import KerasModel
+    from .models import open_model
 
     if gradient_target not in ("predicted", "target"):
         raise ConfigError(
@@ -159,8 +164,9 @@ def prepare_extraction(
             "(rows 'file,group,target'); add it or use gradient_target='predicted'."
         )
     source = model_source(model, weights)
-    km = KerasModel(source, layers)
-    corp.check_input_shape(km.input_shape, source.describe())
+    km = open_model(source, layers)
+    if km.input_shape is not None:  # a torch module declares none: fix_shapes runs it on the corpus's
+        corp.check_input_shape(km.input_shape, source.describe())
     km.fix_shapes(corp.sample_shape)
     _check_batch_memory(km, corp, batch_size)
     if gradient_target == "target":
@@ -181,6 +187,30 @@ def prepare_extraction(
                "chunk_mib": plan.chunk_mib, "batch_size": batch_size, "verify_corpus": verify_corpus,
                "allow_duplicates": corp.allow_duplicates, "allow_outside": corp.allow_outside}
     return Extraction(corp, km, path, plan, gradient_target, batch_size, attrs, request)
+
+
+def keep_store_plan(ex: Extraction, stored: dict | None = None) -> Extraction:
+    """``ex`` with the chunk plan of the store it writes into, when that store holds its layers at its
+    ``chunk_mib``: a store keeps the chunks chosen for its first samples (those of a fresh extraction
+    depend on the corpus size below 8192 samples, so a store grown by an append may have others).
+
+    ``stored`` are the store's root attributes (read when not given); ``ex`` as it is without a store.
+    """
+    import dataclasses
+
+    if stored is None:
+        if not st.is_store(ex.path):
+            return ex
+        stored = st.store_attrs(ex.path)
+    if "extraction" not in stored:
+        return ex
+    plan = st.stored_plan(stored, [info.name for info in ex.model.layers], ex.plan.chunk_mib)
+    if plan is None or plan == ex.plan:
+        return ex
+    attrs = {**ex.attrs, "chunks": dict(plan.chunks),
+             "extraction": {**ex.attrs["extraction"], "block": plan.block,
+                            "n_blocks": plan.n_blocks(ex.corpus.n_samples)}}
+    return dataclasses.replace(ex, plan=plan, attrs=attrs)
 
 
 def measure_ratios(ex: Extraction, n: int | None = None) -> dict[str, dict[str, tuple[int, int]]]:

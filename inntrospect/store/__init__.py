@@ -9,12 +9,14 @@ package is the only code that knows it. Reading needs nothing but
 - :mod:`.backends` — where a store lives (folder or fsspec URL) and its writer lock;
 - :mod:`.nodes` — opening, reading, creating, writing and removing nodes;
 - :mod:`.handle` — :class:`Store`, a store opened once and handed down;
+- :mod:`.append` — appending samples: the checks, and growing the arrays;
 - :mod:`.steps` — step records, staleness, persisting a step's results, :func:`load`;
 - :mod:`.chunkio` — reading stored chunks whole, for the NAP tasks (checksums checked);
 - :mod:`.integrity` — ``inntrospect verify``: every chunk of every array read and checked;
 - :mod:`.info` — ``inntrospect info``.
 """
 
+from .append import base_samples, check_append, grow, growing, stored_plan, table_sha256
 from .backends import Location, location
 from .codecs import CHECKSUM, CODEC, CODEC_TABLE, MIN_RATIO, choose_codecs, zarr_codecs
 from .format import (
@@ -68,6 +70,7 @@ from .nodes import (
     stored_chunks,
     update_attrs,
     write_node,
+    write_sample_table,
     writer_lock,
     zarr_store,
 )
@@ -82,4 +85,5 @@ __all__ = [
     "has_node", "is_locked", "is_store", "layer_group", "node_bytes", "open_array", "open_store", "open_tree", "remove_node",
     "remove_store", "store_attrs", "check_chunks", "checked_dask_array", "chunk_grid", "chunk_where",
     "damaged_error", "missing_chunks", "repair_hint", "stored_chunks", "finish_extraction", "occupant", "update_attrs", "write_node", "writer_lock", "zarr_store",
+    "write_sample_table", "base_samples", "check_append", "grow", "growing", "stored_plan", "table_sha256",
 ]

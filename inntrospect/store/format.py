@@ -143,8 +143,13 @@ def check_same(stored: dict, wanted: dict, path) -> None:
             f"now {now} (sha256 {str(wm.get('sha256'))[:12]})"
         )
     sc, wc = stored.get("corpus", {}), wanted["corpus"]
+    grew = isinstance(sc.get("n_samples"), int) and isinstance(wc.get("n_samples"), int) \
+        and wc["n_samples"] > sc["n_samples"]
     if sc.get("csv_sha256") != wc["csv_sha256"]:
-        diffs.append(f"corpus: corpus.csv differs (store: {sc.get('path')}, now: {wc['path']})")
+        diffs.append(f"corpus: corpus.csv differs (store: {sc.get('path')}, now: {wc['path']})"
+                     + (f"; it has {wc['n_samples']} samples, the store {sc['n_samples']}: if the new ones "
+                        "are rows added after those extracted, append them with --append (append=True)"
+                        if grew else ""))
     elif sc.get("files_sha256") != wc["files_sha256"]:
         diffs.append("corpus: the batch files' names or shapes differ")
     elif sc.get("files") and wc.get("files"):  # (stores made before sizes and times were recorded: unknown)

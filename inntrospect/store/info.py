@@ -45,7 +45,9 @@ def describe_store(path: str | os.PathLike) -> str:
         f"sha256 {str(model.get('sha256'))[:12]})",
         f"corpus:     {corpus.get('path')} ({corpus.get('n_samples')} samples, "
         f"{corpus.get('n_files')} files)",
-        f"extraction: {state}; id {ex.get('id')}; gradient target {ex.get('gradient_target')}",
+        f"extraction: {state}; id {ex.get('id')}; gradient target {ex.get('gradient_target')}"
+        + "".join(f"; appended {a.get('n_samples_before')} -> {a.get('n_samples_after')} samples {a.get('at')}"
+                  for a in (ex.get("appends") or [])[-3:]),
         f"chunks:     ~{attrs.get('chunk_mib')} MiB target; block {ex.get('block')} samples",
         "",
         f"{'layer':<24} {'dims':<28} {'shape':<22} {'chunk':>6} {'codec acts/grads':>17} {'on disk':>10}",

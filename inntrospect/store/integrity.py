@@ -14,7 +14,8 @@ Which chunks must exist: those of ``acts``, ``grads`` and ``prediction`` in
 the blocks recorded in ``extraction/block_done`` (blocks not extracted yet
 have none), every chunk of the sample table (in stores with checksums:
 before, a table column holding only its fill value, such as empty file
-names, was not stored) and of ``aligned`` (once the ``align`` step finished). Elsewhere (block records, derived results, where a
+names, was not stored) and of ``aligned`` (once the ``align`` step finished on the store's
+extraction: after an append, until it runs again, only its stored chunks). Elsewhere (block records, derived results, where a
 chunk holding only the fill value is legitimately absent) only the stored
 chunks are checked.
 """
@@ -276,9 +277,10 @@ def _expectations(name: str, arr, attrs: dict, recorded, block):
         return ("recorded" if recorded is not None else True), blocks_of
     if var in _SAMPLE_TABLE:  # stored whole since stores carry checksums (before: not if all fill)
         return "checksum" in attrs, blocks_of
-    if var == "aligned":
+    if var == "aligned":  # all its chunks once align finished on this extraction (an append makes it stale)
         rec = attrs.get("steps", {}).get("align") or {}
-        return rec.get("state") == "complete", blocks_of
+        current = (rec.get("inputs") or {}).get("extraction") == attrs.get("extraction", {}).get("id")
+        return rec.get("state") == "complete" and current, blocks_of
     return False, blocks_of
 
 

@@ -41,7 +41,7 @@ from .format import (
 __all__ = [
     "zarr_store", "open_tree", "writer_lock", "is_locked", "is_store", "store_attrs", "open_store",
     "consolidate", "update_attrs", "remove_node", "write_node", "remove_store", "create_store",
-    "open_array", "layer_group", "blocks_done", "create_derived_array", "group_labels", "array_meta", "has_node", "node_bytes", "occupant", "finish_extraction",
+    "open_array", "write_sample_table", "layer_group", "blocks_done", "create_derived_array", "group_labels", "array_meta", "has_node", "node_bytes", "occupant", "finish_extraction",
     "STAGED", "ASIDE", "remove_staged", "swap_in",
     "chunk_grid", "chunk_where", "repair_hint", "damaged_error", "stored_chunks", "missing_chunks",
     "check_chunks", "checked_dask_array", "decode_problem",
@@ -251,22 +251,10 @@ def create_store(
         BLOCKS_DONE, shape=(plan.n_blocks(n),), chunks=(1,), dtype="uint8", fill_value=0,
         dimension_names=("block",), compressors=zarr_codecs(None),
     )
-    table = {
-        "sample": np.arange(n, dtype=np.int64),
-        "group": np.asarray(sample_table["group"]).astype(str),
-        "file": np.asarray(sample_table["file"]).astype(str),
-        "index_in_file": np.asarray(sample_table["index_in_file"], dtype=np.int64),
-        "target": np.asarray(sample_table["target"], dtype=np.int64),
-    }
-    coordinates = " ".join(sorted([*table][1:] + ["prediction"]))
+    coordinates = " ".join(sorted([*_TABLE_COLUMNS][1:] + ["prediction"]))
     for info in layers:
         node = root.create_group(layer_path(info.name), attributes={"layer": info.name})
-        for name, values in table.items():
-            node.create_array(
-                name, shape=(n,), chunks=(max(n, 1),), dtype=str if name in ("group", "file") else
-                values.dtype, dimension_names=("sample",), compressors=zarr_codecs(CODEC_TABLE),
-                config={"write_empty_chunks": True},  # stored even when all fill ("" files): verifiable
-            )[:] = values
+        write_sample_table(node, sample_table)
         node.create_array(
             "prediction", shape=(n,), chunks=(plan.block,), dtype="int64", fill_value=-1,
             dimension_names=("sample",), compressors=zarr_codecs(CODEC_TABLE),
@@ -281,6 +269,30 @@ def create_store(
             )
     root.attrs["extraction"] = attrs["extraction"]
     consolidate(path)
+
+
+#: the sample table's arrays in every layer node (``sample``, the index, first)
+_TABLE_COLUMNS = ("sample", "group", "file", "index_in_file", "target")
+
+
+def write_sample_table(node, sample_table: Mapping[str, np.ndarray]) -> None:
+    """Write (replacing) the sample table's arrays in a layer's node (a Zarr group): one chunk each."""
+    n = len(sample_table["group"])
+    table = {
+        "sample": np.arange(n, dtype=np.int64),
+        "group": np.asarray(sample_table["group"]).astype(str),
+        "file": np.asarray(sample_table["file"]).astype(str),
+        "index_in_file": np.asarray(sample_table["index_in_file"], dtype=np.int64),
+        "target": np.asarray(sample_table["target"], dtype=np.int64),
+    }
+    for name in _TABLE_COLUMNS:
+        values = table[name]
+        node.create_array(
+            name, shape=(n,), chunks=(max(n, 1),), dtype=str if name in ("group", "file") else
+            values.dtype, dimension_names=("sample",), compressors=zarr_codecs(CODEC_TABLE),
+            config={"write_empty_chunks": True},  # stored even when all fill ("" files): verifiable
+            overwrite=True,
+        )[:] = values
 
 
 def open_array(path, layer: str, var: str, *, write: bool = False):
@@ -362,6 +374,7 @@ def finish_extraction(path) -> None:
     """Mark the extraction complete (once every block is recorded), with the time it finished."""
     extraction = dict(store_attrs(path)["extraction"])
     if extraction.get("state") != "complete":
+        extraction.pop("kept", None)  # an append's rows read back: written whole now
         extraction.update(state="complete", finished=timestamp())
         update_attrs(path, extraction=extraction)
 
@@ -519,8 +532,10 @@ def missing_chunks(path, layer: str, var: str, *, recorded=None, block: int | No
     return _missing(path, open_array(path, layer, var) if arr is None else arr, recorded, block)
 
 
-def _missing(path, arr, recorded=None, block: int | None = None) -> list[str]:
+def _missing(path, arr, recorded=None, block: int | None = None, start: int = 0) -> list[str]:
     grid = chunk_grid(arr)
+    if start:
+        grid = [(coords, key) for coords, key in grid if (coords[0] + 1) * int(arr.chunks[0]) > start]
     if recorded is not None:
         c = int(arr.chunks[0])
         grid = [(coords, key) for coords, key in grid if recorded[coords[0] * c // block]]
@@ -530,13 +545,15 @@ def _missing(path, arr, recorded=None, block: int | None = None) -> list[str]:
 
 
 def check_chunks(path, layers: Sequence[str] | None = None,
-                 variables: Sequence[str] = ("acts", "grads"), *, arrays=None) -> None:
+                 variables: Sequence[str] = ("acts", "grads"), *, arrays=None, start: int = 0) -> None:
     """Raise :class:`DamagedStoreError` when a chunk of these arrays of a complete store is missing.
 
     Checked before a pass reads them: a missing chunk would read as NaN. The
     arrays are ``variables`` of ``layers`` (all layers by default; arrays a
     layer does not have are skipped), or the open Zarr ``arrays``. A store
     whose extraction has not finished is not checked (its readers refuse it).
+    With ``start``, only the chunks holding samples ``start`` and after (a pass
+    over those samples only).
     """
     attrs = getattr(path, "attrs", None)
     attrs = store_attrs(path) if not isinstance(attrs, dict) else attrs
@@ -548,7 +565,7 @@ def check_chunks(path, layers: Sequence[str] | None = None,
             node = layer_group(path, layer)
             arrays += [node[var] for var in variables if var in node]
     for arr in arrays:
-        missing = _missing(path, arr)
+        missing = _missing(path, arr, start=start)
         if missing:
             more = len(missing) - 1
             also = ", ".join(missing[1 : 1 + _NAMED]) + (", ..." if more > _NAMED else "")

@@ -1,7 +1,7 @@
 """Step records: what each derived result was computed from, and whether it is current.
 
 Every analysis step that writes into a store (``align``, ``naps``,
-``contrast``, ``layout``, ``topomap``, ``projection``) leaves a record in the root attribute ``steps``::
+``exemplars``, ``contrast``, ``layout``, ``topomap``, ``projection``) leaves a record in the root attribute ``steps``::
 
     steps = {"naps": {"step": "naps", "id": "3f2a…", "state": "complete",
                       "params": {"aligned": true, "std": false},
@@ -40,16 +40,17 @@ from .handle import Store
 from .nodes import STAGED, consolidate, open_tree, remove_staged, swap_in, write_node
 
 __all__ = ["STEPS", "load", "new_record", "status", "is_current", "check_current", "begin", "finish",
-           "write_results", "persist", "recording", "replacing", "RERUN", "writable", "select_layers", "check_node", "node_attrs"]
+           "write_results", "persist", "persist_together", "recording", "replacing", "RERUN", "writable", "select_layers", "check_node", "node_attrs", "stored_node"]
 
 #: derived steps in pipeline order, and where their nodes live in the store
-STEPS = {"align": "layers", "naps": "naps", "contrast": "contrast", "layout": "layout",
-         "topomap": "topomap", "projection": "projection"}
+STEPS = {"align": "layers", "naps": "naps", "exemplars": "exemplars", "contrast": "contrast",
+         "layout": "layout", "topomap": "topomap", "projection": "projection"}
 #: how to recompute each step, for messages
 RERUN = {
     "extract": "inntrospect extract CONFIG --overwrite",
     "align": "inntrospect align CONFIG (or inntrospect.align(store, persist=True))",
     "naps": "inntrospect naps CONFIG (or inntrospect.naps(store, persist=True))",
+    "exemplars": "inntrospect exemplars CONFIG (or inntrospect.exemplars(store, persist=True))",
     "contrast": "inntrospect contrast CONFIG (or inntrospect.contrastive_naps(store, persist=True))",
     "layout": "inntrospect layout CONFIG (or inntrospect.topomap_layout(store))",
     "topomap": "inntrospect layout CONFIG (or inntrospect.topomap_images(store))",
@@ -219,7 +220,7 @@ def recording(store, step: str, params: dict, inputs: dict, layers, **extra) -> 
 
 
 @contextmanager
-def replacing(store, record: dict, names) -> Iterator[dict[str, str]]:
+def replacing(store, record: dict | list[dict], names) -> Iterator[dict[str, str]]:
     """Replace the nodes ``names`` by new ones written beside them, swapped in only once all are complete.
 
     Yields ``{name: staged name}`` (``<name>.next``, e.g. ``naps.next`` or
@@ -228,7 +229,8 @@ def replacing(store, record: dict, names) -> Iterator[dict[str, str]]:
 
     - The block raises (a damaged chunk, an interrupt): the staged nodes are
       deleted and the error goes on; the store is as it was.
-    - The block ends: the run's record is written ``running`` (the old results
+    - The block ends: the run's record (or each of ``record``, a list, when one
+      pass computes several steps) is written ``running`` (the old results
       are no longer current: they are about to go), each staged node is
       swapped in (:func:`~inntrospect.store.nodes.swap_in`: a rename on a local
       disk, a copy then delete on object storage) and the consolidated metadata
@@ -254,7 +256,8 @@ def replacing(store, record: dict, names) -> Iterator[dict[str, str]]:
         except Exception:  # noqa: BLE001 - the next run deletes them; the block's error matters
             pass
         raise
-    begin(store, record)
+    for rec in record if isinstance(record, list) else [record]:
+        begin(store, rec)
     for name, new in staged.items():
         swap_in(store, new, name, consolidated=False)
     consolidate(store)  # once for all the nodes
@@ -269,6 +272,57 @@ def persist(store, step: str, params: dict, inputs: dict, results: dict, *,
     """
     with recording(store, step, params, inputs, results, **extra) as record:
         return write_results(store, record, results, progress)
+
+
+def persist_together(store, runs: list[tuple[str, dict, dict, dict]], *, progress: bool = False,
+                     extra: list[dict] | None = None) -> list[dict]:
+    """Store the results of several steps computed by one pass: each layer's datasets of every step
+    are computed together (shared tasks run once) and each step gets its own record.
+
+    ``runs`` is ``[(step, params, inputs, {layer: Dataset}), …]`` with the same
+    layers; returns each step's results computed, in that order. All steps'
+    nodes are swapped in together (:func:`replacing`); a failure leaves every
+    step's old results as they were. ``extra`` adds keys to each run's record.
+    """
+    from contextlib import ExitStack
+
+    from ..scheduler import compute
+
+    store = Store.open(store)
+    layers = list(runs[0][3])
+    with ExitStack() as stack:
+        records = [stack.enter_context(recording(store, step, params, inputs, layers,
+                                                 **(extra[i] if extra else {})))
+                   for i, (step, params, inputs, _) in enumerate(runs)]
+        names = [STEPS[step] for step, *_ in runs]
+        done: list[dict] = [{} for _ in runs]
+        with replacing(store, records, names) as staged:
+            for layer in layers:
+                computed = compute(*(results[layer] for *_, results in runs), progress=progress,
+                                   desc=f"{'+'.join(names)} {layer}")
+                for i, (record, ds) in enumerate(zip(records, computed)):
+                    ds.attrs = {**ds.attrs, **node_attrs(record, layer)}
+                    write_node(store, f"{staged[names[i]]}/{layer}", ds, consolidated=False)
+                    done[i][layer] = ds
+    return done
+
+
+def stored_node(store, step: str, layer: str) -> tuple[dict, dict] | None:
+    """A step's node of ``layer`` as stored: ``({array: numpy array}, node attributes)``, or None.
+
+    Not checked to be current: what an update after an append merges into,
+    after checking the node's ``id`` against the record it updates.
+    """
+    import zarr
+
+    from .nodes import zarr_store
+
+    root = zarr.open_group(zarr_store(Store.open(store).location, read_only=True), mode="r", use_consolidated=False)
+    name = f"{STEPS[step]}/{layer}"
+    if step == "align" or name not in root:
+        return None
+    node = root[name]
+    return {key: arr[...] for key, arr in node.arrays()}, dict(node.attrs)
 
 
 def write_results(store, record: dict, results: dict, progress: bool = False) -> dict:
