@@ -30,8 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # the order they run in: cheap and model-free first
-BENCHES = ["align", "circle", "layout", "naps", "scaling", "codecs", "extract", "checksum", "extract-cluster", "startup",
-           "e2e"]
+BENCHES = ["align", "circle", "layout", "naps", "exemplars", "scaling", "codecs", "extract", "extract-torch", "checksum",
+           "extract-cluster", "startup", "e2e", "append"]
 PACKAGES = ["inntrospect", "numpy", "numba", "scipy", "dask", "distributed", "zarr", "numcodecs", "xarray", "flox",
             "tensorflow", "tf_keras", "umap-learn", "scikit-learn", "pynndescent"]
 SEE = "see output"
@@ -239,6 +239,40 @@ def parse_checksum(out: str) -> list[dict]:
     return rows
 
 
+def parse_exemplars(out: str) -> list[dict]:
+    """bench_exemplars: one pass for NAPs and exemplars against the NAP pass alone; the statistics' cost."""
+    rows = []
+    m = search(r"^one pass vs NAPs alone: b / bx = " + NUM + r" \(target >= 0.8\); aligned: ba / bax = " + NUM, out)
+    if m:
+        rows.append(row("exemplars", "NAP pass alone vs NAPs + exemplars in one pass (b / bx)",
+                        ratio=num(m.group(1)), target=0.8))
+        rows.append(row("exemplars", "aligned NAP pass alone vs aligned NAPs + exemplars (ba / bax)",
+                        ratio=num(m.group(2)), target=0.8))
+    c = search(r"^\(c\) contrast step: " + NUM + r" s without statistics, " + NUM + r" s with", out)
+    if c:
+        rows.append(row("exemplars", "contrast step without / with statistics (s)", num(c.group(2)),
+                        num(c.group(1)), num(c.group(1)) / num(c.group(2)), ">= 0.95", unit="s"))
+    return rows or [row("exemplars", "NAPs and exemplars in one pass")]
+
+
+def parse_extract_torch(out: str) -> list[dict]:
+    """bench_extract_torch: PyTorch extraction against the serial combination of bare model and writes."""
+    m = search(r"^c/s\s+= " + NUM, out)
+    return [row("extract-torch", "PyTorch extraction vs 1/(1/a + 1/b) (bare torch loop a, bare writes b)",
+                ratio=num(m.group(1)) if m else None, target=1.0)]
+
+
+def parse_append(out: str) -> list[dict]:
+    """bench_append: the incremental NAP update after appending against a full NAP pass (u / f <= 0.15)."""
+    rows = []
+    for m in re.finditer(r"^(raw|aligned)\s+" + NUM + r" s\s+" + NUM + r" s\s+" + NUM, out, re.M):
+        f, u = num(m.group(2)), num(m.group(3))
+        rows.append(row("append", f"NAP update after appending 10 % ({m.group(1)}) vs a full NAP pass, "
+                        "persisted (s; ratio full / update)", u, f, f / u, "update <= 0.15 x full",
+                        u / f <= 0.15, unit="s"))
+    return rows or [row("append", "incremental NAPs after an append")]
+
+
 def parse_extract_cluster(out: str) -> list[dict]:
     rate = {}
     for m in re.finditer(r'^(in-process \(where="local"\)|LocalCluster (\d) workers? x 1 thread(?: \(of 2, --quick\))?)'
@@ -296,6 +330,7 @@ def parse_startup(out: str) -> list[dict]:
 
 
 PARSERS = {"align": parse_align, "circle": parse_circle, "layout": parse_layout, "naps": parse_naps,
+           "exemplars": parse_exemplars, "extract-torch": parse_extract_torch, "append": parse_append,
            "scaling": parse_scaling, "codecs": parse_codecs, "extract": parse_extract, "checksum": parse_checksum,
            "extract-cluster": parse_extract_cluster, "startup": parse_startup, "e2e": parse_e2e}
 
