@@ -19,8 +19,9 @@ scheduler with ``--threads`` threads:
 
 Each is the median of ``--repeats`` runs in rounds (each method once per
 round). The page cache is warm; ``--cold`` evicts the store before each run.
-The exemplars of (x) and (bx) are checked to be equal, and so are the NAPs of
-(b) and (bx).
+The exemplars of (x) and (bx) are checked to be equal, and the NAPs of (b)
+and (bx) to agree to 1e-12 (the same sums, merged in another tree: exemplar
+passes use fewer, longer tasks).
 
 Run::
 
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
 
     (b_naps,), (x_ex,), (bx_naps, bx_ex) = runs["b"][2], runs["x"][2], runs["bx"][2]
     for layer in b_naps:
-        np.testing.assert_array_equal(b_naps[layer].nap.values, bx_naps[layer].nap.values)
+        np.testing.assert_allclose(b_naps[layer].nap.values, bx_naps[layer].nap.values, rtol=1e-12, atol=1e-15)
         for var in ("sample", "value"):
             np.testing.assert_array_equal(x_ex[layer][var].values, bx_ex[layer][var].values)
 

@@ -78,9 +78,9 @@ TASK_RESULT_MIB = 32
 MIN_TASKS = 16
 #: ... or this many when the pass keeps exemplars: a task's running top-k costs an insertion
 #: for most of its first samples of each group and few after, so fewer, longer tasks
-EXEMPLAR_MIN_TASKS = 4
+EXEMPLAR_MIN_TASKS = 2
 #: ... of up to this many chunks (a partial result of exemplars does not grow with its chunks)
-EXEMPLAR_CHUNKS_PER_TASK = 16
+EXEMPLAR_CHUNKS_PER_TASK = 32
 
 
 # -- tasks -----------------------------------------------------------------------

@@ -97,9 +97,10 @@ def test_one_pass_for_naps_and_exemplars_equals_each_alone(tmp_path, persisted_a
     assert_exemplars(ex["conv"], x, labels, 5)
     assert_exemplars(ex["dense"], d, labels, 5)
     alone = dask.compute(inntrospect.naps(path, aligned=True, std=True))[0]
-    for layer in ("conv", "dense"):
-        np.testing.assert_array_equal(naps[layer].nap.values, alone[layer].nap.values)
-        np.testing.assert_array_equal(naps[layer]["std"].values, alone[layer]["std"].values)
+    for layer in ("conv", "dense"):  # the same sums, merged in another tree (longer tasks): to rounding
+        np.testing.assert_allclose(naps[layer].nap.values, alone[layer].nap.values, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(naps[layer]["std"].values, alone[layer]["std"].values, rtol=1e-10,
+                                   atol=1e-14)
     loaded = inntrospect.load(path, "exemplars")
     np.testing.assert_array_equal(loaded["conv"]["sample"].values, ex["conv"]["sample"].values)
     np.testing.assert_array_equal(loaded["conv"]["position"].values, ex["conv"]["position"].values)
