@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
+from common import print_main_thread, print_store_size  # benchmarks/common.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "mnist_cnn_shallow"
@@ -370,20 +371,11 @@ def main(argv=None) -> None:
     print(f"c/min(a,b) = {rc / min(ra, rb):.2f}   (1.0 = model and writes fully overlapped)")
     print(f"end to end inntrospect.extract(): {t_e2e:.2f} s = {n / t_e2e:,.0f} samples/s "
           "(model load, tracing, store creation, opening included)")
-    print(f"\nstore on disk (c): {c_alloc / 1e9:.3f} GB allocated (du), {c_apparent / 1e9:.3f} GB apparent; "
-          f"compression ratio {raw / c_alloc:.2f} (du), {raw / c_apparent:.2f} (apparent)")
+    print_store_size(c_alloc, c_apparent, raw)
     print(f"arrays of (b) on disk: {b_alloc / 1e9:.3f} GB allocated, ratio {raw / b_alloc:.2f}; "
           f"(b2) {b2_alloc / 1e9:.3f} GB, ratio {raw / b2_alloc:.2f}")
 
-    print(f"\none instrumented run_extraction: {t_inst:.2f} s ({n / t_inst:,.0f} samples/s); main thread:")
-    accounted = 0.0
-    for label in sorted(timers.t, key=timers.t.get, reverse=True):
-        t = timers.t[label]
-        if "incl." not in label:
-            accounted += t
-        print(f"  {label:<44} {t:7.2f} s  {t / t_inst:6.1%}  ({timers.calls[label]} calls)")
-    print(f"  {'rest (buffer copies, submit, prediction, block records)':<44} {t_inst - accounted:7.2f} s  "
-          f"{(t_inst - accounted) / t_inst:6.1%}")
+    print_main_thread(timers, t_inst, n)
     if prof:
         print("\ncProfile of one run_extraction (main thread only, by tottime):")
         print(prof)

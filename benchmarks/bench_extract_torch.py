@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import print_main_thread, print_store_size  # benchmarks/common.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -248,17 +249,8 @@ def main(argv=None) -> None:
     print(f"\nc/s        = {rc / s:.2f}   (target >= 1.0)")
     print(f"c/min(a,b) = {rc / min(ra, rb):.2f}   (1.0 = model and writes fully overlapped)")
     print(f"a2/a       = {ra2 / ra:.2f}   (TorchModel.compute against the bare loop)")
-    print(f"\nstore on disk (c): {c_alloc / 1e9:.3f} GB allocated (du), {c_apparent / 1e9:.3f} GB apparent; "
-          f"compression ratio {raw / c_alloc:.2f} (du), {raw / c_apparent:.2f} (apparent)")
-    print(f"\none instrumented run_extraction: {t_inst:.2f} s ({n / t_inst:,.0f} samples/s); main thread:")
-    accounted = 0.0
-    for label in sorted(timers.t, key=timers.t.get, reverse=True):
-        t = timers.t[label]
-        if "incl." not in label:
-            accounted += t
-        print(f"  {label:<44} {t:7.2f} s  {t / t_inst:6.1%}  ({timers.calls[label]} calls)")
-    print(f"  {'rest (buffer copies, submit, prediction, block records)':<44} {t_inst - accounted:7.2f} s  "
-          f"{(t_inst - accounted) / t_inst:6.1%}")
+    print_store_size(c_alloc, c_apparent, raw)
+    print_main_thread(timers, t_inst, n)
 
 
 if __name__ == "__main__":

@@ -16,3 +16,22 @@ def evict(path: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def print_store_size(c_alloc: int, c_apparent: int, raw: float) -> None:
+    """The extraction's store on disk, allocated and apparent, and its compression ratio."""
+    print(f"\nstore on disk (c): {c_alloc / 1e9:.3f} GB allocated (du), {c_apparent / 1e9:.3f} GB apparent; "
+          f"compression ratio {raw / c_alloc:.2f} (du), {raw / c_apparent:.2f} (apparent)")
+
+
+def print_main_thread(timers, t_inst: float, n: int) -> None:
+    """Where one instrumented ``run_extraction`` spent its main thread's time (``timers.t``, ``.calls``)."""
+    print(f"\none instrumented run_extraction: {t_inst:.2f} s ({n / t_inst:,.0f} samples/s); main thread:")
+    accounted = 0.0
+    for label in sorted(timers.t, key=timers.t.get, reverse=True):
+        t = timers.t[label]
+        if "incl." not in label:
+            accounted += t
+        print(f"  {label:<44} {t:7.2f} s  {t / t_inst:6.1%}  ({timers.calls[label]} calls)")
+    print(f"  {'rest (buffer copies, submit, prediction, block records)':<44} {t_inst - accounted:7.2f} s  "
+          f"{(t_inst - accounted) / t_inst:6.1%}")

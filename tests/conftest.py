@@ -300,3 +300,18 @@ def s3(tmp_path_factory):
         yield S3Server(endpoint)
     finally:
         stop()
+
+
+def counting_reads(monkeypatch) -> list[str]:
+    """The chunk files the direct chunk reads open from now on (``chunkio.read_chunk``), in order."""
+    from inntrospect.store import chunkio
+
+    reads: list[str] = []
+    real = chunkio.read_chunk
+
+    def counted(f, what):
+        reads.append(f.file)
+        return real(f, what)
+
+    monkeypatch.setattr(chunkio, "read_chunk", counted)
+    return reads

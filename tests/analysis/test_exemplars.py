@@ -17,6 +17,8 @@ import inntrospect
 from inntrospect.errors import ParameterError, StaleResultError
 from inntrospect.testing import store_from_arrays
 
+from ..conftest import counting_reads
+
 
 def brute_force(x: np.ndarray, labels: np.ndarray, k: int):
     """``sample``, ``value``, ``position`` (end, group, rank, unit[, axis]) by sorting every sample."""
@@ -110,20 +112,11 @@ def test_one_pass_for_naps_and_exemplars_equals_each_alone(tmp_path, persisted_a
 
 def test_the_shared_pass_reads_each_chunk_once(tmp_path, monkeypatch):
     """NAPs aligned on the fly and exemplars: every chunk file of the layer is read exactly once."""
-    from inntrospect.store import chunkio
-
     rng = np.random.default_rng(1)
     x = rng.standard_normal((96, 3, 3, 4)).astype(np.float32)
     path = store_from_arrays(tmp_path / "s.zarr", {"c": x}, rng.choice(["a", "b"], 96),
                              grads={"c": rng.standard_normal(x.shape).astype(np.float32)}, chunks=16)
-    reads: list[str] = []
-    real = chunkio.read_chunk
-
-    def counted(f, what):
-        reads.append(f.file)
-        return real(f, what)
-
-    monkeypatch.setattr(chunkio, "read_chunk", counted)
+    reads = counting_reads(monkeypatch)
     with dask.config.set(scheduler="synchronous"):
         inntrospect.naps_and_exemplars(path, aligned=True, k=3)
     assert len(reads) == 2 * 6  # 6 chunks of acts and 6 of grads, each once

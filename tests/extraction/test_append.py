@@ -26,9 +26,19 @@ import zarr
 
 import inntrospect
 from inntrospect import StaleResultError, StoreMismatchError
-from inntrospect.store import chunkio, store_attrs
+from inntrospect.store import store_attrs
 
-from ..conftest import BATCH, CNN, CNN_LAYERS, MLP, MLP_LAYERS, ROOT, needs_shared, python_env
+from ..conftest import (
+    BATCH,
+    CNN,
+    CNN_LAYERS,
+    MLP,
+    MLP_LAYERS,
+    ROOT,
+    counting_reads,
+    needs_shared,
+    python_env,
+)
 
 # -- the writer API (no TensorFlow) ------------------------------------------------------
 LAYERS = {"conv": (5, 4, 3), "fc": (6,)}
@@ -249,16 +259,6 @@ def test_kill_9_during_an_append_then_resume_gives_the_longer_store(tmp_path, fu
 
 
 # -- incremental NAPs, exemplars and alignment (writer API) --------------------------------
-def counting_reads(monkeypatch) -> list[str]:
-    reads: list[str] = []
-    real = chunkio.read_chunk
-
-    def counted(f, what):
-        reads.append(f.file)
-        return real(f, what)
-
-    monkeypatch.setattr(chunkio, "read_chunk", counted)
-    return reads
 
 
 def chunk_index(file: str) -> tuple[str, str, int]:
