@@ -183,6 +183,20 @@ class Timers:
         return timed
 
 
+def time_extractions(ex, tmp: Path, repeats: int, run_extraction) -> tuple[list[float], tuple[int, int]]:
+    """(c): seconds of each of ``repeats`` whole extractions into fresh stores under ``tmp``, and
+    the first store's size on disk (:func:`du`); the stores are removed."""
+    seconds, size = [], None
+    for r in range(repeats):
+        path = fresh(tmp / f"c{r}.zarr")
+        t0 = time.perf_counter()
+        run_extraction(dataclasses.replace(ex, path=path), overwrite=True)
+        seconds.append(time.perf_counter() - t0)
+        size = size or du(path)
+        shutil.rmtree(path)
+    return seconds, size
+
+
 def instrumented_run(ex, run_extraction) -> tuple[float, Timers]:
     """One extraction with timers around its steps (patched for this call only)."""
     xm = importlib.import_module("inntrospect.extraction.writer")
@@ -306,18 +320,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         ex.model.compute(x[: a.batch])
         t_trace_c = time.perf_counter() - t0
-        tc = []
-        for r in range(R):
-            path = fresh(tmp / f"c{r}.zarr")
-            exr = dataclasses.replace(ex, path=path)
-            t0 = time.perf_counter()
-            run_extraction(exr, overwrite=True)
-            tc.append(time.perf_counter() - t0)
-            if r == 0:
-                c_alloc, c_apparent = du(path)
-            if r > 0:
-                shutil.rmtree(path)
-        shutil.rmtree(tmp / "c0.zarr")
+        tc, (c_alloc, c_apparent) = time_extractions(ex, tmp, R, run_extraction)
         t_inst, timers = instrumented_run(dataclasses.replace(ex, path=fresh(tmp / "ci.zarr")), run_extraction)
         shutil.rmtree(tmp / "ci.zarr")
         prof = None

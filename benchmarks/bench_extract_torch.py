@@ -141,7 +141,14 @@ def main(argv=None) -> None:
     t_torch = time.perf_counter() - t0
 
     sys.path.insert(0, str(HERE))
-    from bench_extract import arrays_of, bench_writes, du, fresh, instrumented_run, precompute
+    from bench_extract import (
+        arrays_of,
+        bench_writes,
+        fresh,
+        instrumented_run,
+        precompute,
+        time_extractions,
+    )
 
     from inntrospect.extraction.corpus import read_corpus, write_corpus
     from inntrospect.extraction.local import prepare_extraction, run_extraction
@@ -201,16 +208,7 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp / "b")
         del src
 
-        tc = []
-        for r in range(R):
-            path = fresh(tmp / f"c{r}.zarr")
-            exr = dataclasses.replace(ex, path=path)
-            t0 = time.perf_counter()
-            run_extraction(exr, overwrite=True)
-            tc.append(time.perf_counter() - t0)
-            if r == 0:
-                c_alloc, c_apparent = du(path)
-            shutil.rmtree(path)
+        tc, (c_alloc, c_apparent) = time_extractions(ex, tmp, R, run_extraction)
         t_inst, timers = instrumented_run(dataclasses.replace(ex, path=fresh(tmp / "ci.zarr")), run_extraction)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
