@@ -18,7 +18,7 @@ import numpy as np
 #: ``numba.prange`` once compiled (set by :class:`_Compiled`); a plain range for the Python definition
 prange = range
 
-__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "insert", "top_bottom", "rank_queued", "offer", "merge_ranked", "fr_displacement"]
+__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "insert", "top_bottom", "rank_queued", "offer", "fill", "merge_ranked", "merge_sorted", "fr_displacement"]
 
 
 def group_sums(x, index, sums):  # pragma: no cover - compiled by numba
@@ -141,7 +141,8 @@ def top_bottom(x, index, start, value, sample, position, count, above, below, ke
     when the queue is full and at the end, sorted by group and unit: the
     state (megabytes for wide layers) is then walked in order rather than
     hit at random, a cache miss per score. Samples come in increasing index
-    order, and the sort is stable, so ties go to the lower index.
+    order, and the sort is stable, so ties go to the lower index. Samples
+    whose ``index`` is negative are skipped (their group was filled: :func:`fill`).
     """
     n, size, units = x.shape
     best = np.empty(units, x.dtype)
@@ -150,6 +151,8 @@ def top_bottom(x, index, start, value, sample, position, count, above, below, ke
     m = 0
     for i in range(n):
         g = index[i]
+        if g < 0:
+            continue
         best[:] = x[i, 0]
         for p in range(1, size):  # the spatial maximum, vectorised; where it is, below, if needed
             row = x[i, p]
@@ -216,6 +219,70 @@ def offer(value, sample, position, count, above, below, g, u, v, ident, where): 
             below[g, u] = value[1, g, u, k - 1]
 
 
+def fill(x, index, start, groups, value, sample, position, count, above, below):  # pragma: no cover
+    """Fill the empty ends of the state rows ``groups`` from the chunk ``x`` alone (a task's first chunk).
+
+    The state is :func:`top_bottom`'s; each of ``groups`` has no score yet and at
+    least ``k`` samples in ``x`` (rows where ``index`` is the group). Per unit,
+    its scores (spatial maxima, at their first position) are ranked into a
+    small sorted list while they sit in a cache-sized tile, each compared
+    with the list's last entry first: about ``k (1 + ln(n / k))`` insertions
+    per unit and end, against one per score through the queue of
+    :func:`top_bottom`, which then skips these samples. The same ranks as
+    :func:`insert` would give (samples in order, ties to the lower); the
+    thresholds are set as when an end fills.
+    """
+    n, size, units = x.shape
+    k = value.shape[3]
+    tile = 64
+    for g in groups:
+        rows = np.flatnonzero(index == g)
+        m = len(rows)
+        tv = np.empty((tile, m), x.dtype)  # a unit's scores contiguous
+        tp = np.zeros((tile, m), np.int32)
+        for u0 in range(0, units, tile):
+            w = min(tile, units - u0)
+            for r in range(m):
+                i = rows[r]
+                for j in range(w):
+                    tv[j, r] = x[i, 0, u0 + j]
+                    tp[j, r] = 0
+                for p in range(1, size):
+                    for j in range(w):
+                        v = x[i, p, u0 + j]
+                        if v > tv[j, r]:
+                            tv[j, r] = v
+                            tp[j, r] = p
+            for j in range(w):
+                u = u0 + j
+                for end in range(2):
+                    c = 0
+                    for r in range(m):
+                        v = tv[j, r]
+                        if c == k:
+                            last = value[end, g, u, k - 1]
+                            if not (v > last if end == 0 else v < last):
+                                continue
+                            at = k - 1
+                        else:
+                            at = c
+                            c += 1
+                        while at > 0:
+                            prev = value[end, g, u, at - 1]
+                            if not (v > prev if end == 0 else v < prev):
+                                break
+                            value[end, g, u, at] = prev
+                            sample[end, g, u, at] = sample[end, g, u, at - 1]
+                            position[end, g, u, at] = position[end, g, u, at - 1]
+                            at -= 1
+                        value[end, g, u, at] = v
+                        sample[end, g, u, at] = start + rows[r]
+                        position[end, g, u, at] = tp[j, r]
+                    count[end, g, u] = c
+                above[g, u] = value[0, g, u, k - 1]
+                below[g, u] = value[1, g, u, k - 1]
+
+
 def merge_ranked(cvalue, csample, cposition, crow, value, sample, position, count):  # pragma: no cover
     """Add candidates ``(2, unit, row)`` (row ``r`` of state group ``crow[r]``) into the state of
     :func:`top_bottom` by :func:`insert`: the merge of partial results, exact in any order."""
@@ -225,6 +292,44 @@ def merge_ranked(cvalue, csample, cposition, crow, value, sample, position, coun
             for r in range(rows):
                 insert(value, sample, position, count, end, crow[r], u, cvalue[end, u, r],
                        csample[end, u, r], cposition[end, u, r])
+
+
+def merge_sorted(cvalue, csample, cposition, starts, crow, value, sample, position, count):  # pragma: no cover
+    """:func:`merge_ranked` for candidates already ranked (``Exemplars.ranked``): a linear merge.
+
+    The rows ``starts[i]`` to ``starts[i + 1]`` of the candidates ``(2, unit,
+    row)`` are state group ``crow[i]``'s, best first; each unit's two ranked
+    lists (the state's and the candidates') are merged into the best ``k``,
+    ties to the lower sample, as :func:`insert` would rank them one by one.
+    """
+    units = cvalue.shape[1]
+    k = value.shape[3]
+    tv = np.empty(k, value.dtype)
+    ts = np.empty(k, sample.dtype)
+    tp = np.empty(k, position.dtype)
+    for end in range(2):
+        for i in range(len(crow)):
+            g, a, b = crow[i], starts[i], starts[i + 1]
+            for u in range(units):
+                c = count[end, g, u]
+                p, q, m = 0, a, 0
+                while m < k and (p < c or q < b):
+                    take = q < b
+                    if take and p < c:
+                        v, w = cvalue[end, u, q], value[end, g, u, p]
+                        take = (v > w if end == 0 else v < w) or (v == w and csample[end, u, q] < sample[end, g, u, p])
+                    if take:
+                        tv[m], ts[m], tp[m] = cvalue[end, u, q], csample[end, u, q], cposition[end, u, q]
+                        q += 1
+                    else:
+                        tv[m], ts[m], tp[m] = value[end, g, u, p], sample[end, g, u, p], position[end, g, u, p]
+                        p += 1
+                    m += 1
+                for j in range(m):
+                    value[end, g, u, j] = tv[j]
+                    sample[end, g, u, j] = ts[j]
+                    position[end, g, u, j] = tp[j]
+                count[end, g, u] = m
 
 
 KERNELS: list = []
@@ -244,11 +349,15 @@ class _Compiled:
         self.group_sums = jit(group_sums)
         self.group_m2 = jit(group_m2)
         self.shifted_sums = jit(shifted_sums)
-        globals()["insert"] = jit(insert)  # called by those below: compiled first
-        globals()["offer"] = jit(offer)
+        # called by those below, compiled into them: a call between compiled functions counts
+        # each array argument's references, a few times the cost of ranking a score in
+        globals()["insert"] = numba.njit(nogil=True, inline="always")(insert)
+        globals()["offer"] = numba.njit(nogil=True, inline="always")(offer)
         globals()["rank_queued"] = jit(rank_queued)
         self.top_bottom = jit(top_bottom)
         self.merge_ranked = jit(merge_ranked)
+        self.merge_sorted = jit(merge_sorted)
+        self.fill = jit(fill)
         globals()["prange"] = numba.prange
         try:
             self.fr_displacement = numba.njit(parallel=True, cache=True)(fr_displacement)

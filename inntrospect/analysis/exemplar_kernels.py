@@ -84,6 +84,8 @@ __all__ = [
 BLOCK = 1 << 22
 #: scores queued by the compiled pass before they are ranked in, sorted by group and unit
 QUEUE = 1 << 16
+#: bytes of a chunk ranked in at once by :meth:`RunningExemplars.add` when another kernel reads it too
+SLICE = 1 << 20
 #: values gathered at once to find the positions of the selected scores
 GATHER = 1 << 17
 
@@ -115,6 +117,9 @@ class Exemplars(NamedTuple):
     position : ndarray of int32, shape (2, unit, row)
         Flat (C-order) spatial index of each score, 0 without spatial axes;
         :func:`finalize_exemplars` unravels it.
+    ranked : bool
+        Each group's rows are in rank order already (best first, ties to the
+        lower sample), as the compiled loops keep them: finalizing skips the sort.
 
     A named tuple of numpy arrays: it pickles, and dask moves it between
     tasks as it is.
@@ -126,6 +131,7 @@ class Exemplars(NamedTuple):
     value: np.ndarray
     sample: np.ndarray
     position: np.ndarray
+    ranked: bool = False
 
     @property
     def n_units(self) -> int:
@@ -361,12 +367,14 @@ def finalize_exemplars(part: Exemplars, n_groups: int, k: int, spatial_shape: tu
     for end in range(2):
         v, s, p = np.zeros(shape, part.value.dtype), np.zeros(shape, np.int64), np.zeros(shape, np.int32)
         v[:, group, slot], s[:, group, slot], p[:, group, slot] = part.value[end], part.sample[end], part.position[end]
-        rank = _rank(v, s, real, top=end == 0)
+        if not part.ranked:
+            rank = _rank(v, s, real, top=end == 0)
+            v, s, p = (np.take_along_axis(a, rank, axis=-1) for a in (v, s, p))
         filled = real[:, :, None]
-        sample[end] = np.where(filled, np.take_along_axis(s, rank, axis=-1).transpose(1, 2, 0), -1)
-        value[end] = np.where(filled, np.take_along_axis(v, rank, axis=-1).transpose(1, 2, 0), np.nan)
+        sample[end] = np.where(filled, s.transpose(1, 2, 0), -1)
+        value[end] = np.where(filled, v.transpose(1, 2, 0), np.nan)
         if spatial_shape:
-            flat = np.take_along_axis(p, rank, axis=-1).transpose(1, 2, 0)
+            flat = p.transpose(1, 2, 0)
             position[end] = np.where(filled[..., None], np.stack(np.unravel_index(flat, spatial_shape), axis=-1), -1)
     return sample, value, position
 
@@ -392,13 +400,26 @@ class RunningExemplars:
         self.lo = 0
         self.state = self.queue = None
         self.running = None
+        #: the groups (rows of the state) no sample was added to yet
+        self.empty = np.ones(len(self.groups), bool)
 
-    def _state(self, units: int, dtype, running: bool) -> tuple:
+    def _state(self, units: int, dtype, running: bool, spatial: bool = True) -> tuple:
+        """The ranks (value, sample, position), counts and thresholds, made on first use.
+
+        Adding chunks, the samples are kept relative to ``start`` in int32
+        where the codes span fewer than 2**31 samples, and a layer without
+        spatial axes keeps no positions (a view of one zero): the state of a
+        wide layer is touched at each score ranked in, so its size is its speed.
+        """
         if self.state is None:
             self.running = running
             shape = (2, len(self.groups), units, self.k)
             above = np.full(shape[1:3], -np.inf, dtype)
-            self.state = (np.zeros(shape, dtype), np.zeros(shape, np.int64), np.zeros(shape, np.int32),
+            small = running and len(self.index) < 2**31
+            self.offset = 0 if small else self.start  # what the kernels are given as a sample's start
+            position = np.zeros(shape, np.int32) if spatial or not running else \
+                np.lib.stride_tricks.as_strided(np.zeros(1, np.int32), shape, (0,) * 4, writeable=True)
+            self.state = (np.zeros(shape, dtype), np.zeros(shape, np.int32 if small else np.int64), position,
                           np.zeros((2, *shape[1:3]), np.int64), above, -above)
         return self.state
 
@@ -409,16 +430,33 @@ class RunningExemplars:
         return (np.empty(size, np.int64), np.empty(size, dtype), np.empty(size, np.int64),
                 np.empty(size, np.int32))
 
+    def slices(self, x: np.ndarray) -> list[tuple[int, int]]:
+        """Row ranges of the next chunk ``x`` to :meth:`add` one after the other, of about
+        :data:`SLICE` bytes each, so that another kernel reads each again from the cache; the
+        whole chunk at once while a group in it has no sample yet (it may be filled from it)."""
+        n = len(x)
+        if self.empty[self.index[self.lo : self.lo + n]].any():
+            return [(0, n)]
+        step = max(1, SLICE // max(1, x[0].nbytes))
+        return [(a, min(n, a + step)) for a in range(0, n, step)]
+
     def add(self, x: np.ndarray) -> None:
         """The next chunk's activations ``(n, *spatial, unit)`` (not kept)."""
         n, units = len(x), x.shape[-1]
-        state = self._state(units, x.dtype, running=True)
+        state = self._state(units, x.dtype, running=True, spatial=x.ndim > 2)
         if not self.running:
             raise ParameterError("chunks are added before any partial is merged, not after.")
         if self.queue is None or self.queue[1].dtype != x.dtype:
             self.queue = self._queue(units, x.dtype)
-        self.kernels.top_bottom(x.reshape(n, -1, units), self.index[self.lo : self.lo + n],
-                                self.start + self.lo, *state, *self.queue)
+        x, rows = x.reshape(n, -1, units), self.index[self.lo : self.lo + n]
+        if self.empty[rows].any():
+            present = np.bincount(rows, minlength=len(self.groups))
+            fill = np.flatnonzero(self.empty & (present >= self.k))
+            if len(fill):  # groups whose first samples these are, k or more: filled from this chunk
+                self.kernels.fill(x, rows, self.offset + self.lo, fill, *state)
+                rows = np.where(np.isin(rows, fill), -1, rows)
+            self.empty &= present == 0
+        self.kernels.top_bottom(x, rows, self.offset + self.lo, *state, *self.queue)
         self.lo += n
 
     def merge(self, part: Exemplars) -> None:
@@ -429,8 +467,13 @@ class RunningExemplars:
                             running=False)
         if self.running:
             raise ParameterError("partials are merged into a RunningExemplars of merges only.")
-        rows = np.searchsorted(self.groups, np.repeat(part.codes, part.counts)).astype(np.intp)
-        self.kernels.merge_ranked(part.value, part.sample, part.position, rows, *state[:4])
+        if part.ranked:  # each group's rows best first: merged list by list
+            starts = np.concatenate(([0], np.cumsum(part.counts))).astype(np.intp)
+            rows = np.searchsorted(self.groups, part.codes).astype(np.intp)
+            self.kernels.merge_sorted(part.value, part.sample, part.position, starts, rows, *state[:4])
+        else:
+            rows = np.searchsorted(self.groups, np.repeat(part.codes, part.counts)).astype(np.intp)
+            self.kernels.merge_ranked(part.value, part.sample, part.position, rows, *state[:4])
 
     def result(self) -> Exemplars:
         if self.state is None:
@@ -442,8 +485,9 @@ class RunningExemplars:
         def rows(a):  # (2, group, unit, k) -> (2, unit, rows of the groups one after the other)
             return a.transpose(0, 2, 1, 3).reshape(2, a.shape[2], -1)[:, :, keep]
 
-        return Exemplars(self.k, self.groups.astype(np.int64), counts, rows(value), rows(sample),
-                         rows(position))
+        first = self.start - self.offset if self.running else 0  # samples kept relative to it
+        return Exemplars(self.k, self.groups.astype(np.int64), counts, rows(value),
+                         rows(sample).astype(np.int64) + first, rows(position), ranked=True)
 
 
 def merge_compiled(kernels, *parts: Exemplars) -> Exemplars:

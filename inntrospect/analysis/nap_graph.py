@@ -144,11 +144,16 @@ def _stored_chunks(chunks, codes, std=False, k=None, start=0, moments=True):
             g = chunkio.read_chunk(grads, "grads")
             shift = shifts3(g) if fusable(acts.shape, grads.shape) else None
         x = chunkio.read_chunk(acts, "acts")
-        if k is not None:
-            found.add(x)
         if sums is None:
             sums = np.zeros((len(present), int(np.prod(x.shape[1:], dtype=np.int64))))
-        add_sums(kernels, x, index[lo : lo + len(x)], sums, g, shift)
+        rows = index[lo : lo + len(x)]
+        if k is None:
+            add_sums(kernels, x, rows, sums, g, shift)
+        else:  # both kernels on each cache-sized slice in turn: the chunk comes from memory once
+            for a, b in found.slices(x):
+                found.add(x[a:b])
+                add_sums(kernels, x[a:b], rows[a:b], sums, None if g is None else g[a:b],
+                         None if shift is None else shift[a:b])
         lo += len(x)
     if lo != len(codes):
         raise ParameterError(f"{lo} samples but {len(codes)} group codes: give one group code per sample.")
@@ -274,7 +279,7 @@ def _rebase(part, *, base=None, drop=None):
             rows = np.repeat(keep, ex.counts)
             part = ({g: m for g, m in mom.items() if g != drop} if mom is not None else None,
                     Exemplars(ex.k, ex.codes[keep], ex.counts[keep], ex.value[:, :, rows],
-                              ex.sample[:, :, rows], ex.position[:, :, rows]))
+                              ex.sample[:, :, rows], ex.position[:, :, rows], ex.ranked))
         else:
             part = {g: m for g, m in part.items() if g != drop}
     return part if base is None else _merge(base, part)
@@ -343,7 +348,7 @@ def base_partial(codes, count, mean=None, m2=None, exemplars=None, k: int | None
         return np.concatenate(parts, axis=2).astype(dtype) if parts else np.zeros((2, a.shape[-1], 0), dtype)
 
     ex = Exemplars(int(k), codes[order], kept.astype(np.int64), rows(value, np.float64),
-                   rows(sample, np.int64), rows(flat, np.int32))
+                   rows(sample, np.int64), rows(flat, np.int32), ranked=True)  # as stored: ranked
     return mom, ex
 
 

@@ -299,6 +299,7 @@ def test_the_compiled_running_top_k_equals_the_numpy_kernels_bit_for_bit(layer, 
     """Chunks of a task added one after the other by the compiled loop, then merged with other
     tasks' partials in any order: the same exemplars as the numpy kernels."""
     from inntrospect.analysis import exemplar_kernels
+    from inntrospect.analysis.exemplar_kernels import merge_compiled
 
     x, codes, k, n_groups, cuts = layer
     bounds = [0, *sorted(set(cuts)), len(x)]
@@ -312,9 +313,23 @@ def test_the_compiled_running_top_k_equals_the_numpy_kernels_bit_for_bit(layer, 
                 if hi > lo:
                     running.add(x[lo:hi])
             tasks.append(running.result())
+            assert tasks[-1].ranked
+            # a task's ranked result finalized as it is (no sort) equals the sorted route
+            alone = finalize(tasks[-1], x, k, n_groups)
+            assert_identical(alone, finalize(tasks[-1]._replace(ranked=False), x, k, n_groups))
+            assert_identical(alone, finalize(chunk_exemplars(x[a:b], codes[a:b], start + a, k), x, k, n_groups))
     got = finalize(random_tree_merge(tasks, rnd), x, k, n_groups)
     want = finalize(chunk_exemplars(x, codes, start, k), x, k, n_groups)
     assert_identical(got, want)
+    # ranked parts merged list by list by the compiled merge, in a random tree: still ranked, the same
+    parts = list(tasks)
+    rnd.shuffle(parts)
+    while len(parts) > 1:
+        m = rnd.randint(2, min(3, len(parts)))
+        at = rnd.randrange(len(parts) - m + 1)
+        parts[at : at + m] = [merge_compiled(kernels(), *parts[at : at + m])]
+    assert parts[0].ranked
+    assert_identical(finalize(parts[0], x, k, n_groups), want)
 
 
 @pytest.mark.skipif(kernels() is None, reason="numba is not installed (or INNTROSPECT_NUMBA=0)")
