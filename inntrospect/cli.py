@@ -160,8 +160,10 @@ def _extract_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--dry-run", action="store_true",
                    help="print samples, layers, shapes and sizes, write nothing")
     e.add_argument("--overwrite", action="store_true", help="delete an existing store and start over")
-    e.add_argument("--append", action="store_true", help="the corpus has new rows after those extracted: "
-                   "extract only their samples into the store (the rows extracted must be unchanged)")
+    e.add_argument("--append", action="store_true", help="the corpus has new rows after those extracted, "
+                   "or a second corpus file listed after the store's in [corpus] path = [\"jan.csv\", "
+                   "\"feb.csv\"]: extract only their samples into the store (the rows extracted must be "
+                   "unchanged)")
     e.add_argument("--verify", action="store_true", help="also read every chunk of the recorded blocks "
                    "and extract again those that fail their checksum (missing chunks always are)")
     e.add_argument("--verify-corpus", action="store_true", help="record (and on resume compare) "

@@ -4,7 +4,8 @@
 
     [model]   path = "model.keras" | name = "VGG16", weights = "vgg16.h5", layers = ["conv2d"]
               | torch = "package.module:make_model" | "net.py:make_model", weights = "model.pt"
-    [corpus]  path = "corpus/corpus.csv", allow_duplicates = false, allow_outside = false
+    [corpus]  path = "corpus/corpus.csv" | ["jan/corpus.csv", "feb/corpus.csv"] (read in order as one),
+              allow_duplicates = false, allow_outside = false
     [store]   path = "run.zarr" | "s3://bucket/run.zarr", chunk_mib = 32 (above 0, at most 4096),
               storage_options = {endpoint_url = "http://…", key = "…", secret = "…"} (fsspec's)
     [extract] gradient_target = "predicted" | "target", batch_size = 128, verify_corpus = false
@@ -41,7 +42,7 @@ __all__ = ["Config", "load_config", "SCHEMA"]
 #: section -> key -> accepted types
 SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "model": {"path": (str,), "name": (str,), "torch": (str,), "weights": (str,), "layers": (list,)},
-    "corpus": {"path": (str,), "allow_duplicates": (bool,), "allow_outside": (bool,)},
+    "corpus": {"path": (str, list), "allow_duplicates": (bool,), "allow_outside": (bool,)},
     "store": {"path": (str,), "chunk_mib": (int, float), "storage_options": (dict,)},
     "extract": {"gradient_target": (str,), "batch_size": (int,), "verify_corpus": (bool,)},
     "naps": {"aligned": (bool,), "std": (bool,)},
@@ -321,7 +322,12 @@ def load_config(path: str | os.PathLike) -> Config:
                                   f"{', '.join(map(repr, choices))}; got {value!r}.{_suggest(value, choices)}")
             if (section, key) == ("store", "path") and value.startswith("file://"):
                 value = value[len("file://"):]
-            if (section, key) in PATHS and not (section == "store" and "://" in value):  # URLs stay
+            if isinstance(value, list) and (section, key) in PATHS:  # [corpus] path: a list of csv files
+                if not value or not all(isinstance(v, str) and v for v in value):
+                    raise ConfigError(f"{p}: [{section}] {key} must be a path or a non-empty list of paths, "
+                                      f"e.g. [\"jan/corpus.csv\", \"feb/corpus.csv\"]; got {value!r}.")
+                value = [str((base / Path(v).expanduser()).resolve()) for v in value]
+            elif (section, key) in PATHS and not (section == "store" and "://" in value):  # URLs stay
                 value = str((base / Path(value).expanduser()).resolve())
             data[section][key] = value
     return Config(p.resolve(), data)

@@ -63,7 +63,10 @@ def run_extraction(
                              "it first: give one of them.")
     if not overwrite:
         ex = keep_store_plan(ex)
-    record = {"corpus": {k: ex.attrs["corpus"].get(k) for k in ("path", "csv_sha256", "n_files")}}
+    corpus = ex.attrs["corpus"]
+    record = {"corpus": {k: corpus.get(k) for k in ("path", "csv_sha256", "n_files")}}
+    if corpus.get("csvs"):  # a corpus of several csv files: all of them
+        record["corpus"]["paths"] = [c["path"] for c in corpus["csvs"]]
     client = cluster_client(where)
     here = client is None
     # the writer takes the lock, then creates the store (or resumes it: checks it holds this
@@ -105,7 +108,8 @@ def extract(
         A ``.keras``/``.h5`` file, a TensorFlow SavedModel folder, or a
         ``keras.applications`` name (with ``weights``, a local file, or random weights).
     corpus
-        ``corpus.csv`` (or its folder): rows ``file,group[,target]``.
+        ``corpus.csv`` (or its folder): rows ``file,group[,target]``; or a list of them, read in
+        order as one corpus (e.g. ``["jan/corpus.csv", "feb/corpus.csv"]``).
     store
         Path of the Zarr store to write. An existing store of the same
         extraction is resumed; one of another model or corpus is refused
@@ -122,11 +126,13 @@ def extract(
         Start over, deleting an existing store at ``store``.
     append
         The corpus has new rows after those the store holds (new batch files
-        listed after the extracted ones): extract only their samples, as new
-        blocks, into the same store. Refused (``StoreMismatchError``, naming
-        the difference) when the rows already extracted changed (other files,
-        groups or targets; a batch file whose size, modification time or
-        sha256 changed) or the model, layers or gradient target differ. New
+        listed after the extracted ones, or a second csv listed after the
+        store's: ``[jan.csv, feb.csv]`` to a store of ``jan.csv``): extract
+        only their samples, as new blocks, into the same store. Refused
+        (``StoreMismatchError``, naming the difference) when the rows already
+        extracted changed (other files, groups or targets; a batch file whose
+        size, modification time or sha256 changed; the csvs in another order)
+        or the model, layers or gradient target differ. New
         groups may come. The store keeps its chunk plan and gets a new
         extraction id (derived results become stale; ``inntrospect.naps``
         then updates stored NAPs from the new samples alone). An incomplete

@@ -87,11 +87,17 @@ class Extraction:
 
     def summary(self, estimate_ratio: float | None = None) -> str:
         """What ``--dry-run`` prints: samples, layers, shapes, sizes."""
-        n = self.corpus.n_samples
+        n, corp = self.corpus.n_samples, self.corpus
+        csvs = corp.csv_paths
+        each = []  # a corpus of several csv files: each on a line of its own
+        for i, csv in enumerate(csvs if len(csvs) > 1 else (), 1):
+            rows = [f for f in corp.files if f.csv == csv]
+            each.append(f"         {i}. {csv}: {sum(f.n for f in rows)} samples in {len(rows)} files")
         lines = [
             f"model:   {self.model.source.describe()} ({self.model.framework})",
-            f"corpus:  {self.corpus.csv_path}: {n} samples in {len(self.corpus.files)} files, "
-            f"groups {', '.join(self.corpus.groups)}",
+            f"corpus:  {corp.csv_path if len(csvs) == 1 else f'{len(csvs)} csv files'}: {n} samples in "
+            f"{len(corp.files)} files, groups {', '.join(corp.groups)}",
+            *each,
             f"store:   {self.path}",
             f"gradient target: {self.gradient_target}; batch {self.batch_size}; "
             f"block {self.plan.block} samples ({self.n_blocks} blocks)",
@@ -117,7 +123,7 @@ class Extraction:
 
 def prepare_extraction(
     model: str | os.PathLike | ModelSource | object,
-    corpus: str | os.PathLike | Corpus,
+    corpus: str | os.PathLike | Sequence[str | os.PathLike] | Corpus,
     store: str | os.PathLike,
     layers: Sequence[str] | None = None,
     gradient_target: GradientTarget = "predicted",
@@ -139,6 +145,8 @@ def prepare_extraction(
     besides its size and modification time; a resumed extraction compares them, so
     a batch file changed since is found even when its size and time are the same
     (and a copy with another time but the same contents is accepted).
+    ``corpus`` is a ``corpus.csv`` (or its folder), or a list of them read in order as one corpus
+    (:func:`~inntrospect.extraction.corpus.read_corpus`).
     ``allow_duplicates`` and ``allow_outside`` are :func:`read_corpus`'s switches.
     Refused before anything is computed: a ``batch_size`` that is no positive
     integer or whose batch (inputs and every recorded array) would need more
@@ -160,7 +168,7 @@ def prepare_extraction(
         corp = read_corpus(corpus, allow_duplicates=allow_duplicates, allow_outside=allow_outside)
     if gradient_target == "target" and not corp.has_target:
         raise CorpusError(
-            f"gradient_target='target' needs a target column in {corp.csv_path} "
+            f"gradient_target='target' needs a target column in {corp.csv_names} "
             "(rows 'file,group,target'); add it or use gradient_target='predicted'."
         )
     source = model_source(model, weights)
@@ -173,7 +181,7 @@ def prepare_extraction(
         top = int(corp.sample_table["target"].max())
         if top >= km.n_outputs:
             raise CorpusError(
-                f"{corp.csv_path} has target {top}, but the model has only {km.n_outputs} "
+                f"{corp.csv_names} has target {top}, but the model has only {km.n_outputs} "
                 f"outputs (targets 0..{km.n_outputs - 1})."
             )
     path = st.location(store)
@@ -182,7 +190,7 @@ def prepare_extraction(
     plan = st.plan_for(km.layers, chunk_mib, corp.n_samples)
     attrs = st.root_attrs(model=km.identity(), corpus=corp.identity(verify=verify_corpus), layers=km.layers,
                           plan=plan, n_samples=corp.n_samples, gradient_target=gradient_target)
-    request = {"model": source, "corpus": str(corp.csv_path), "store": path,
+    request = {"model": source, "corpus": corp.request, "store": path,
                "layers": None if layers is None else tuple(layers), "gradient_target": gradient_target,
                "chunk_mib": plan.chunk_mib, "batch_size": batch_size, "verify_corpus": verify_corpus,
                "allow_duplicates": corp.allow_duplicates, "allow_outside": corp.allow_outside}

@@ -1,7 +1,8 @@
 """Appending samples to a store: the checks, and growing its arrays (``storage/README.md``, *Appending*).
 
-A store of ``N`` samples takes the samples ``N .. M`` of a longer corpus (or
-sample table) whose first ``N`` rows are the store's. :func:`check_append`
+A store of ``N`` samples takes the samples ``N .. M`` of a longer corpus (more
+rows in its csv, or more csv files after the store's) or sample table whose
+first ``N`` rows are the store's. :func:`check_append`
 refuses anything else with the difference named; :func:`grow` makes the store
 ``M`` samples long, crash-safely:
 
@@ -37,6 +38,7 @@ from .format import (
     ChunkPlan,
     LayerSpec,
     changed_files,
+    corpus_csvs,
     layer_path,
     plan_for,
     timestamp,
@@ -113,8 +115,10 @@ def _table_difference(have: Mapping[str, np.ndarray], want: Mapping[str, np.ndar
         bad = np.flatnonzero(a != b)
         if len(bad):
             i = int(bad[0])
+            file = str(want["file"][i])
+            where = f"it is {file}[{int(want['index_in_file'][i])}] now; " if col != "file" and file else ""
             return (f"the {col} of sample {i} is {a[i].item()!r} in the store, {b[i].item()!r} now "
-                    f"({len(bad)} of the first {n} samples differ)")
+                    f"({where}{len(bad)} of the first {n} samples differ)")
     return None
 
 
@@ -202,6 +206,11 @@ def check_append(path, stored: dict, wanted: dict, layers: Sequence[LayerSpec],
             diffs.append(f"corpus: batch file(s) of the rows already extracted changed since: {', '.join(named)}"
                          f"{more}. New samples go into new batch files on new rows after those extracted; "
                          "restore the changed files as they were")
+    was, now = corpus_csvs(sc), corpus_csvs(wc)
+    if diffs and max(len(was), len(now)) > 1 and now[:len(was)] != was:
+        diffs.append(f"corpus csv files: the store's samples come from {' + '.join(was)}, now from "
+                     f"{' + '.join(now)}. The csv files of a corpus are read in order: list the store's first, "
+                     "in their order and with their rows as they were, then the new ones")
     if diffs:
         raise StoreMismatchError(
             f"{path} cannot take the new samples: its first {n_before} samples are not the first of this "

@@ -20,7 +20,7 @@ from ..errors import StoreError, StoreMismatchError
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "DEFAULT_CHUNK_MIB", "MAX_CHUNK_SAMPLES", "BLOCK_CHUNKS", "BLOCKS_DONE",
     "LAYERS", "LayerSpec", "ChunkPlan", "plan_chunks", "plan_for", "spatial_dims", "layer_dims",
-    "layer_path", "root_attrs", "changed_files", "new_extraction", "timestamp", "check_same",
+    "layer_path", "root_attrs", "changed_files", "new_extraction", "timestamp", "check_same", "corpus_csvs",
 ]
 
 FORMAT = "inntrospect"
@@ -146,10 +146,12 @@ def check_same(stored: dict, wanted: dict, path) -> None:
     grew = isinstance(sc.get("n_samples"), int) and isinstance(wc.get("n_samples"), int) \
         and wc["n_samples"] > sc["n_samples"]
     if sc.get("csv_sha256") != wc["csv_sha256"]:
-        diffs.append(f"corpus: corpus.csv differs (store: {sc.get('path')}, now: {wc['path']})"
+        was, now = corpus_csvs(sc), corpus_csvs(wc)
+        what = "corpus.csv differs" if len(was) == len(now) == 1 else "the corpus csv files differ"
+        diffs.append(f"corpus: {what} (store: {' + '.join(was) or None}, now: {' + '.join(now) or None})"
                      + (f"; it has {wc['n_samples']} samples, the store {sc['n_samples']}: if the new ones "
-                        "are rows added after those extracted, append them with --append (append=True)"
-                        if grew else ""))
+                        "are rows added after those extracted (or csv files listed after the store's), "
+                        "append them with --append (append=True)" if grew else ""))
     elif sc.get("files_sha256") != wc["files_sha256"]:
         diffs.append("corpus: the batch files' names or shapes differ")
     elif sc.get("files") and wc.get("files"):  # (stores made before sizes and times were recorded: unknown)
@@ -173,6 +175,14 @@ def check_same(stored: dict, wanted: dict, path) -> None:
             + "\n  - ".join(diffs)
             + "\nUse another store path, or overwrite=True (--overwrite) to start over."
         )
+
+
+def corpus_csvs(corpus: Mapping) -> list[str]:
+    """The csv files of a store's ``corpus`` record, in order: its ``csvs``' paths, else its ``path``
+    ([] for a store not made from a csv)."""
+    if corpus.get("csvs"):
+        return [str(c.get("path")) for c in corpus["csvs"]]
+    return [str(corpus["path"])] if corpus.get("path") else []
 
 
 def changed_files(stored: Sequence[dict], now: Sequence[dict]) -> dict[str, str]:

@@ -34,6 +34,7 @@ def describe_store(path: str | os.PathLike) -> str:
     path, attrs = store.location, store.attrs
     ex = attrs.get("extraction", {})
     model, corpus = attrs.get("model", {}), attrs.get("corpus", {})
+    csvs = f"{len(corpus['csvs'])} csv files" if corpus.get("csvs") else corpus.get("path")
     n_done = int(np.asarray(blocks_done(path)[:]).astype(bool).sum()) if has_node(path, BLOCKS_DONE) else 0
     state = ex.get("state", "being created")
     if state != "complete":
@@ -43,8 +44,9 @@ def describe_store(path: str | os.PathLike) -> str:
         f"store:      {path} (format {attrs.get('format_version')})",
         f"model:      {model.get('path') or model.get('name')} ({model.get('framework')}, "
         f"sha256 {str(model.get('sha256'))[:12]})",
-        f"corpus:     {corpus.get('path')} ({corpus.get('n_samples')} samples, "
-        f"{corpus.get('n_files')} files)",
+        f"corpus:     {csvs} ({corpus.get('n_samples')} samples, {corpus.get('n_files')} files)",
+        *[f"            {i}. {c.get('path')} ({c.get('n_samples')} samples, {c.get('n_files')} files)"
+          for i, c in enumerate(corpus.get("csvs") or [], 1)],
         f"extraction: {state}; id {ex.get('id')}; gradient target {ex.get('gradient_target')}"
         + "".join(f"; appended {a.get('n_samples_before')} -> {a.get('n_samples_after')} samples {a.get('at')}"
                   for a in (ex.get("appends") or [])[-3:]),
@@ -80,7 +82,10 @@ def describe_store(path: str | os.PathLike) -> str:
 
 def corpus_changes(corpus: dict) -> list[str]:
     """Batch files of the store's corpus record whose size or modification time is not what was
-    extracted (``"a.npy (size)"``); [] when they are the same or cannot be seen from here."""
+    extracted (``"a.npy (size)"``); [] when they are the same or cannot be seen from here.
+
+    Each ``file`` is found from the folder of the corpus's (first) csv, ``path``: a later csv's
+    batch files are recorded relative to it."""
     from pathlib import Path
 
     folder = Path(corpus.get("path") or "").parent

@@ -671,3 +671,254 @@ def test_bench_append_quick(cnn_store, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     for label in ("(u) update, persisted", "u / f", "up / fp", "equal the full pass's to 1e-12"):
         assert label in res.stdout, res.stdout
+
+
+# -- a second corpus file: corpus = [jan.csv, feb.csv] -------------------------------------
+
+
+def csv_corpus(folder: Path, files: dict[str, tuple[np.ndarray, str, int | None]]) -> Path:
+    """``folder/corpus.csv`` listing ``{file: (samples, group, target or None)}`` in order; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (x, _, _) in files.items():
+        np.save(folder / name, x)
+    rewrite_csv(folder / "corpus.csv", [f"{name},{g}" + ("" if t is None else f",{t}")
+                                        for name, (_, g, t) in files.items()])
+    return folder / "corpus.csv"
+
+
+@pytest.fixture(scope="module")
+def two_csvs(tmp_path_factory, mnist_arrays):
+    """``jan/corpus.csv`` (300 MNIST images) and ``feb/corpus.csv`` (150 more, in another folder: batch files
+    named as jan's, and a group jan has not), the CNN's store of jan alone, its NAPs persisted."""
+    pytest.importorskip("tensorflow")
+    from ..conftest import mnist_example
+
+    x, y = mnist_arrays
+    out = tmp_path_factory.mktemp("two")
+    jan = mnist_example.write_mnist_corpus(x[:300], y[:300], out / "jan", batch=77)
+    feb = mnist_example.write_mnist_corpus(x[300:450], y[300:450], out / "feb", batch=77)
+    rows = feb.read_text().splitlines()
+    name, _, target = rows[-1].split(",")
+    rows[-1] = f"{name},new,{target}"  # a group only feb has
+    rewrite_csv(feb, rows)
+    store = out / "jan.zarr"
+    inntrospect.extract(CNN, str(jan), store, layers=CNN_LAYERS, chunk_mib=1, batch_size=BATCH)
+    inntrospect.naps(store, aligned=True, std=True, persist=True)
+    return {"folder": out, "jan": jan, "feb": feb, "store": store}
+
+
+def store_copy(two_csvs, tmp_path) -> Path:
+    import shutil
+
+    path = tmp_path / "s.zarr"
+    shutil.copytree(two_csvs["store"], path)
+    return path
+
+
+@needs_shared
+def test_appending_a_second_csv_equals_a_full_extraction_of_both(two_csvs, tmp_path, capsys):
+    from inntrospect.extraction.local import prepare_extraction, run_extraction
+    from inntrospect.store.info import describe_store
+
+    jan, feb = two_csvs["jan"], two_csvs["feb"]
+    jan_files = {r.split(",")[0] for r in jan.read_text().splitlines()}
+    feb_files = [r.split(",")[0] for r in feb.read_text().splitlines()]
+    assert jan_files & set(feb_files), "feb should reuse a batch file name of jan's"
+    path = store_copy(two_csvs, tmp_path)
+    before = store_attrs(path)
+    n = before["corpus"]["n_samples"]
+    assert n == 300 and n % before["extraction"]["block"], "jan's samples should end inside a block"
+    ex = prepare_extraction(CNN, [str(jan), feb], path, CNN_LAYERS, batch_size=BATCH)
+    assert ex.request["corpus"] == [str(jan), str(feb)]  # what a cluster's workers read: plain strings
+    json.dumps(ex.request["corpus"])
+    summary = ex.summary()
+    assert "corpus:  2 csv files: 450 samples in" in summary
+    assert f"1. {jan}: 300 samples in 10 files" in summary and f"2. {feb}: 150 samples in" in summary
+    blocks = run_extraction(ex, append=True)
+    block = before["extraction"]["block"]
+    assert blocks == list(range(n // block, -(-450 // block)))  # the new samples' blocks only
+    worker = prepare_extraction(**ex.request)  # as a cluster's worker prepares it: the same store accepted
+    inntrospect.store.check_same(store_attrs(path), worker.attrs, path)
+    ref = tmp_path / "ref.zarr"
+    inntrospect.extract(CNN, [jan, feb], ref, layers=CNN_LAYERS, chunk_mib=1, batch_size=BATCH)
+    assert_same_store(path, ref, CNN_ARRAYS)  # bit-identical arrays and sample table, equal corpus records
+    attrs = store_attrs(path)
+    corpus = attrs["corpus"]
+    assert corpus["path"] == str(jan) and corpus["n_samples"] == 450 and corpus["groups"][-1] == "new"
+    assert [(c["path"], c["n_samples"]) for c in corpus["csvs"]] == [(str(jan), 300), (str(feb), 150)]
+    assert corpus["csvs"][0]["csv_sha256"] == before["corpus"]["csv_sha256"]  # jan's own hash, as in the store
+    assert [f["file"] for f in corpus["files"]] == [*[r["file"] for r in before["corpus"]["files"]],
+                                                    *[f"../feb/{f}" for f in feb_files]]
+    (entry,) = attrs["extraction"]["appends"]
+    assert entry["n_samples_before"] == 300 and entry["corpus"]["paths"] == [str(jan), str(feb)]
+    tree = inntrospect.open_store(path)
+    files = tree["layers/flatten_8"].file.values
+    assert list(files[:300]) == list(inntrospect.open_store(two_csvs["store"])["layers/flatten_8"].file.values)
+    assert files[300] == f"../feb/{feb_files[0]}" and (jan.parent / files[300]).resolve() == feb.parent / feb_files[0]
+    info = describe_store(path)  # both csvs; no batch file reported changed (feb's found from jan's folder)
+    assert f"corpus:     2 csv files (450 samples, {len(before['corpus']['files']) + len(feb_files)} files)" in info
+    assert f"1. {jan} (300 samples" in info and f"2. {feb} (150 samples" in info and "CHANGED" not in info
+    # the NAPs: updated from the new samples alone, equal to those of the full extraction
+    nap = inntrospect.naps(path, aligned=True, std=True, persist=True)
+    assert store_attrs(path)["steps"]["naps"]["update_of"]["n_samples"] == 300
+    (ref_nap,) = dask.compute(inntrospect.naps(ref, aligned=True, std=True))
+    for layer in ref_nap:
+        assert [str(g) for g in nap[layer].group.values] == [*map(str, range(10)), "new"]
+        np.testing.assert_array_equal(nap[layer]["count"].values, ref_nap[layer]["count"].values)
+        np.testing.assert_allclose(nap[layer].nap.values, ref_nap[layer].nap.values, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(nap[layer]["std"].values, ref_nap[layer]["std"].values, rtol=0, atol=1e-12)
+    # the same list again: a resume of a complete store, nothing computed
+    computed = []
+    inntrospect.extract(CNN, [jan, feb], path, layers=CNN_LAYERS, batch_size=BATCH,
+                        on_block=lambda b, k: computed.append(b))
+    assert computed == [] and store_attrs(path)["extraction"]["id"] == attrs["extraction"]["id"]
+
+
+@needs_shared
+def test_appending_a_second_csv_refuses_changed_rows_and_another_order(two_csvs, tmp_path):
+    import shutil
+
+    jan, feb = two_csvs["jan"], two_csvs["feb"]
+    path = store_copy(two_csvs, tmp_path)
+    before = store_attrs(path)
+    rows = jan.read_text().splitlines()
+    jan2 = tmp_path / "jan2" / "corpus.csv"  # a copy of jan (its batch files keep their times) ...
+    jan2.parent.mkdir()
+    for row in rows:
+        shutil.copy2(jan.parent / row.split(",")[0], jan2.parent)
+    first = rows[0].split(",")[0]
+    rewrite_csv(jan2, [rows[0].replace(",0,", ",zero,"), *rows[1:]])  # ... whose first row's group changed
+    with pytest.raises(StoreMismatchError, match=(
+            rf"(?s)the group of sample 0 is '0' in the store, 'zero' now \(it is {first}\[0\] now; \d+ of the "
+            rf"first 300 samples differ\).*corpus csv files: the store's samples come from {jan}, now from "
+            rf"{jan2} \+ {feb}\. .*list the store's first, in their order and with their rows as they were, then "
+            r"the new ones.*--overwrite")):
+        inntrospect.extract(CNN, [jan2, feb], path, layers=CNN_LAYERS, batch_size=BATCH, append=True)
+    rewrite_csv(jan2, rows)  # the same rows, a batch file of them changed (same size, new contents and time)
+    np.save(jan2.parent / first, np.load(jan2.parent / first)[::-1].copy())
+    with pytest.raises(StoreMismatchError, match=rf"batch file\(s\) of the rows already extracted changed since: "
+                                                 rf"{first} \(modification time\)"):
+        inntrospect.extract(CNN, [jan2, feb], path, layers=CNN_LAYERS, batch_size=BATCH, append=True)
+    # the csvs in another order
+    with pytest.raises(StoreMismatchError, match=rf"(?s)sample table: .*corpus csv files: the store's samples "
+                                                 rf"come from {jan}, now from {feb} \+ {jan}\. The csv files of a "
+                                                 r"corpus are read in order"):
+        inntrospect.extract(CNN, [feb, jan], path, layers=CNN_LAYERS, batch_size=BATCH, append=True)
+    # without append: another corpus, the fix named
+    with pytest.raises(StoreMismatchError, match=rf"the corpus csv files differ \(store: {jan}, now: {jan} \+ "
+                                                 rf"{feb}\); it has 450 samples, the store 300: .*--append"):
+        inntrospect.extract(CNN, [jan, feb], path, layers=CNN_LAYERS, batch_size=BATCH)
+    assert store_attrs(path) == before  # nothing changed
+
+
+@needs_shared
+def test_append_a_second_csv_from_a_config_list_on_the_command_line(two_csvs, tmp_path, capsys):
+    from inntrospect.cli import main
+    from inntrospect.config import load_config
+
+    from ..conftest import write_config
+
+    jan, feb, folder = two_csvs["jan"], two_csvs["feb"], two_csvs["folder"]
+    path = store_copy(two_csvs, tmp_path)
+    config = write_config(folder, {  # beside the csvs: paths relative to the config's folder
+        "model": {"path": CNN, "layers": CNN_LAYERS}, "corpus": {"path": ["jan/corpus.csv", "feb/corpus.csv"]},
+        "store": {"path": path}, "extract": {"batch_size": BATCH}}, name=f"append-{tmp_path.name}.toml")
+    assert load_config(config).get("corpus", "path") == [str(jan), str(feb)]
+    assert main(["extract", str(config), "--append", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "corpus:  2 csv files: 450 samples" in out and f"1. {jan}: 300 samples" in out
+    assert "appended 150 samples: the store holds 300 before, 450 now" in out
+    attrs = store_attrs(path)
+    assert [c["path"] for c in attrs["corpus"]["csvs"]] == [str(jan), str(feb)]
+    assert attrs["extraction"]["state"] == "complete" and attrs["corpus"]["n_samples"] == 450
+    assert main(["extract", str(config), "--no-progress"]) == 0  # the same list: a resume, nothing to do
+    assert "extracted 0 of" in capsys.readouterr().out
+    assert main(["info", str(config)]) == 0
+    assert f"2. {feb} (150 samples" in capsys.readouterr().out
+    bad = write_config(folder, {"corpus": {"path": []}}, name=f"bad-{tmp_path.name}.toml")
+    assert main(["extract", str(bad), "--no-progress"]) == 2
+    assert "[corpus] path must be a path or a non-empty list of paths" in capsys.readouterr().err
+
+
+def old_identity(csv: Path) -> dict:
+    """``Corpus.identity()`` of one csv as it was computed before corpora of several csvs (the reference)."""
+    import hashlib
+
+    rows = [line.split(",") for line in csv.read_text().splitlines() if line.strip()]
+    arrays = [np.load(csv.parent / r[0], mmap_mode="r") for r in rows]
+    shape, dtype = list(arrays[0].shape[1:]), str(arrays[0].dtype)
+    layout = [[r[0], len(a), shape, dtype] for r, a in zip(rows, arrays)]
+    return {
+        "path": str(csv.resolve()), "csv_sha256": hashlib.sha256(csv.read_bytes()).hexdigest(),
+        "files_sha256": hashlib.sha256(json.dumps(layout).encode()).hexdigest(),
+        "n_samples": sum(len(a) for a in arrays), "n_files": len(rows), "sample_shape": shape, "dtype": dtype,
+        "groups": sorted({r[1] for r in rows}), "has_target": len(rows[0]) == 3, "integer_inputs": None,
+        "files": [{"file": r[0], "bytes": (csv.parent / r[0]).stat().st_size,
+                   "mtime_ns": (csv.parent / r[0]).stat().st_mtime_ns} for r in rows]}
+
+
+def test_read_corpus_of_several_csvs(tmp_path):
+    from inntrospect import CorpusError, read_corpus
+
+    a, b, c = (np.full((k, 2), v, np.float32) for k, v in ((3, 0), (2, 1), (4, 2)))
+    jan = csv_corpus(tmp_path / "jan", {"batch_0.npy": (a, "x", 1), "batch_1.npy": (b, "y", 0)})
+    feb = csv_corpus(tmp_path / "feb", {"batch_0.npy": (c, "new", 2)})
+    # one csv, given alone or as a list of one: the identity computed as before, the request a string
+    for given in (jan, str(jan), [jan], tmp_path / "jan"):
+        corpus = read_corpus(given)
+        assert corpus.identity() == old_identity(jan) and corpus.request == str(jan)
+    corpus = read_corpus([jan, tmp_path / "feb"])  # a folder works too
+    np.testing.assert_array_equal(corpus.read(0, 9), np.concatenate([a, b, c]))
+    assert list(corpus.sample_table["file"]) == ["batch_0.npy"] * 3 + ["batch_1.npy"] * 2 + ["../feb/batch_0.npy"] * 4
+    assert list(corpus.sample_table["target"]) == [1] * 3 + [0] * 2 + [2] * 4 and corpus.groups == ["new", "x", "y"]
+    assert corpus.request == [str(jan), str(feb)] and corpus.csv_paths == (jan, feb)
+    ident = corpus.identity(verify=True)
+    assert ident["path"] == str(jan) and [c["path"] for c in ident["csvs"]] == [str(jan), str(feb)]
+    assert [c["csv_sha256"] for c in ident["csvs"]] == [old_identity(p)["csv_sha256"] for p in (jan, feb)]
+    assert [(c["n_files"], c["n_samples"]) for c in ident["csvs"]] == [(2, 5), (1, 4)]
+    assert [f["file"] for f in ident["files"]] == ["batch_0.npy", "batch_1.npy", "../feb/batch_0.npy"]
+    assert ident["files"][0]["sha256"] != ident["files"][2]["sha256"]
+    # a second csv in the first one's folder: its files as written; an absolute path as written
+    (tmp_path / "jan" / "late.npy").write_bytes((tmp_path / "feb" / "batch_0.npy").read_bytes())
+    rewrite_csv(tmp_path / "jan" / "more.csv", ["late.npy,new,2"])
+    rewrite_csv(tmp_path / "abs.csv", [f"{tmp_path / 'feb' / 'batch_0.npy'},new,2"])
+    assert read_corpus([jan, tmp_path / "jan" / "more.csv"]).sample_table["file"][-1] == "late.npy"
+    assert read_corpus([jan, tmp_path / "abs.csv"], allow_outside=True).sample_table["file"][-1] == \
+        str(tmp_path / "feb" / "batch_0.npy")
+    # mixed target columns: refused, naming the file and the fix
+    nt = csv_corpus(tmp_path / "nt", {"batch_0.npy": (c, "new", None)})
+    with pytest.raises(CorpusError, match=rf"{nt}, line 1: the rows of this csv have no target column, but those "
+                                          rf"of {jan} have one \(line 1\).*in all of them or in none: add it to the "
+                                          rf"rows of {nt}, or remove it from those of {jan}"):
+        read_corpus([jan, nt])
+    with pytest.raises(CorpusError, match=rf"{jan}, line 1: the rows of this csv have a target column, but those "
+                                          rf"of {nt} have none"):
+        read_corpus([nt, jan])
+    # each csv's own checks, the csv and its line named
+    rewrite_csv(tmp_path / "bad.csv", ["feb/batch_0.npy,new,2", "missing.npy,new,2"])
+    with pytest.raises(CorpusError, match=rf"{tmp_path / 'bad.csv'}, line 2: batch file 'missing.npy' not found"):
+        read_corpus([jan, tmp_path / "bad.csv"])
+    rewrite_csv(tmp_path / "bad.csv", ["file,group,target", "feb/batch_0.npy,new,2"])
+    with pytest.raises(CorpusError, match=rf"{tmp_path / 'bad.csv'}, line 1: .*It looks like a header row"):
+        read_corpus([jan, tmp_path / "bad.csv"])
+    rewrite_csv(tmp_path / "feb" / "out.csv", ["../jan/batch_1.npy,y,0"])
+    with pytest.raises(CorpusError, match=rf"{tmp_path / 'feb' / 'out.csv'}, line 1: batch file '../jan/batch_1.npy' "
+                                          rf"is outside the corpus folder {tmp_path / 'feb'}"):
+        read_corpus([jan, tmp_path / "feb" / "out.csv"])
+    # a batch file listed in two csvs: refused (counted twice), naming both
+    with pytest.raises(CorpusError, match=rf"{tmp_path / 'feb' / 'out.csv'}, line 1: .*listed again \(line 2 of "
+                                          rf"{jan} lists it too, in the same group 'y'\)"):
+        read_corpus([jan, tmp_path / "feb" / "out.csv"], allow_outside=True)
+    assert read_corpus([jan, tmp_path / "feb" / "out.csv"], allow_outside=True, allow_duplicates=True).n_samples == 7
+    np.save(tmp_path / "feb" / "wide.npy", np.zeros((2, 3), np.float32))
+    rewrite_csv(tmp_path / "feb" / "wide.csv", ["wide.npy,z,0"])
+    with pytest.raises(CorpusError, match=rf"{tmp_path / 'feb' / 'wide.csv'}, line 1: samples in wide.npy have "
+                                          rf"shape \(3,\), but samples in batch_0.npy \(line 1 of {jan}\)"):
+        read_corpus([jan, tmp_path / "feb" / "wide.csv"])
+    with pytest.raises(CorpusError, match=r"listed twice in the corpus list \(items 1 and 2\)"):
+        read_corpus([jan, tmp_path / "jan"])
+    with pytest.raises(CorpusError, match="empty list of csv files"):
+        read_corpus([])
+    with pytest.raises(CorpusError, match=rf"corpus file {tmp_path / 'nope.csv'} \(item 2 of the corpus list\) "
+                                          "does not exist"):
+        read_corpus([jan, tmp_path / "nope.csv"])
