@@ -97,8 +97,8 @@ def _cmd_compare(args) -> int:
 def _cmd_run(args) -> int:
     from .pipeline import run
 
-    run(args.config, from_step=args.from_step, force=args.force, scheduler=args.scheduler,
-        progress=not args.no_progress)
+    run(args.config, from_step=args.from_step, force=args.force, append=args.append,
+        scheduler=args.scheduler, progress=not args.no_progress)
     return 0
 
 
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_step", metavar="STEP",
                    help=f"redo this step and all after it: {', '.join(registry.STEPS)}")
     r.add_argument("--force", action="store_true", help="redo every step, the extraction included")
+    r.add_argument("--append", action="store_true", help="the corpus has new rows or csv files after "
+                   "those extracted: extract only their samples, update the NAPs from them, redo the rest")
     _last_options(r, _cmd_run, "a running dask.distributed scheduler (default: [cluster] address, "
                   "else an in-process cluster)", progress="no progress bars")
 

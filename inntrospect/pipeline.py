@@ -81,8 +81,9 @@ def cluster(cfg, scheduler: str | None = None, quiet: bool = False):
             owned.close()
 
 
-def run(config, *, from_step: str | None = None, force: bool = False, scheduler: str | None = None,
-        progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, str]:
+def run(config, *, from_step: str | None = None, force: bool = False, append: bool = False,
+        scheduler: str | None = None, progress: bool = True,
+        echo: Callable[[str], None] = print) -> dict[str, str]:
     """Run every step of ``config`` that is not current; return ``{step: "ran" | "current" | "skipped"}``.
 
     Parameters
@@ -93,6 +94,11 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
         Redo this step and all after it (one of :data:`PIPELINE`).
     force : bool
         Redo every step, the extraction included (the store is written anew).
+    append : bool
+        The corpus has new rows (or csv files) after those the store holds:
+        the extraction adds their samples (:func:`inntrospect.extract`'s
+        ``append``); the NAPs and exemplars are then updated from the new
+        samples alone, the later steps run again.
     scheduler : str, optional
         Address of a running ``dask.distributed`` scheduler (overrides ``[cluster] address``).
     progress : bool
@@ -101,11 +107,14 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
     Raises
     ------
     ConfigError
-        An unknown ``from_step``, or a config that names no store.
+        An unknown ``from_step``, or a config that names no store, or ``append`` with ``force``.
     """
     from .config import Config, load_config
 
     cfg = config if isinstance(config, Config) else load_config(config)
+    if append and force:
+        raise ConfigError("--append adds the corpus's new rows to the store, --force writes it anew: "
+                          "give one of them.")
     if from_step is not None and from_step not in PIPELINE:
         raise ConfigError(f"unknown step {from_step!r} for --from; the steps are: {', '.join(PIPELINE)}.")
     redo = set(PIPELINE) if force else set(PIPELINE[PIPELINE.index(from_step):]) if from_step else set()
@@ -133,7 +142,8 @@ def run(config, *, from_step: str | None = None, force: bool = False, scheduler:
             if name == "layout" and warm is not None:
                 with contextlib.suppress(Exception):  # a failed warm-up: the layout says why itself
                     warm.result()
-            _run_step(client, name, cfg, path, progress, overwrite="extract" in redo, aside=aside)
+            _run_step(client, name, cfg, path, progress, overwrite="extract" in redo, append=append,
+                      aside=aside)
             done[name] = "ran"
             beside = " (computed beside the steps before it)" if name == "projection" and aside else ""
             echo(f"{name:<10} done in {time.perf_counter() - t:.1f} s{beside}")
@@ -202,7 +212,7 @@ def _run_step(client, name: str, cfg, path, progress: bool, **options) -> None:
     if name == "extract" and _in_process(client):
         cfg.extract_kwargs()  # a config error is raised here, before the process starts
         with contextlib.ExitStack() as stack:
-            _Pool(stack).submit(fn, cfg, path, progress, options["overwrite"]).result()
+            _Pool(stack).submit(fn, cfg, path, progress, options["overwrite"], options["append"]).result()
         return
     fn(cfg, path, progress, **options)  # the extraction on a cluster of its own: blocks on its workers
 

@@ -75,12 +75,14 @@ class Step:
 
 
 # -- what each step runs: (cfg, store path, progress, **options) -> its result -------------
-# Options from the pipeline: ``overwrite`` (the extraction starts over) and ``aside`` (the
-# projections, computed in another process, to store here); the other steps ignore them.
-def _extract(cfg, path, progress, overwrite=False, **_) -> list[int]:
+# Options from the pipeline: ``overwrite`` (the extraction starts over), ``append`` (it takes the
+# corpus's new rows) and ``aside`` (the projections, computed in another process, to store
+# here); the other steps ignore them.
+def _extract(cfg, path, progress, overwrite=False, append=False, **_) -> list[int]:
     from .extraction.local import prepare_extraction, run_extraction
 
-    return run_extraction(prepare_extraction(**cfg.extract_kwargs()), overwrite=overwrite, progress=progress)
+    return run_extraction(prepare_extraction(**cfg.extract_kwargs()), overwrite=overwrite, append=append,
+                          progress=progress)
 
 
 def _align(cfg, path, progress, **_):

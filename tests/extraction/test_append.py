@@ -922,3 +922,47 @@ def test_read_corpus_of_several_csvs(tmp_path):
     with pytest.raises(CorpusError, match=rf"corpus file {tmp_path / 'nope.csv'} \(item 2 of the corpus list\) "
                                           "does not exist"):
         read_corpus([jan, tmp_path / "nope.csv"])
+
+
+@needs_shared
+def test_run_append_extracts_the_second_csv_and_updates_the_naps_from_it(two_csvs, tmp_path, monkeypatch):
+    """``inntrospect run CONFIG --append``: the extraction takes the new csv's samples (in its own
+    process, as the pipeline runs it), the NAPs are updated from them alone and equal a full pass."""
+    from inntrospect import registry
+    from inntrospect.errors import ConfigError
+    from inntrospect.pipeline import run
+
+    from ..conftest import write_config
+
+    path = store_copy(two_csvs, tmp_path)
+    config = write_config(tmp_path, {
+        "model": {"path": CNN, "layers": CNN_LAYERS},
+        "corpus": {"path": [str(two_csvs["jan"]), str(two_csvs["feb"])]},
+        "store": {"path": path}, "extract": {"batch_size": BATCH},
+        "naps": {"aligned": True, "std": True}, "exemplars": {"k": 0}, "cluster": {"threads_per_worker": 1}})
+    with pytest.raises(ConfigError, match="give one of them"):
+        run(config, append=True, force=True, progress=False)
+    for step in ("layout", "topomap", "projection", "plots", "report"):  # the NAPs are what is checked
+        monkeypatch.setitem(registry.RUNNERS, step, lambda *a, **k: None)
+    done = run(config, append=True, progress=False, echo=lambda _: None)
+    assert done["extract"] == done["naps"] == done["contrast"] == "ran"
+    attrs = store_attrs(path)
+    assert attrs["corpus"]["n_samples"] == 450 and attrs["extraction"]["state"] == "complete"
+    assert attrs["steps"]["naps"]["update_of"]["n_samples"] == 300  # updated, not computed anew
+    stored = inntrospect.load(path, "naps")
+    fresh = dask.compute(inntrospect.naps(path, aligned=True, std=True, persist=False))[0]
+    for layer, ds in fresh.items():
+        assert "new" in stored[layer].group.values
+        for var in ("nap", "std"):
+            np.testing.assert_allclose(stored[layer][var].values, ds[var].values, rtol=0, atol=1e-12)
+    # nothing left to append: a second run keeps the NAPs and contrasts
+    again = run(config, append=True, progress=False, echo=lambda _: None)
+    assert again["naps"] == again["contrast"] == "current"
+
+
+def test_run_lists_append_in_its_help(capsys):
+    from inntrospect.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "--append" in capsys.readouterr().out
