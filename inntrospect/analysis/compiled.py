@@ -201,10 +201,18 @@ def rank_queued(m, key, score, ident, where, value, sample, position, count, abo
     for j in range(m):
         b = key[j] - lo
         order[starts[b]] = j
-        starts[b] += 1
-    for j in order:
-        offer(value, sample, position, count, above, below, key[j] // units, key[j] % units, score[j],
-              ident[j], where[j])
+        starts[b] += 1  # then the end of bucket b
+    # the buckets in key order, group and unit stepped along (a division per score cost as much as ranking it)
+    g, u, t = lo // units, lo % units, 0
+    for b in range(hi - lo + 1):
+        while t < starts[b]:
+            j = order[t]
+            offer(value, sample, position, count, above, below, g, u, score[j], ident[j], where[j])
+            t += 1
+        u += 1
+        if u == units:
+            u = 0
+            g += 1
 
 
 def offer(value, sample, position, count, above, below, g, u, v, ident, where):  # pragma: no cover
