@@ -96,7 +96,7 @@ def test_the_pipeline_and_the_demo_run_the_registry_s_steps_in_order(calls, tmp_
                             force=True, echo=lambda _: None)
         ran = [name for name, _ in calls]
         assert ran == list(done) == list(registry.STEPS)
-        assert calls[0] == ("extract", {"overwrite": True, "aside": None})
+        assert calls[0] == ("extract", {"overwrite": True, "append": False, "aside": None})
         calls.clear()
         done = pipeline.run(_config(tmp_path, aligned=False), scheduler=cluster.scheduler_address,
                             progress=False, echo=lambda _: None)

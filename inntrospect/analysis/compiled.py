@@ -18,7 +18,7 @@ import numpy as np
 #: ``numba.prange`` once compiled (set by :class:`_Compiled`); a plain range for the Python definition
 prange = range
 
-__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "insert", "top_bottom", "rank_queued", "offer", "fill", "merge_ranked", "merge_sorted", "fr_displacement"]
+__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "insert", "top_bottom", "rank_queued", "fill", "merge_ranked", "merge_sorted", "fr_displacement"]
 
 
 def group_sums(x, index, sums):  # pragma: no cover - compiled by numba
@@ -203,28 +203,47 @@ def rank_queued(m, key, score, ident, where, value, sample, position, count, abo
         order[starts[b]] = j
         starts[b] += 1  # then the end of bucket b
     # the buckets in key order, group and unit stepped along (a division per score cost as much as ranking it)
+    # Each score is ranked in at both ends where it passes the thresholds, the ends moved once full.
+    # Written out here rather than called: a compiled call (even inlined) that is handed the state's
+    # arrays counts their references at every score, ~60 ns, ten times the ranking itself.
+    k = value.shape[3]
     g, u, t = lo // units, lo % units, 0
     for b in range(hi - lo + 1):
         while t < starts[b]:
             j = order[t]
-            offer(value, sample, position, count, above, below, g, u, score[j], ident[j], where[j])
+            v, me, at = score[j], ident[j], where[j]
+            for end in range(2):
+                if not (v > above[g, u] if end == 0 else v < below[g, u]):
+                    continue
+                c = count[end, g, u]
+                i = min(c, k - 1)
+                if c >= k:  # full: it must beat the k-th (ties: the lower sample)
+                    w = value[end, g, u, k - 1]
+                    if not ((v > w if end == 0 else v < w) or (v == w and me < sample[end, g, u, k - 1])):
+                        continue
+                while i > 0:
+                    w = value[end, g, u, i - 1]
+                    if not ((v > w if end == 0 else v < w) or (v == w and me < sample[end, g, u, i - 1])):
+                        break
+                    value[end, g, u, i] = w
+                    sample[end, g, u, i] = sample[end, g, u, i - 1]
+                    position[end, g, u, i] = position[end, g, u, i - 1]
+                    i -= 1
+                value[end, g, u, i] = v
+                sample[end, g, u, i] = me
+                position[end, g, u, i] = at
+                if c < k:
+                    count[end, g, u] = c + 1
+                if c + 1 >= k:  # full: the threshold is the k-th
+                    if end == 0:
+                        above[g, u] = value[0, g, u, k - 1]
+                    else:
+                        below[g, u] = value[1, g, u, k - 1]
             t += 1
         u += 1
         if u == units:
             u = 0
             g += 1
-
-
-def offer(value, sample, position, count, above, below, g, u, v, ident, where):  # pragma: no cover
-    """Rank score ``v`` of sample ``ident`` in at both ends of group ``g``, unit ``u``, where it
-    passes the thresholds, and move those once the ends are full (:func:`top_bottom`)."""
-    k = value.shape[3]
-    if v > above[g, u] and insert(value, sample, position, count, 0, g, u, v, ident, where):
-        if count[0, g, u] == k:
-            above[g, u] = value[0, g, u, k - 1]
-    if v < below[g, u] and insert(value, sample, position, count, 1, g, u, v, ident, where):
-        if count[1, g, u] == k:
-            below[g, u] = value[1, g, u, k - 1]
 
 
 def fill(x, index, start, groups, value, sample, position, count, above, below):  # pragma: no cover
@@ -357,10 +376,9 @@ class _Compiled:
         self.group_sums = jit(group_sums)
         self.group_m2 = jit(group_m2)
         self.shifted_sums = jit(shifted_sums)
-        # called by those below, compiled into them: a call between compiled functions counts
-        # each array argument's references, a few times the cost of ranking a score in
+        # called by those below, compiled first (and into merge_ranked: a call handed arrays counts
+        # their references, several times the cost of ranking a score in)
         globals()["insert"] = numba.njit(nogil=True, inline="always")(insert)
-        globals()["offer"] = numba.njit(nogil=True, inline="always")(offer)
         globals()["rank_queued"] = jit(rank_queued)
         self.top_bottom = jit(top_bottom)
         self.merge_ranked = jit(merge_ranked)
