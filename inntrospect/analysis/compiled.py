@@ -125,7 +125,7 @@ def insert(value, sample, position, count, end, g, u, v, ident, where):  # pragm
 
 
 def top_bottom(x, index, start, value, sample, position, count, above, below, key, score, ident,
-               where):  # pragma: no cover - compiled by numba
+               where, sums, sums_index):  # pragma: no cover - compiled by numba
     """Add the samples of ``x`` into each group's running top and bottom ``k`` per unit.
 
     ``x`` is ``(n, spatial, unit)``; a sample's score for a unit is its maximum
@@ -143,13 +143,23 @@ def top_bottom(x, index, start, value, sample, position, count, above, below, ke
     hit at random, a cache miss per score. Samples come in increasing index
     order, and the sort is stable, so ties go to the lower index. Samples
     whose ``index`` is negative are skipped (their group was filled: :func:`fill`).
+
+    ``sums`` (float64, ``(groups, size * units)``; empty for none) also gets
+    each sample added to its row ``sums_index[i]``, as :func:`group_sums`
+    adds it, while the sample is in the cache: the NAP pass and the
+    exemplars then read a chunk from memory once.
     """
     n, size, units = x.shape
+    add = sums.shape[0] > 0
     best = np.empty(units, x.dtype)
     at = np.zeros(units, np.int32)
     enter = np.zeros(units, np.uint8)
     m = 0
     for i in range(n):
+        if add:  # as group_sums: one flat, vectorised loop
+            flat, into = x[i].reshape(size * units), sums[sums_index[i]]
+            for j in range(size * units):
+                into[j] += flat[j]
         g = index[i]
         if g < 0:
             continue

@@ -84,10 +84,12 @@ __all__ = [
 BLOCK = 1 << 22
 #: scores queued by the compiled pass before they are ranked in, sorted by group and unit
 QUEUE = 1 << 16
-#: bytes of a chunk ranked in at once by :meth:`RunningExemplars.add` when another kernel reads it too
-SLICE = 1 << 20
 #: values gathered at once to find the positions of the selected scores
 GATHER = 1 << 17
+
+#: what :meth:`RunningExemplars.add` hands the compiled pass when no group sums are added
+_NO_SUMS = np.zeros((0, 0))
+_NO_INDEX = np.zeros(0, np.intp)
 
 _LOW = np.uint64(0xFFFFFFFF)
 #: the index of the high 32 bits of a uint64 seen as two uint32
@@ -430,18 +432,13 @@ class RunningExemplars:
         return (np.empty(size, np.int64), np.empty(size, dtype), np.empty(size, np.int64),
                 np.empty(size, np.int32))
 
-    def slices(self, x: np.ndarray) -> list[tuple[int, int]]:
-        """Row ranges of the next chunk ``x`` to :meth:`add` one after the other, of about
-        :data:`SLICE` bytes each, so that another kernel reads each again from the cache; the
-        whole chunk at once while a group in it has no sample yet (it may be filled from it)."""
-        n = len(x)
-        if self.empty[self.index[self.lo : self.lo + n]].any():
-            return [(0, n)]
-        step = max(1, SLICE // max(1, x[0].nbytes))
-        return [(a, min(n, a + step)) for a in range(0, n, step)]
+    def add(self, x: np.ndarray, sums: np.ndarray | None = None, sums_index: np.ndarray | None = None) -> None:
+        """The next chunk's activations ``(n, *spatial, unit)`` (not kept).
 
-    def add(self, x: np.ndarray) -> None:
-        """The next chunk's activations ``(n, *spatial, unit)`` (not kept)."""
+        With ``sums`` (float64, ``(groups, values per sample)``), each sample is
+        also added to ``sums[sums_index[i]]``, in the same loop (the NAP pass's
+        group sums, :func:`inntrospect.analysis.nap_kernels.add_sums`, bit for bit).
+        """
         n, units = len(x), x.shape[-1]
         state = self._state(units, x.dtype, running=True, spatial=x.ndim > 2)
         if not self.running:
@@ -456,7 +453,9 @@ class RunningExemplars:
                 self.kernels.fill(x, rows, self.offset + self.lo, fill, *state)
                 rows = np.where(np.isin(rows, fill), -1, rows)
             self.empty &= present == 0
-        self.kernels.top_bottom(x, rows, self.offset + self.lo, *state, *self.queue)
+        if sums is None:
+            sums, sums_index = _NO_SUMS, _NO_INDEX
+        self.kernels.top_bottom(x, rows, self.offset + self.lo, *state, *self.queue, sums, sums_index)
         self.lo += n
 
     def merge(self, part: Exemplars) -> None:

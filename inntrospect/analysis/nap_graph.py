@@ -147,13 +147,12 @@ def _stored_chunks(chunks, codes, std=False, k=None, start=0, moments=True):
         if sums is None:
             sums = np.zeros((len(present), int(np.prod(x.shape[1:], dtype=np.int64))))
         rows = index[lo : lo + len(x)]
-        if k is None:
+        if k is not None and g is None:  # the sums added by the exemplars' loop, sample by sample
+            found.add(x, sums, rows)
+        else:
+            if k is not None:
+                found.add(x)
             add_sums(kernels, x, rows, sums, g, shift)
-        else:  # both kernels on each cache-sized slice in turn: the chunk comes from memory once
-            for a, b in found.slices(x):
-                found.add(x[a:b])
-                add_sums(kernels, x[a:b], rows[a:b], sums, None if g is None else g[a:b],
-                         None if shift is None else shift[a:b])
         lo += len(x)
     if lo != len(codes):
         raise ParameterError(f"{lo} samples but {len(codes)} group codes: give one group code per sample.")
