@@ -52,7 +52,11 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
-from common import print_main_thread, print_store_size  # benchmarks/common.py, beside this script
+from common import (  # benchmarks/common.py, beside this script
+    print_main_thread,
+    print_rates,
+    print_store_size,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT.parent / "shared" / "models" / "mnist_cnn_shallow"
@@ -344,9 +348,6 @@ def main(argv=None) -> None:
     ra, rb, rb1, rc = n / med(ta), n / med(tb), n / med(tb1), n / med(tc)
     s = 1.0 / (1.0 / ra + 1.0 / rb)
 
-    def spread(ts):
-        return f"{n / max(ts):>7,.0f}-{n / min(ts):<7,.0f}"
-
     print(f"\nMNIST CNN, layers {', '.join(i.name for i in m.layers)}; {n} samples, batch {a.batch}")
     print(f"codec {CODEC} where it compresses >= 1.25x on the first batch; chosen: "
           + ", ".join(f"{k}/{v}" for k, d in codecs.items() for v, c in d.items() if c is None)
@@ -359,17 +360,13 @@ def main(argv=None) -> None:
     print(f"  prepare_extraction         {t_load:6.2f} s  (loads the model, reads the corpus)")
     print(f"  first compute (tracing)    {t_trace:6.2f} s  (a), {t_trace_c:.2f} s (c)")
     print(f"  write_corpus               {t_corpus:6.2f} s")
-    print(f"\n{'':<44} {'median s':>9} {'samples/s':>10} {'range samples/s':>17} {'GB/s unc.':>10}")
-    for label, ts, rate in [
+    print_rates([
         ("(a) model only: compute() per batch", ta, ra),
         ("(b) Zarr writes only, 2 writer threads", tb, rb),
         ("(b1) Zarr writes only, 1 thread", tb1, rb1),
         ("(b2) as b, zstd-1 on all, empty-chunk check", tb2, n / med(tb2)),
         ("(c) run_extraction", tc, rc),
-    ]:
-        print(f"{label:<44} {med(ts):>9.2f} {rate:>10,.0f} {spread(ts):>17} {rate * raw_per_sample / 1e9:>10.2f}")
-    print(f"{'s = 1/(1/a + 1/b)  (a then b, no overlap)':<44} {n / s:>9.2f} {s:>10,.0f} {'':>17} "
-          f"{s * raw_per_sample / 1e9:>10.2f}")
+    ], n, s, raw_per_sample)
     print(f"\nc/s        = {rc / s:.2f}   (target >= 1.0)")
     print(f"c/min(a,b) = {rc / min(ra, rb):.2f}   (1.0 = model and writes fully overlapped)")
     print(f"end to end inntrospect.extract(): {t_e2e:.2f} s = {n / t_e2e:,.0f} samples/s "

@@ -50,7 +50,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import print_main_thread, print_store_size  # benchmarks/common.py, beside this script
+from common import (  # benchmarks/common.py, beside this script
+    print_main_thread,
+    print_rates,
+    print_store_size,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -217,9 +221,6 @@ def main(argv=None) -> None:
     ra, ra2, rb, rc = n / med(ta), n / med(ta2), n / med(tb), n / med(tc)
     s = 1.0 / (1.0 / ra + 1.0 / rb)
 
-    def spread(ts):
-        return f"{n / max(ts):>7,.0f}-{n / min(ts):<7,.0f}"
-
     print(f"\nPyTorch MNIST CNN (conv {c1}, {c2}), layers {', '.join(i.name for i in m.layers)}; "
           f"{n} samples, batch {a.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"codec {CODEC} where it compresses >= 1.25x on the first batch; chosen: "
@@ -232,18 +233,14 @@ def main(argv=None) -> None:
     print(f"  import torch               {t_torch:6.2f} s")
     print(f"  prepare_extraction         {t_load:6.2f} s  (builds the model, loads its weights, reads the corpus)")
     print(f"  write_corpus               {t_corpus:6.2f} s")
-    print(f"\n{'':<44} {'median s':>9} {'samples/s':>10} {'range samples/s':>17} {'GB/s unc.':>10}")
-    for label, ts, rate in [
+    print_rates([
         (f"(a-default) bare torch, {default_threads} threads", ta_default, n / med(ta_default)),
         ("(a-1) bare torch, 1 thread", ta_1, n / med(ta_1)),
         ("(a) = the faster of a-default and a-1", ta, ra),
         (f"(a2) TorchModel.compute(), {m.threads} threads", ta2, ra2),
         ("(b) Zarr writes only, 2 writer threads", tb, rb),
         ("(c) run_extraction", tc, rc),
-    ]:
-        print(f"{label:<44} {med(ts):>9.2f} {rate:>10,.0f} {spread(ts):>17} {rate * raw_per_sample / 1e9:>10.2f}")
-    print(f"{'s = 1/(1/a + 1/b)  (a then b, no overlap)':<44} {n / s:>9.2f} {s:>10,.0f} {'':>17} "
-          f"{s * raw_per_sample / 1e9:>10.2f}")
+    ], n, s, raw_per_sample)
     print(f"\nc/s        = {rc / s:.2f}   (target >= 1.0)")
     print(f"c/min(a,b) = {rc / min(ra, rb):.2f}   (1.0 = model and writes fully overlapped)")
     print(f"a2/a       = {ra2 / ra:.2f}   (TorchModel.compute against the bare loop)")

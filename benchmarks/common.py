@@ -35,3 +35,17 @@ def print_main_thread(timers, t_inst: float, n: int) -> None:
         print(f"  {label:<44} {t:7.2f} s  {t / t_inst:6.1%}  ({timers.calls[label]} calls)")
     print(f"  {'rest (buffer copies, submit, prediction, block records)':<44} {t_inst - accounted:7.2f} s  "
           f"{(t_inst - accounted) / t_inst:6.1%}")
+
+
+def print_rates(rows, n: int, s: float, raw_per_sample: float) -> None:
+    """The extraction benchmarks' table: per ``(label, seconds of each run, samples/s)`` row, the
+    median seconds, the rate, the range of rates and the uncompressed GB/s; then the serial bound ``s``."""
+    import statistics
+
+    print(f"\n{'':<44} {'median s':>9} {'samples/s':>10} {'range samples/s':>17} {'GB/s unc.':>10}")
+    for label, ts, rate in rows:
+        spread = f"{n / max(ts):>7,.0f}-{n / min(ts):<7,.0f}"
+        print(f"{label:<44} {statistics.median(ts):>9.2f} {rate:>10,.0f} {spread:>17} "
+              f"{rate * raw_per_sample / 1e9:>10.2f}")
+    print(f"{'s = 1/(1/a + 1/b)  (a then b, no overlap)':<44} {n / s:>9.2f} {s:>10,.0f} {'':>17} "
+          f"{s * raw_per_sample / 1e9:>10.2f}")
