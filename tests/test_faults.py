@@ -53,19 +53,32 @@ def one_line_error(argv, capsys) -> str:
 
 def fail_writes(monkeypatch, code: int, after: int = 0, keys: str = "") -> None:
     """Every write of a store chunk (whose key contains ``keys``) after the first ``after`` fails
-    with ``OSError(code)``, as the operating system would."""
+    with ``OSError(code)``, as the operating system would: through Zarr, and the extraction's
+    direct chunk writes (``chunkio.write_chunk``)."""
     from zarr.storage import LocalStore
 
-    real, seen = LocalStore.set, []
+    from inntrospect.store import chunkio
+
+    real, real_chunk, seen = LocalStore.set, chunkio.write_chunk, []
+
+    def fails(key: str) -> bool:
+        if keys in key.replace(os.sep, "/"):
+            seen.append(key)
+            return len(seen) > after
+        return False
 
     async def set_(self, key, value, *args, **kwargs):
-        if keys in key:
-            seen.append(key)
-            if len(seen) > after:
-                raise OSError(code, os.strerror(code), os.path.join(str(self.root), key))
+        if fails(key):
+            raise OSError(code, os.strerror(code), os.path.join(str(self.root), key))
         return await real(self, key, value, *args, **kwargs)
 
+    def write_chunk(rec, data):
+        if fails(rec.file):
+            raise OSError(code, os.strerror(code), rec.file)
+        return real_chunk(rec, data)
+
     monkeypatch.setattr(LocalStore, "set", set_)
+    monkeypatch.setattr(chunkio, "write_chunk", write_chunk)
 
 
 def test_a_full_disk_during_naps_is_one_line_and_names_the_fix(store, tmp_path, capsys, monkeypatch):

@@ -8,7 +8,9 @@ samples only, encoded as native-order bytes, at most zstd and at most a
 crc32c checksum after it (what extraction writes), :func:`chunk_files` lists
 the chunk files and :func:`read_chunk` decodes one into a page-aligned buffer
 of the calling thread, reused from chunk to chunk. Anything else is read
-through Zarr.
+through Zarr. :func:`write_chunk` is its inverse, the extraction's writes:
+the same bytes Zarr writes, at about half its cost (no copies into fresh
+memory, the checksum without the GIL).
 
 :func:`read_chunk` checks what Zarr would: the crc32c of the encoded bytes
 (computed slab by slab as the file is read, while each slab is in cache), the
@@ -30,13 +32,14 @@ import numpy as np
 
 from ..errors import DamagedStoreError
 
-__all__ = ["ChunkFile", "chunk_files", "read_chunk", "buffer"]
+__all__ = ["ChunkFile", "chunk_files", "read_chunk", "write_chunk", "buffer"]
 
 
 @dataclass(frozen=True)
 class ChunkFile:
-    """A chunk file to read directly: its path, samples, chunk shape, codec and fill value, whether
-    a crc32c follows the encoded bytes, and the store and array it belongs to (for messages)."""
+    """A chunk file to read (or write) directly: its path, samples, chunk shape, codec and fill value,
+    whether a crc32c follows the encoded bytes, the store and array it belongs to (for messages),
+    and the zstd level (for writing)."""
 
     file: str
     n: int
@@ -46,6 +49,7 @@ class ChunkFile:
     crc: bool = False
     store: str = ""
     array: str = ""
+    level: int = 0
 
 
 _local = threading.local()
@@ -74,7 +78,7 @@ def buffer(slot: str, size: int, dtype) -> np.ndarray:
 
 def chunk_files(arr):
     """Per chunk along ``sample`` of a Zarr array: ``(file, samples, chunk shape, zstd?, fill value,
-    crc32c?, store, array)`` (the fields of :class:`ChunkFile`).
+    crc32c?, store, array, zstd level)`` (the fields of :class:`ChunkFile`).
 
     None unless its chunk files can be read directly: a local Zarr v3 array
     of float32, chunked along its first axis only, each chunk encoded as bytes
@@ -96,6 +100,7 @@ def chunk_files(arr):
             or (len(codecs) == 2 and not isinstance(codecs[1], ZstdCodec)):
         return None
     zstd = len(codecs) == 2
+    level = int(codecs[1].level) if zstd else 0
     store = str(arr.store.root)
     root = os.path.join(store, *arr.path.split("/"))
     c, n = arr.chunks[0], arr.shape[0]
@@ -103,9 +108,41 @@ def chunk_files(arr):
     zeros = (0,) * (arr.ndim - 1)
     return [
         (os.path.join(root, *meta.encode_chunk_key((k, *zeros)).split("/")), min(c, n - k * c),
-         tuple(arr.chunks), zstd, fill, crc, store, arr.path)
+         tuple(arr.chunks), zstd, fill, crc, store, arr.path, level)
         for k in range(-(-n // c))
     ]
+
+
+def write_chunk(rec, data: np.ndarray) -> None:
+    """Write the samples ``data`` as the chunk file ``rec`` (a :class:`ChunkFile`), as Zarr would.
+
+    ``data`` holds the chunk's samples from its first, all of them but for the
+    array's last chunk, which is padded with the fill value to the chunk's
+    shape. Encoded as :func:`read_chunk` decodes: native-order float32 bytes,
+    then zstd at the array's level (numcodecs', as Zarr's codec), then the
+    crc32c of the encoded bytes, little-endian. The file is written whole,
+    replacing any; always, even when every value is the fill value (Zarr
+    would leave such a chunk out, which a resume takes for a missing chunk).
+    """
+    import numcodecs
+
+    shape = tuple(rec.shape)
+    if data.shape != shape or data.dtype != np.float32 or not data.flags.c_contiguous:
+        full = buffer("write", int(np.prod(shape, dtype=np.int64)), np.float32).reshape(shape)
+        full[: len(data)] = data
+        full[len(data) :] = rec.fill
+        data = full
+    if rec.zstd:
+        body = np.frombuffer(numcodecs.Zstd(level=rec.level).encode(data), np.uint8)
+    else:
+        body = data.reshape(-1).view(np.uint8)
+    os.makedirs(os.path.dirname(rec.file), exist_ok=True)
+    with open(rec.file, "wb") as fh:
+        fh.write(memoryview(body))
+        if rec.crc:
+            extend = crc32c_extend()
+            crc = extend(0, body.ctypes.data, body.nbytes) if extend else _extend(0, body)
+            fh.write(int(crc).to_bytes(4, "little"))
 
 
 def read_chunk(rec, slot: str) -> np.ndarray:
