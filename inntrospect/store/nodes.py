@@ -252,9 +252,12 @@ def create_store(
         dimension_names=("block",), compressors=zarr_codecs(None),
     )
     coordinates = " ".join(sorted([*_TABLE_COLUMNS][1:] + ["prediction"]))
+    first = None  # the layer whose sample table the others' copy, on a local disk
     for info in layers:
         node = root.create_group(layer_path(info.name), attributes={"layer": info.name})
-        write_sample_table(node, sample_table)
+        if first is None or not _copy_table(root, first, layer_path(info.name)):
+            write_sample_table(node, sample_table)
+            first = layer_path(info.name)
         node.create_array(
             "prediction", shape=(n,), chunks=(plan.block,), dtype="int64", fill_value=-1,
             dimension_names=("sample",), compressors=zarr_codecs(CODEC_TABLE),
@@ -273,6 +276,22 @@ def create_store(
 
 #: the sample table's arrays in every layer node (``sample``, the index, first)
 _TABLE_COLUMNS = ("sample", "group", "file", "index_in_file", "target")
+
+
+def _copy_table(root, src: str, dst: str) -> bool:
+    """Copy the sample table's arrays (metadata and chunk files) of node ``src`` into node ``dst`` of a
+    local store (encoding the same table again for every layer cost most of a store's creation);
+    False elsewhere."""
+    import shutil
+
+    from zarr.storage import LocalStore
+
+    if not isinstance(root.store, LocalStore):
+        return False
+    base = os.path.join(str(root.store.root), *(root.path.split("/") if root.path else ()))
+    for name in _TABLE_COLUMNS:
+        shutil.copytree(os.path.join(base, *src.split("/"), name), os.path.join(base, *dst.split("/"), name))
+    return True
 
 
 def write_sample_table(node, sample_table: Mapping[str, np.ndarray]) -> None:
