@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 from common import (  # benchmarks/common.py, beside this script
     print_main_thread,
+    print_plan,
     print_rates,
     print_store_size,
 )
@@ -349,12 +350,7 @@ def main(argv=None) -> None:
     s = 1.0 / (1.0 / ra + 1.0 / rb)
 
     print(f"\nMNIST CNN, layers {', '.join(i.name for i in m.layers)}; {n} samples, batch {a.batch}")
-    print(f"codec {CODEC} where it compresses >= 1.25x on the first batch; chosen: "
-          + ", ".join(f"{k}/{v}" for k, d in codecs.items() for v, c in d.items() if c is None)
-          + " uncompressed")
-    print(f"chunks {plan.chunks} samples; block {plan.block} ({plan.chunk_mib:g} MiB chunks)")
-    print(f"uncompressed acts+grads: {raw_per_sample / 1e3:.1f} kB/sample, {raw / 1e9:.2f} GB; "
-          f"load average {load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; {R} repeats")
+    print_plan(codecs, plan, raw_per_sample, raw, load0[0], R)
     print("\nnot counted in a, b, c:")
     print(f"  import tensorflow          {t_tf:6.2f} s")
     print(f"  prepare_extraction         {t_load:6.2f} s  (loads the model, reads the corpus)")

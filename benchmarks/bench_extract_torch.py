@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 from common import (  # benchmarks/common.py, beside this script
     print_main_thread,
+    print_plan,
     print_rates,
     print_store_size,
 )
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
     from inntrospect.extraction.corpus import read_corpus, write_corpus
     from inntrospect.extraction.local import prepare_extraction, run_extraction
     from inntrospect.extraction.prepare import measure_ratios
-    from inntrospect.store.codecs import CODEC, choose_codecs
+    from inntrospect.store.codecs import choose_codecs
 
     sys.path.insert(0, str(ROOT / "examples" / "mnist"))
     from make_corpus import read_idx
@@ -223,12 +224,7 @@ def main(argv=None) -> None:
 
     print(f"\nPyTorch MNIST CNN (conv {c1}, {c2}), layers {', '.join(i.name for i in m.layers)}; "
           f"{n} samples, batch {a.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"codec {CODEC} where it compresses >= 1.25x on the first batch; chosen: "
-          + ", ".join(f"{k}/{v}" for k, d in codecs.items() for v, c in d.items() if c is None)
-          + " uncompressed")
-    print(f"chunks {plan.chunks} samples; block {plan.block} ({plan.chunk_mib:g} MiB chunks)")
-    print(f"uncompressed acts+grads: {raw_per_sample / 1e3:.1f} kB/sample, {raw / 1e9:.2f} GB; "
-          f"load average {load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; {R} repeats")
+    print_plan(codecs, plan, raw_per_sample, raw, load0[0], R)
     print("\nnot counted in a, b, c:")
     print(f"  import torch               {t_torch:6.2f} s")
     print(f"  prepare_extraction         {t_load:6.2f} s  (builds the model, loads its weights, reads the corpus)")

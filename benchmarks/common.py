@@ -37,6 +37,18 @@ def print_main_thread(timers, t_inst: float, n: int) -> None:
           f"{(t_inst - accounted) / t_inst:6.1%}")
 
 
+def print_plan(codecs: dict, plan, raw_per_sample: float, raw: float, load_at_start: float, repeats: int) -> None:
+    """The extraction benchmarks' setup lines: the codecs chosen, the chunk plan, the data's size, the load."""
+    from inntrospect.store.codecs import CODEC
+
+    print(f"codec {CODEC} where it compresses >= 1.25x on the first batch; chosen: "
+          + ", ".join(f"{k}/{v}" for k, d in codecs.items() for v, c in d.items() if c is None)
+          + " uncompressed")
+    print(f"chunks {plan.chunks} samples; block {plan.block} ({plan.chunk_mib:g} MiB chunks)")
+    print(f"uncompressed acts+grads: {raw_per_sample / 1e3:.1f} kB/sample, {raw / 1e9:.2f} GB; "
+          f"load average {load_at_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; {repeats} repeats")
+
+
 def print_rates(rows, n: int, s: float, raw_per_sample: float) -> None:
     """The extraction benchmarks' table: per ``(label, seconds of each run, samples/s)`` row, the
     median seconds, the rate, the range of rates and the uncompressed GB/s; then the serial bound ``s``."""

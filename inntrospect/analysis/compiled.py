@@ -212,10 +212,11 @@ def rank_queued(m, key, score, ident, where, value, sample, position, count, abo
         b = key[j] - lo
         order[starts[b]] = j
         starts[b] += 1  # then the end of bucket b
-    # the buckets in key order, group and unit stepped along (a division per score cost as much as ranking it)
-    # Each score is ranked in at both ends where it passes the thresholds, the ends moved once full.
-    # Written out here rather than called: a compiled call (even inlined) that is handed the state's
-    # arrays counts their references at every score, ~60 ns, ten times the ranking itself.
+    # The buckets in key order, group and unit stepped along (a division per score cost as much as
+    # ranking it). Each score is ranked in at both ends where it passes the thresholds (insert's
+    # ranks), the thresholds moved once an end is full. Written out here rather than calling insert:
+    # a compiled call handed the state's arrays counts their references at every score, even inlined,
+    # ~60 ns, ten times the ranking itself (fill writes its ranking out for the same reason).
     k = value.shape[3]
     g, u, t = lo // units, lo % units, 0
     for b in range(hi - lo + 1):
