@@ -176,14 +176,22 @@ def _exemplified(cfg, results) -> str:
             f"in {cfg.store_path()}/exemplars")
 
 
+def _significant_units(q):
+    """Per (group, unit): whether the unit is significant (q < 0.05) at some position of its layer."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"):
+        hit = q < 0.05
+    return hit.reshape(hit.shape[0], -1, hit.shape[-1]).any(axis=1)
+
+
 def _contrasted(cfg, results) -> str:
     done = results["contrast"]
     first = next(iter(done.values()))
     text = (f"contrastive NAPs of {len(done)} layers for groups {', '.join(map(str, first.group.values))} "
             f"in {cfg.store_path()}/contrast")
     if "q" in first:
-        found = sum(int((ds["q"].min([d for d in ds["q"].dims if d not in ("group", ds["q"].dims[-1])])
-                         < 0.05).sum()) for ds in done.values())
+        found = sum(int(_significant_units(ds["q"].values).sum()) for ds in done.values())
         text += f"; {found} (group, unit) pairs significant at q < 0.05 (Welch's t, Benjamini-Hochberg)"
     return text
 

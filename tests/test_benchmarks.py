@@ -44,5 +44,6 @@ def test_bench_checksum_quick(cnn_store):
 @needs_shared
 def test_bench_exemplars_quick(cnn_store, tmp_path):
     out = run("bench_exemplars.py", "--quick", "--source", str(cnn_store), "--store", str(tmp_path / "e.zarr"))
-    for label in ("(b)   NAP pass alone", "(bx)  NAPs + exemplars, one pass", "b / bx =", "(c) contrast step"):
+    for label in ("(b)   NAP pass alone", "(bx)  NAPs + exemplars, one pass", "b / bx =",
+                  "(c)  contrast step in this process", "(c') inntrospect contrast CONFIG, fresh process"):
         assert label in out, out

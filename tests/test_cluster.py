@@ -307,10 +307,12 @@ def _connections(cluster) -> int:
     return sum(1 for _, e in events if isinstance(e, dict) and e.get("action") == "add-client")
 
 
-def _finished(prefix: str, dask_scheduler=None) -> int:
-    """In the scheduler: how many times a task whose key starts with ``prefix`` finished (so far)."""
+def _finished(prefix: str, since: float, dask_scheduler=None) -> int:
+    """In the scheduler: how many times a task whose key starts with ``prefix`` finished since the time
+    ``since`` (the log is bounded: older tests' entries drop out of it, so counts are taken by time)."""
     return sum(1 for t in list(dask_scheduler.transition_log)
-               if t.finish == "memory" and str(t.key[0] if isinstance(t.key, tuple) else t.key).startswith(prefix))
+               if t.finish == "memory" and t.timestamp >= since
+               and str(t.key[0] if isinstance(t.key, tuple) else t.key).startswith(prefix))
 
 
 def test_a_worker_killed_in_the_middle_of_the_naps_changes_nothing(two_workers, tmp_path):
@@ -332,17 +334,16 @@ def test_a_worker_killed_in_the_middle_of_the_naps_changes_nothing(two_workers, 
         except BaseException as err:  # noqa: BLE001 - re-raised below
             errors.append(err)
 
-    chunks_before = cluster.client.run_on_scheduler(_finished, "naps-chunk")
-    finals_before = cluster.client.run_on_scheduler(_finished, "naps-final")
+    since = time.time()  # the scheduler runs on this machine: the same clock
     thread = threading.Thread(target=nap_pass, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT
-    while (done := cluster.client.run_on_scheduler(_finished, "naps-chunk") - chunks_before) < 4:
+    while (done := cluster.client.run_on_scheduler(_finished, "naps-chunk", since)) < 4:
         assert thread.is_alive() and time.monotonic() < deadline, (errors, done)
         time.sleep(0.01)
     victim = cluster.workers["w1"]
     os.kill(victim.pid, signal.SIGKILL)
-    finals_at_kill = cluster.client.run_on_scheduler(_finished, "naps-final") - finals_before
+    finals_at_kill = cluster.client.run_on_scheduler(_finished, "naps-final", since)
     thread.join(TIMEOUT)
     t2 = time.perf_counter()
     assert not thread.is_alive(), "the NAP pass did not finish"
@@ -351,7 +352,7 @@ def test_a_worker_killed_in_the_middle_of_the_naps_changes_nothing(two_workers, 
     # killed while the pass was running: it finished on the other worker alone
     assert "w1" not in cluster.worker_addresses()
     assert finals_at_kill == 0  # the pass had not finished when the worker was killed
-    n_chunk_tasks = cluster.client.run_on_scheduler(_finished, "naps-chunk") - chunks_before
+    n_chunk_tasks = cluster.client.run_on_scheduler(_finished, "naps-chunk", since)
     print(f"\nstore of {acts.nbytes / 1e6:.0f} MB built in {t1 - t0:.1f} s; NAP pass {t2 - t1:.1f} s; "
           f"worker killed after {done} of {n_chunk_tasks} chunk tasks finished (some twice)")
 

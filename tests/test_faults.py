@@ -53,13 +53,13 @@ def one_line_error(argv, capsys) -> str:
 
 def fail_writes(monkeypatch, code: int, after: int = 0, keys: str = "") -> None:
     """Every write of a store chunk (whose key contains ``keys``) after the first ``after`` fails
-    with ``OSError(code)``, as the operating system would: through Zarr, and the extraction's
-    direct chunk writes (``chunkio.write_chunk``)."""
+    with ``OSError(code)``, as the operating system would: through Zarr, the extraction's
+    direct chunk writes (``chunkio.write_chunk``) and the result nodes' (``localnode.write_file``)."""
     from zarr.storage import LocalStore
 
-    from inntrospect.store import chunkio
+    from inntrospect.store import chunkio, localnode
 
-    real, real_chunk, seen = LocalStore.set, chunkio.write_chunk, []
+    real, real_chunk, real_file, seen = LocalStore.set, chunkio.write_chunk, localnode.write_file, []
 
     def fails(key: str) -> bool:
         if keys in key.replace(os.sep, "/"):
@@ -77,8 +77,14 @@ def fail_writes(monkeypatch, code: int, after: int = 0, keys: str = "") -> None:
             raise OSError(code, os.strerror(code), rec.file)
         return real_chunk(rec, data)
 
+    def write_file(path, data):
+        if fails(path):
+            raise OSError(code, os.strerror(code), path)
+        return real_file(path, data)
+
     monkeypatch.setattr(LocalStore, "set", set_)
     monkeypatch.setattr(chunkio, "write_chunk", write_chunk)
+    monkeypatch.setattr(localnode, "write_file", write_file)
 
 
 def test_a_full_disk_during_naps_is_one_line_and_names_the_fix(store, tmp_path, capsys, monkeypatch):

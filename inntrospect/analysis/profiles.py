@@ -653,7 +653,7 @@ def _choose_groups(existing, groups) -> np.ndarray:
 def _persist_contrast(store, groups, weight_by_group_size, significance, progress) -> dict:
     store = steps.writable(store, "contrastive_naps(persist=True)")
     with store.writing():
-        source = steps.load(store, "naps")
+        source = steps.load(store, "naps", lazy=False)  # small: in memory, no task graph to build
         lazy = contrastive_naps(store, groups, weight_by_group_size, significance=significance,
                                 naps=source)
         params = next(iter(lazy.values())).attrs["params"] if lazy else {}

@@ -8,7 +8,8 @@ group's count, mean and M2 (sum of squared deviations from its mean), as
 rest's moments are merged exactly from the other groups' (Chan et al.'s
 pairwise update), never recomputed from samples.
 
-Pure numpy (and ``scipy.special`` for the t distribution): the kernels here
+Pure numpy (and ``scipy.special`` for the t distribution, which the larger
+arrays evaluate on two threads): the kernels here
 take arrays ``(group, ...)`` and return arrays of the same shape.
 """
 
@@ -73,10 +74,14 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
     mean = np.asarray(mean, dtype=np.float64)
     m2 = np.asarray(m2, dtype=np.float64)
     ok = (count >= 2) & (n_r >= 2)
-    t, p, effect = (np.full(mean.shape, np.nan) for _ in range(3))
-    if ok.any():
-        t[ok], _, p[ok] = welch(count[ok], mean[ok], m2[ok], n_r[ok], mean_r[ok], m2_r[ok])
-        effect[ok] = hedges_g(count[ok], mean[ok], m2[ok], n_r[ok], mean_r[ok], m2_r[ok])
+    if ok.all():  # the usual case: no masked copies
+        t, _, p = welch(count, mean, m2, n_r, mean_r, m2_r)
+        effect = hedges_g(count, mean, m2, n_r, mean_r, m2_r)
+    else:
+        t, p, effect = (np.full(mean.shape, np.nan) for _ in range(3))
+        if ok.any():
+            t[ok], _, p[ok] = welch(count[ok], mean[ok], m2[ok], n_r[ok], mean_r[ok], m2_r[ok])
+            effect[ok] = hedges_g(count[ok], mean[ok], m2[ok], n_r[ok], mean_r[ok], m2_r[ok])
     return {"t": t, "p": p, "q": bh_qvalues(p), "effect": effect, "rest_count": n_r.astype(np.int64)}
 
 
@@ -86,8 +91,6 @@ def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray,
     Each set needs at least two samples. Where both variances are zero the t
     is NaN (equal means) or infinite, as ``scipy.stats.ttest_ind`` gives them.
     """
-    from scipy.special import stdtr
-
     n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
     if np.any(n_a < 2) or np.any(n_b < 2):
         raise ParameterError("Welch's t needs at least two samples in each set; a group (or the "
@@ -97,8 +100,34 @@ def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray,
         se2 = va + vb
         t = (mean_a - mean_b) / np.sqrt(se2)
         df = se2**2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
-        p = 2 * stdtr(df, -np.abs(t))
+        p = _two_sided(df, t)
     return t, df, p
+
+
+#: below this many values the t distribution is evaluated on one thread
+_SPLIT = 1 << 14
+
+
+def _two_sided(df: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``2 * stdtr(df, -|t|)``: Student's t distribution (``scipy.special``, exact to the last digits),
+    on two threads for large arrays (about 150 ns a value; it runs without the GIL)."""
+    from scipy.special import stdtr
+
+    df, t = np.broadcast_arrays(df, t)
+    if df.size < _SPLIT:
+        return 2 * stdtr(df, -np.abs(t))
+    from concurrent.futures import ThreadPoolExecutor
+
+    flat_df, flat_t = df.reshape(-1), t.reshape(-1)
+    out = np.empty(flat_t.shape)
+    half = len(out) // 2
+
+    def part(piece: slice) -> None:
+        out[piece] = 2 * stdtr(flat_df[piece], -np.abs(flat_t[piece]))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(part, (slice(0, half), slice(half, None))))
+    return out.reshape(t.shape)
 
 
 def hedges_g(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> np.ndarray:
@@ -121,15 +150,22 @@ def bh_qvalues(p: np.ndarray, axis_from: int = 1) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     lead = p.shape[:axis_from]
     flat = p.reshape(int(np.prod(lead, dtype=np.int64)), -1)
-    q = np.full_like(flat, np.nan)
-    for row, out in zip(flat, q):
-        ok = np.flatnonzero(~np.isnan(row))
-        if not len(ok):
-            continue
-        order = ok[np.argsort(row[ok], kind="stable")]
-        m = len(order)
-        ranked = row[order] * m / np.arange(1, m + 1)
-        out[order] = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
+    if flat.size == 0:
+        return np.full(p.shape, np.nan)
+    missing = np.isnan(flat)
+    m = (~missing).sum(axis=1, keepdims=True)  # each row's count of p-values
+    # NaN sorted last as inf (numpy sorts NaN 4x slower); the order of tied p-values does not change q
+    rows = np.arange(len(flat))[:, None] * flat.shape[1]
+    order = (np.argsort(np.where(missing, np.inf, flat), axis=1) + rows).reshape(-1)
+    ranked = flat.reshape(-1)[order].reshape(flat.shape)
+    rank = np.arange(1, flat.shape[1] + 1)
+    with np.errstate(invalid="ignore"):
+        ranked = ranked * m / rank
+    ranked[rank > m] = np.inf  # the NaN tail: out of the running minimum
+    q_sorted = np.minimum(np.minimum.accumulate(ranked[:, ::-1], axis=1)[:, ::-1], 1.0)
+    q_sorted[rank > m] = np.nan
+    q = np.empty(flat.size)
+    q[order] = q_sorted.reshape(-1)
     return q.reshape(p.shape)
 
 

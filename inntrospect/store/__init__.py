@@ -18,7 +18,15 @@ package is the only code that knows it. Reading needs nothing but
 
 from .append import base_samples, check_append, grow, growing, stored_plan, table_sha256
 from .backends import Location, location
-from .codecs import CHECKSUM, CODEC, CODEC_TABLE, MIN_RATIO, choose_codecs, zarr_codecs
+from .codecs import (
+    CHECKSUM,
+    CODEC,
+    CODEC_RESULT,
+    CODEC_TABLE,
+    MIN_RATIO,
+    choose_codecs,
+    zarr_codecs,
+)
 from .format import (
     BLOCK_CHUNKS,
     BLOCKS_DONE,
@@ -77,7 +85,7 @@ from .nodes import (
 
 __all__ = [
     "Location", "location", "Store",
-    "CHECKSUM", "CODEC", "CODEC_TABLE", "MIN_RATIO", "choose_codecs", "zarr_codecs",
+    "CHECKSUM", "CODEC", "CODEC_RESULT", "CODEC_TABLE", "MIN_RATIO", "choose_codecs", "zarr_codecs",
     "BLOCK_CHUNKS", "BLOCKS_DONE", "DEFAULT_CHUNK_MIB", "FORMAT", "FORMAT_VERSION", "LAYERS",
     "MAX_CHUNK_SAMPLES", "ChunkPlan", "LayerSpec", "check_same", "layer_dims", "layer_path",
     "new_extraction", "plan_chunks", "plan_for", "root_attrs", "spatial_dims", "timestamp",

@@ -22,7 +22,6 @@ command that repairs it; never NaN or other numbers.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DamagedStoreError
+from .checksum import checksum, crc32c, crc32c_extend
 
 __all__ = ["ChunkFile", "chunk_files", "read_chunk", "write_chunk", "buffer"]
 
@@ -140,8 +140,7 @@ def write_chunk(rec, data: np.ndarray) -> None:
     with open(rec.file, "wb") as fh:
         fh.write(memoryview(body))
         if rec.crc:
-            extend = crc32c_extend()
-            crc = extend(0, body.ctypes.data, body.nbytes) if extend else _extend(0, body)
+            crc = checksum(body)
             fh.write(int(crc).to_bytes(4, "little"))
 
 
@@ -235,36 +234,6 @@ def _read_into(fh, buf: np.ndarray, rec, checked: int = 0) -> int:
             raise _damaged(rec, f"ended after {got} of its {len(view)} bytes")
         if got < checked:
             n = min(got + k, checked) - got
-            crc = extend(crc, base + got, n) if extend else _extend(crc, flat[got : got + n])
+            crc = extend(crc, base + got, n) if extend else crc32c(crc, flat[got : got + n])
         got += k
     return crc
-
-
-def _extend(crc: int, data: np.ndarray) -> int:
-    import google_crc32c
-
-    return google_crc32c.extend(crc, data)
-
-
-@functools.cache
-def crc32c_extend():
-    """``crc32c_extend(crc, address, nbytes)`` of the crc32c library google_crc32c wraps, called
-    through ctypes, or None (then google_crc32c's own, slower here).
-
-    google_crc32c holds the GIL while it checksums anything but large ``bytes``,
-    so dask's threads would checksum one at a time; a ctypes call releases the
-    GIL, and both cores checksum at once (the NAP pass reads on every thread).
-    """
-    import ctypes
-
-    try:
-        from google_crc32c import _crc32c
-
-        fn = ctypes.CDLL(_crc32c.__file__).crc32c_extend  # found among the module's libraries
-        fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-        probe = np.frombuffer(b"123456789", np.uint8)
-        if fn(0, probe.ctypes.data, 9) != 0xE3069283:  # the crc32c check value (RFC 3720)
-            return None
-    except (ImportError, OSError, AttributeError):
-        return None
-    return fn

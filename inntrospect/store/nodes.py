@@ -24,7 +24,7 @@ from ..errors import (
 )
 from . import codecs as codec_rules
 from .backends import location
-from .codecs import CODEC_TABLE, zarr_codecs
+from .codecs import CODEC_RESULT, CODEC_TABLE, zarr_codecs
 from .faults import guarded
 from .format import (
     BLOCKS_DONE,
@@ -37,10 +37,11 @@ from .format import (
     layer_path,
     timestamp,
 )
+from .localnode import write_local
 
 __all__ = [
     "zarr_store", "open_tree", "writer_lock", "is_locked", "is_store", "store_attrs", "open_store",
-    "consolidate", "update_attrs", "remove_node", "write_node", "remove_store", "create_store",
+    "consolidate", "update_attrs", "remove_node", "write_node", "result_encoding", "GROUP_CHUNK_BYTES", "remove_store", "create_store",
     "open_array", "write_sample_table", "layer_group", "blocks_done", "create_derived_array", "group_labels", "array_meta", "has_node", "node_bytes", "occupant", "finish_extraction",
     "STAGED", "ASIDE", "remove_staged", "swap_in",
     "chunk_grid", "chunk_where", "repair_hint", "damaged_error", "stored_chunks", "missing_chunks",
@@ -188,30 +189,43 @@ def write_node(path: str | os.PathLike, name: str, ds, *, consolidated: bool = T
     """Write a small in-memory Dataset as the node ``name`` (replacing it), then consolidate.
 
     ``consolidated=False`` leaves that to the caller (one refresh after several
-    nodes: on object storage a refresh lists the whole store). Text labels are stored as Zarr v3 variable-length strings, like the sample table.
+    nodes: on object storage a refresh lists the whole store). Text labels are
+    stored as Zarr v3 variable-length strings, like the sample table. On a
+    local disk the files are written directly (:mod:`.localnode`: what
+    ``to_zarr`` writes, faster); anything it does not cover goes through xarray.
     """
     text = {k: v.astype(object) for k, v in ds.variables.items() if v.dtype.kind == "U"}
     ds = ds.assign_coords({k: v for k, v in text.items() if k in ds.coords}).assign(
         {k: v for k, v in text.items() if k not in ds.coords})
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
-        loc = location(path)
-        ds.to_zarr(loc.url, group=name, mode="w", zarr_format=3, consolidated=False,
-                   encoding=_encoding(ds), **loc.xarray_kwargs())
+    loc = location(path)
+    encoding = result_encoding(ds)
+    if not (loc.is_local and write_local(loc.url, name, ds, encoding)):  # the same files, faster
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+            ds.to_zarr(loc.url, group=name, mode="w", zarr_format=3, consolidated=False,
+                       encoding=encoding, **loc.xarray_kwargs())
     if consolidated:
         consolidate(path)
 
 
-def _one_chunk_per_group(ds) -> dict:
-    """Chunk per-group arrays one group per chunk: reading one group reads one chunk."""
-    return {k: {"chunks": (1, *v.shape[1:])} for k, v in ds.data_vars.items()
-            if v.ndim > 1 and v.dims[0] == "group"}
+#: a result array is chunked one group per chunk when each group's part is at least this big
+GROUP_CHUNK_BYTES = 1 << 20
 
 
-def _encoding(ds) -> dict:
-    """Every variable of a result node: zstd-3 and the checksum; per-group arrays one group per chunk."""
-    chunks = _one_chunk_per_group(ds)
-    return {k: {**chunks.get(k, {}), "compressors": zarr_codecs(CODEC_TABLE)} for k in ds.variables}
+def _chunks(var) -> tuple:
+    """A result array's chunks: one group per chunk when each group's part is big (reading one group
+    reads one chunk), else the whole array as one chunk (each chunk file costs file-system calls)."""
+    if var.ndim > 1 and var.dims[0] == "group" and var.nbytes >= GROUP_CHUNK_BYTES * var.shape[0]:
+        return (1, *var.shape[1:])
+    return tuple(max(n, 1) for n in var.shape)
+
+
+def result_encoding(ds) -> dict:
+    """Every variable of a result node: zstd-1 and the checksum, chunked as :func:`_chunks` says,
+    chunk keys ``c.0.0`` (one file in the array's folder, not a folder per axis)."""
+    return {k: {"chunks": _chunks(v), "compressors": zarr_codecs(CODEC_RESULT),
+                "chunk_key_encoding": {"name": "default", "separator": "."}}
+            for k, v in ds.variables.items()}
 
 
 def remove_store(path) -> None:

@@ -352,13 +352,15 @@ def write_results(store, record: dict, results: dict, progress: bool = False) ->
     return done
 
 
-def load(store, step: str) -> dict:
+def load(store, step: str, *, lazy: bool = True) -> dict:
     """A step's results as stored, lazily, after checking they are current.
 
     ``{layer: Dataset}`` for ``naps``, ``contrast``, ``layout``, ``topomap`` and
     ``projection``; ``{layer: DataArray}``
     of the persisted ``aligned`` activations for ``align``. ``store`` is a
     path (results can only be checked against the store they live in).
+    ``lazy=False`` reads them into memory at once, without dask (for steps
+    whose inputs are small results: no task graph to build).
 
     Raises
     ------
@@ -376,7 +378,7 @@ def load(store, step: str) -> dict:
     if step == "align":
         tree = store.tree()
     else:  # only the step's own nodes: opening the whole tree costs more as it grows
-        tree = open_tree(store, chunks={}, group=STEPS[step])
+        tree = open_tree(store, chunks={} if lazy else None, group=STEPS[step])
     out = {}
     for layer in rec["layers"]:
         if step == "align":
@@ -390,5 +392,5 @@ def load(store, step: str) -> dict:
             except KeyError:
                 ds = xr.Dataset()
             check_node(store, step, layer, ds.attrs, rec)
-            out[layer] = ds
+            out[layer] = ds if lazy else ds.load()
     return out

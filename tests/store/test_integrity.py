@@ -225,7 +225,7 @@ def test_verify_a_good_store_finds_nothing_and_exits_0(small, capsys):
 
 def test_verify_a_damaged_store_exits_non_zero(small, capsys):
     inntrospect.naps(small, persist=True)
-    flip(small / "naps" / "conv" / "nap" / "c" / "0" / "0" / "0" / "0")
+    flip(small / "naps" / "conv" / "nap" / "c.0.0.0.0")  # result nodes: one chunk file, keys c.0.0
     chunk(small, var="grads", k=1).unlink()
     assert main(["verify", str(small)]) == 1
     out = capsys.readouterr().out

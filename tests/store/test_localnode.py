@@ -1,0 +1,140 @@
+"""Result nodes written straight to their files are what ``Dataset.to_zarr`` writes, file for file.
+
+:func:`inntrospect.store.localnode.write_local` replaces xarray and Zarr for
+the small result nodes on a local disk. Each case writes the same Dataset
+both ways, with the encoding ``write_node`` gives, and compares: the same
+files, the same ``zarr.json`` documents, the same chunk bytes, and the same
+Dataset read back by plain xarray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+import inntrospect
+from inntrospect.store import localnode, nodes
+from inntrospect.testing import store_from_arrays
+
+
+def _both(tmp_path, ds, name="naps.next/conv"):
+    """Write ``ds`` through xarray (``a``) and directly (``b``); the two stores' folders."""
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    for root in (a, b):
+        zarr.open_group(str(root), mode="w", zarr_format=3)
+    text = {k: v.astype(object) for k, v in ds.variables.items() if v.dtype.kind == "U"}
+    ds = ds.assign_coords({k: v for k, v in text.items() if k in ds.coords}).assign(
+        {k: v for k, v in text.items() if k not in ds.coords})
+    encoding = nodes.result_encoding(ds)
+    ds.to_zarr(str(a), group=name, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+    assert localnode.write_local(str(b), name, ds, encoding)
+    return a, b
+
+
+def _files(root) -> dict:
+    out = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(folder, f)
+            out[os.path.relpath(path, root)] = open(path, "rb").read()
+    return out
+
+
+def assert_same_files(a, b, name="naps.next/conv"):
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for key in fa:
+        if key.endswith("zarr.json"):
+            assert json.loads(fa[key]) == json.loads(fb[key]), key
+        else:
+            assert fa[key] == fb[key], key
+    xr.testing.assert_identical(xr.open_dataset(a, group=name, engine="zarr", consolidated=False).load(),
+                                xr.open_dataset(b, group=name, engine="zarr", consolidated=False).load())
+
+
+DTYPES = [np.float64, np.float32, np.int64, np.int32, np.uint8, np.bool_]
+
+
+@hs.composite
+def datasets(draw):
+    groups = draw(hs.integers(1, 4))
+    units = draw(hs.integers(1, 7))
+    spatial = draw(hs.sampled_from([(), (2,), (3, 2)]))
+    dims = ("group", *("yx"[: len(spatial)]), "unit")
+    shape = (groups, *spatial, units)
+    variables = {}
+    for i in range(draw(hs.integers(1, 3))):
+        dtype = draw(hs.sampled_from(DTYPES))
+        elements = hs.floats(allow_nan=True, allow_infinity=True, width=32) if np.dtype(dtype).kind == "f" \
+            else None
+        data = draw(hnp.arrays(dtype, shape, elements=elements))
+        if draw(hs.booleans()):  # a group all fill: Zarr leaves such chunks out
+            data[0] = np.nan if np.dtype(dtype).kind == "f" else 0
+        variables[f"v{i}"] = (dims, data)
+    variables["count"] = ("group", draw(hnp.arrays(np.int64, groups)))
+    labels = draw(hs.lists(hs.text(hs.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=3),
+                           min_size=groups, max_size=groups, unique=True))
+    variables["label"] = ("group", np.array(labels, dtype=object))
+    attrs = {"step": "naps", "params": {"k": draw(hs.integers(0, 9)), "names": ["a", "b"]}, "x": None}
+    return xr.Dataset(variables, coords={"group": np.arange(groups), "unit": np.arange(units)}, attrs=attrs)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ds=datasets(), per_group=hs.booleans())
+def test_random_nodes_are_written_as_to_zarr_writes_them(tmp_path_factory, monkeypatch, ds, per_group):
+    monkeypatch.setattr(nodes, "GROUP_CHUNK_BYTES", 1 if per_group else 1 << 20)  # one group a chunk, or one chunk
+    a, b = _both(tmp_path_factory.mktemp("node"), ds)
+    assert_same_files(a, b)
+
+
+def test_the_steps_results_are_written_as_to_zarr_writes_them(tmp_path):
+    """NAPs with std, contrasts with statistics, exemplars: each layer's node, both ways."""
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal((60, 3, 3, 5)), 0).astype(np.float32)
+    store = store_from_arrays(tmp_path / "s.zarr", {"conv": x, "dense": x[:, 0, 0]}, rng.choice(list("abc"), 60),
+                              chunks=16)
+    results = {"naps": inntrospect.naps(store, std=True, persist=True),
+               "contrast": inntrospect.contrastive_naps(store, persist=True),
+               "exemplars": inntrospect.exemplars(store, k=3, persist=True)}
+    for step, per_layer in results.items():
+        for layer in ("conv", "dense"):
+            ds = inntrospect.load(store, step)[layer].load() if step != "exemplars" else per_layer[layer]
+            out = tmp_path / f"{step}-{layer}"
+            out.mkdir()
+            a, b = _both(out, ds, f"{step}/{layer}")
+            assert_same_files(a, b, f"{step}/{layer}")
+    assert "q" in results["contrast"]["conv"]
+
+
+@pytest.mark.parametrize("case", ["non-index coordinate", "datetime", "empty", "scalar"])
+def test_what_it_does_not_cover_goes_through_xarray(tmp_path, case):
+    base = xr.Dataset({"v": (("group", "unit"), np.ones((2, 3)))}, coords={"group": ["a", "b"]})
+    ds = {"non-index coordinate": base.assign_coords(size=("group", [1, 2])),
+          "datetime": base.assign(when=("group", np.array(["2026-01-01", "2026-01-02"], "datetime64[ns]"))),
+          "empty": base.assign(none=("empty", np.zeros(0))),
+          "scalar": base.assign(one=((), 1.0))}[case]
+    assert not localnode.can_write(ds)
+    zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    nodes.write_node(tmp_path / "s.zarr", "naps/conv", ds)  # through to_zarr
+    back = xr.open_dataset(tmp_path / "s.zarr", group="naps/conv", engine="zarr").load()
+    xr.testing.assert_identical(back.drop_encoding(), ds.drop_encoding())
+
+
+def test_a_node_replaces_the_old_one_and_makes_missing_parents(tmp_path):
+    root = tmp_path / "s.zarr"
+    zarr.open_group(str(root), mode="w", zarr_format=3)
+    old = xr.Dataset({"old": ("unit", np.arange(4.0))})
+    new = xr.Dataset({"new": ("unit", np.arange(3.0))})
+    nodes.write_node(root, "a/b/c", old)
+    nodes.write_node(root, "a/b/c", new)
+    back = xr.open_datatree(root, engine="zarr")
+    assert list(back["a/b/c"].to_dataset().data_vars) == ["new"]
+    np.testing.assert_array_equal(back["a/b/c"]["new"].values, np.arange(3.0))
