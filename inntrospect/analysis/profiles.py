@@ -26,6 +26,7 @@ from ..errors import (
     StoreError,
 )
 from ..store import chunkio, steps
+from ..store.localnode import read_array
 from .nap_graph import base_partial, dask_layer_pass, stored_layer_pass
 from .nap_kernels import contrast, contrast_weights, group_codes
 
@@ -57,7 +58,7 @@ def _direct_sources(store, attrs: dict, aligned: bool, raw: bool = False, first:
     """
     out = {}
     for layer in attrs["layers"]:
-        node = st.layer_group(store, layer)
+        node = dict(st.layer_group(store, layer).arrays())  # every array's metadata in one Zarr call
         acts = node["acts"]
         data, grads, align_id = _aligned_source(store, attrs, node) if aligned else (acts, None, None)
         st.check_chunks(store, arrays=[a for a in (data, grads) if a is not None], start=first)  # no NaN read
@@ -74,8 +75,38 @@ def _direct_sources(store, attrs: dict, aligned: bool, raw: bool = False, first:
             afiles = chunkio.chunk_files(acts)
             if afiles is None:
                 return None
-        out[layer] = (node["group"][:], tuple(dims), tuple(data.shape), files, gfiles, align_id, afiles)
+        out[layer] = (node["group"], tuple(dims), tuple(data.shape), files, gfiles, align_id, afiles)
     return out
+
+
+def _codes_of(labels, known: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``group_codes`` of a layer's ``group`` array (Zarr), decoded once for all layers whose sample
+    tables are the same bytes on disk (every layer's, in a store written by inntrospect)."""
+    folder, key = _table_key(labels)
+    if key is None or key not in known:
+        values = read_array(folder) if folder is not None else None  # straight from its file, else Zarr
+        found = group_codes(labels[:] if values is None else values)
+        if key is None:
+            return found
+        known[key] = found
+    return known[key]
+
+
+def _table_key(arr) -> tuple[str | None, tuple | None]:
+    """A local array's folder, and its shape and chunk files' bytes (a sample table's are a few kB)
+    as the key of its values; ``(None, None)`` elsewhere."""
+    import os
+
+    from zarr.storage import LocalStore
+
+    if not isinstance(arr.store, LocalStore):
+        return None, None
+    base = os.path.join(str(arr.store.root), *arr.path.split("/"))
+    keys = [arr.metadata.encode_chunk_key((k,)) for k in range(-(-arr.shape[0] // arr.chunks[0]))]
+    try:
+        return base, (tuple(arr.shape), *(open(os.path.join(base, *k.split("/")), "rb").read() for k in keys))
+    except OSError:  # a missing chunk: decoded (and refused) as Zarr reads it
+        return None, None
 
 
 def _checked(store, layer: str, data, grads):
@@ -188,11 +219,11 @@ def _passes(store, aligned: bool, std: bool, k: int | None, moments: bool = True
         if tree is None else None
     if tree is None and direct is None:
         tree = handle.tree()
-    out = {}
+    out, known = {}, {}
     for layer in steps.select_layers(attrs["layers"], layers, "the store"):
         if direct is not None:
             labels, dims, shape, files, gfiles, align_id, afiles = direct[layer]
-            names, codes = group_codes(labels)
+            names, codes = _codes_of(labels, known)
             n = len(names)
             mbase, ebase = _bases(prior, layer, names, k, shape[1:], moments)
             if k is not None and align_id is not None:  # the exemplars read the raw activations

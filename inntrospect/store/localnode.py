@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import StoreError
 from .checksum import checksum
 
-__all__ = ["write_local", "can_write", "write_file"]
+__all__ = ["write_local", "can_write", "write_file", "read_local", "read_array", "update_root"]
 
 _GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
 
@@ -127,7 +127,8 @@ def _write_chunk(job) -> None:
         part = full
     body = _encode(part, compressors, text)
     path = os.path.join(folder, *separator.join(["c", *map(str, index)]).split("/"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if separator == "/":  # c/0/0: a folder per axis (with ".", the chunk is in the array's own folder)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     write_file(path, body)
 
 
@@ -185,3 +186,168 @@ def write_file(path: str, data: bytes) -> None:
     """Write one file of a node whole (its metadata or a chunk), replacing any."""
     with open(path, "wb") as fh:
         fh.write(data)
+
+
+# -- the root's zarr.json: attributes and consolidated metadata, updated in place ------------------
+def update_root(folder: str, attrs: dict | None = None, changed=()) -> bool:
+    """Rewrite the local store's root ``zarr.json`` once: ``attrs`` merged into its attributes, and the
+    consolidated metadata of the nodes ``changed`` (and anything below them) read again from their
+    ``zarr.json`` files, the rest kept. False when it cannot (no inline consolidated metadata, or
+    attributes that are not plain JSON): then the caller goes through Zarr.
+
+    What ``zarr.consolidate_metadata`` gives for those nodes (a test compares the two), without
+    reading every other node's metadata again; the file is replaced whole (written beside it, then
+    renamed), so a crash leaves the old one or the new one, never a part.
+    """
+    path = os.path.join(folder, "zarr.json")
+    try:
+        with open(path, "rb") as fh:
+            doc = json.loads(fh.read())
+    except (OSError, ValueError):
+        return False
+    meta = doc.get("consolidated_metadata")
+    if not isinstance(meta, dict) or meta.get("kind") != "inline" or not isinstance(meta.get("metadata"), dict):
+        return False
+    if attrs:
+        doc["attributes"] = {**doc.get("attributes", {}), **attrs}
+    entries = meta["metadata"]
+    for name in changed:
+        name = name.strip("/")
+        for key in [k for k in entries if k == name or k.startswith(name + "/")]:
+            del entries[key]
+        entries.update(_subtree(folder, name))
+    # in Zarr's order, by depth, then by path: Zarr nests the entries of a group's children read
+    # one after the other, and would lose those of a group whose children came in two runs
+    meta["metadata"] = dict(sorted(entries.items(), key=lambda kv: (kv[0].count("/"), kv[0])))
+    try:
+        text = json.dumps(doc, indent=2, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    tmp = os.path.join(folder, f".zarr.json.{os.getpid()}.tmp")
+    write_file(tmp, text.encode())
+    os.replace(tmp, path)
+    return True
+
+
+def _subtree(folder: str, name: str) -> dict:
+    """``{path: metadata}`` of the node ``name`` and every node below it, as consolidated metadata
+    holds them (groups with an empty inline ``consolidated_metadata`` of their own)."""
+    out = {}
+    top = os.path.join(folder, *name.split("/"))
+    for here, dirs, files in os.walk(top):
+        dirs.sort()
+        if "zarr.json" not in files:
+            continue
+        with open(os.path.join(here, "zarr.json"), "rb") as fh:
+            node = json.loads(fh.read())
+        if node.get("node_type") == "group":
+            node = {"attributes": node.get("attributes", {}), "zarr_format": 3,
+                    "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": {}},
+                    "node_type": "group"}
+        else:
+            dirs[:] = []  # an array's folder holds its chunks, no nodes
+        out[os.path.relpath(here, folder).replace(os.sep, "/")] = node
+    return out
+
+
+# -- reading a result node back ------------------------------------------------------------------
+def read_local(folder: str, name: str) -> tuple[dict, dict] | None:
+    """``({array: numpy array}, group attributes)`` of the result node ``name`` of a local store, read
+    straight from its files, or None where a node is not one :func:`write_local` (or xarray) writes
+    (then read it through Zarr). Missing node: ``({}, None)``.
+
+    Each chunk's crc32c is checked, as Zarr checks it: a chunk that fails (or
+    does not decode) gives None too, and Zarr's read raises its error. Chunks
+    left out (all fill) read as the fill value.
+    """
+    node = os.path.join(folder, *name.split("/"))
+    try:
+        with open(os.path.join(node, "zarr.json"), "rb") as fh:
+            doc = json.loads(fh.read())
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError):
+        return None
+    if doc.get("node_type") != "group":
+        return None
+    arrays = {}
+    for entry in sorted(os.scandir(node), key=lambda e: e.name):
+        if not entry.is_dir():
+            continue
+        try:
+            with open(os.path.join(entry.path, "zarr.json"), "rb") as fh:
+                meta = json.loads(fh.read())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return None
+        if meta.get("node_type") != "array":
+            return None
+        try:
+            data = _read_array(entry.path, meta)
+        except (ValueError, RuntimeError, KeyError):  # a chunk that does not decode, a bad document
+            return None
+        if data is None:
+            return None
+        arrays[entry.name] = data
+    return arrays, doc.get("attributes", {})
+
+
+def read_array(path: str) -> np.ndarray | None:
+    """The array whose folder is ``path`` (a local Zarr v3 array of the codecs :func:`read_local`
+    reads), straight from its files; None where it must be read through Zarr (which raises its
+    errors: a damaged chunk, a missing file)."""
+    try:
+        with open(os.path.join(path, "zarr.json"), "rb") as fh:
+            meta = json.loads(fh.read())
+        return _read_array(path, meta) if meta.get("node_type") == "array" else None
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return None
+
+
+def _read_array(path: str, meta: dict) -> np.ndarray | None:
+    codecs = meta.get("codecs") or []
+    first = codecs[0] if codecs else {}
+    text = first.get("name") == "vlen-utf8"
+    grid = meta.get("chunk_grid", {})
+    keys = meta.get("chunk_key_encoding", {})
+    rest = [c.get("name") for c in codecs[1:]]
+    if grid.get("name") != "regular" or keys.get("name") != "default" or meta.get("storage_transformers") \
+            or first.get("name") not in ("bytes", "vlen-utf8") or rest not in ([], ["zstd"], ["crc32c"],
+                                                                               ["zstd", "crc32c"]) \
+            or (not text and (first.get("configuration") or {}).get("endian", "little") != "little"):
+        return None
+    try:
+        dtype = np.dtype(object) if text else np.dtype(meta["data_type"]).newbyteorder("<")
+    except TypeError:
+        return None
+    shape = tuple(meta["shape"])
+    chunks = tuple(grid["configuration"]["chunk_shape"])
+    separator = (keys.get("configuration") or {}).get("separator", "/")
+    fill = meta.get("fill_value")
+    out = np.empty(shape, dtype)
+    out[...] = "" if text else (np.nan if fill == "NaN" else fill)
+    for index in np.ndindex(*(-(-s // c) for s, c in zip(shape, chunks))):
+        key = separator.join(["c", *map(str, index)])
+        try:
+            with open(os.path.join(path, *key.split("/")), "rb") as fh:
+                body = fh.read()
+        except FileNotFoundError:
+            continue  # all fill: left out
+        if "crc32c" in rest:
+            body, stored = body[:-4], body[-4:]
+            if len(stored) != 4 or checksum(np.frombuffer(body, np.uint8)).to_bytes(4, "little") != stored:
+                return None  # damaged: read through Zarr, which raises its error
+        if "zstd" in rest:
+            import numcodecs
+
+            body = numcodecs.Zstd().decode(body)
+        if text:
+            import numcodecs
+
+            part = numcodecs.VLenUTF8().decode(body).reshape(chunks)
+        else:
+            part = np.frombuffer(body, dtype).reshape(chunks)
+        box = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+        out[box] = part[tuple(slice(0, b.stop - b.start) for b in box)]
+    return out.astype(dtype.newbyteorder("="), copy=False) if not text else out

@@ -37,7 +37,7 @@ from .format import (
     layer_path,
     timestamp,
 )
-from .localnode import write_local
+from .localnode import update_root, write_local
 
 __all__ = [
     "zarr_store", "open_tree", "writer_lock", "is_locked", "is_store", "store_attrs", "open_store",
@@ -154,18 +154,31 @@ def _load_labels(ds, plain):
     return ds.assign_coords(labels) if labels else ds
 
 
-def consolidate(path: str | os.PathLike) -> None:
-    """Refresh consolidated metadata so plain xarray opens the store quickly and silently."""
+def consolidate(path: str | os.PathLike, changed: Sequence[str] | None = None) -> None:
+    """Refresh consolidated metadata so plain xarray opens the store quickly and silently.
+
+    ``changed`` names the only nodes (with everything below them) that changed
+    since the last refresh: on a local disk only their metadata is read again
+    (:func:`~inntrospect.store.localnode.update_root`).
+    """
     import zarr
 
+    loc = location(path)
+    if changed is not None and loc.is_local and update_root(loc.url, changed=changed):
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         zarr.consolidate_metadata(zarr_store(path))
 
 
 def update_attrs(path: str | os.PathLike, **changes) -> None:
+    """Merge ``changes`` into the root attributes (on a local disk: the root's ``zarr.json`` replaced
+    whole, its consolidated metadata kept)."""
     import zarr
 
+    loc = location(path)
+    if loc.is_local and update_root(loc.url, attrs=changes):
+        return
     group = zarr.open_group(zarr_store(path), mode="r+")
     group.attrs.update(changes)  # rewrites the root's zarr.json, its consolidated metadata kept as it was
     if group.metadata.consolidated_metadata is None:

@@ -37,7 +37,8 @@ from ..errors import (
 )
 from .format import layer_path, timestamp
 from .handle import Store
-from .nodes import STAGED, consolidate, open_tree, remove_staged, swap_in, write_node
+from .localnode import read_local
+from .nodes import ASIDE, STAGED, consolidate, open_tree, remove_staged, swap_in, write_node
 
 __all__ = ["STEPS", "load", "new_record", "status", "is_current", "check_current", "begin", "finish",
            "write_results", "persist", "persist_together", "recording", "replacing", "RERUN", "writable", "select_layers", "check_node", "node_attrs", "stored_node"]
@@ -260,7 +261,7 @@ def replacing(store, record: dict | list[dict], names) -> Iterator[dict[str, str
         begin(store, rec)
     for name, new in staged.items():
         swap_in(store, new, name, consolidated=False)
-    consolidate(store)  # once for all the nodes
+    consolidate(store, changed=[n for name in names for n in (name, staged[name], f"{name}{ASIDE}")])  # once
 
 
 def persist(store, step: str, params: dict, inputs: dict, results: dict, *,
@@ -296,13 +297,13 @@ def persist_together(store, runs: list[tuple[str, dict, dict, dict]], *, progres
                    for i, (step, params, inputs, _) in enumerate(runs)]
         names = [STEPS[step] for step, *_ in runs]
         done: list[dict] = [{} for _ in runs]
-        with replacing(store, records, names) as staged:
+        with replacing(store, records, names) as staged, _node_writer(store) as write:
             for layer in layers:
                 computed = compute(*(results[layer] for *_, results in runs), progress=progress,
                                    desc=f"{'+'.join(names)} {layer}")
                 for i, (record, ds) in enumerate(zip(records, computed)):
                     ds.attrs = {**ds.attrs, **node_attrs(record, layer)}
-                    write_node(store, f"{staged[names[i]]}/{layer}", ds, consolidated=False)
+                    write(f"{staged[names[i]]}/{layer}", ds)
                     done[i][layer] = ds
     return done
 
@@ -317,11 +318,17 @@ def stored_node(store, step: str, layer: str) -> tuple[dict, dict] | None:
 
     from .nodes import zarr_store
 
-    root = zarr.open_group(zarr_store(Store.open(store).location, read_only=True), mode="r", use_consolidated=False)
-    name = f"{STEPS[step]}/{layer}"
-    if step == "align" or name not in root:
+    if step == "align":
         return None
-    node = root[name]
+    where = Store.open(store).location
+    found = read_local(where.url, f"{STEPS[step]}/{layer}") if where.is_local else None
+    if found is not None:  # straight from its files
+        return None if found[1] is None else found
+    try:
+        node = zarr.open_group(zarr_store(where, read_only=True), path=f"{STEPS[step]}/{layer}",
+                               mode="r", use_consolidated=False)
+    except FileNotFoundError:  # zarr's GroupNotFoundError too
+        return None
     return {key: arr[...] for key, arr in node.arrays()}, dict(node.attrs)
 
 
@@ -343,13 +350,38 @@ def write_results(store, record: dict, results: dict, progress: bool = False) ->
     store = Store.open(store)
     node = STEPS[step]
     done = {}
-    with replacing(store, record, [node]) as staged:
+    with replacing(store, record, [node]) as staged, _node_writer(store) as write:
         for layer, ds in results.items():
             (ds,) = compute(ds, progress=progress, desc=f"{step} {layer}")
             ds.attrs = {**ds.attrs, **node_attrs(record, layer)}
-            write_node(store, f"{staged[node]}/{layer}", ds, consolidated=False)
+            write(f"{staged[node]}/{layer}", ds)
             done[layer] = ds
     return done
+
+
+@contextmanager
+def _node_writer(store) -> Iterator:
+    """``write(name, ds)``: :func:`write_node` on a thread beside the caller, which goes on to compute
+    the next layer (and several nodes are written at once); the block ends once every node is
+    written, raising the first error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2, thread_name_prefix="inntrospect-write") as pool:
+        futures = []
+
+        def write(name: str, ds) -> None:
+            failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
+            if failed is not None:  # an earlier node's write failed (a full disk): stop here
+                raise failed
+            futures.append(pool.submit(write_node, store, name, ds, consolidated=False))
+
+        try:
+            yield write
+        finally:
+            errors = [f.exception() for f in futures]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
 
 
 def load(store, step: str, *, lazy: bool = True) -> dict:

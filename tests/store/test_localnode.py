@@ -138,3 +138,89 @@ def test_a_node_replaces_the_old_one_and_makes_missing_parents(tmp_path):
     back = xr.open_datatree(root, engine="zarr")
     assert list(back["a/b/c"].to_dataset().data_vars) == ["new"]
     np.testing.assert_array_equal(back["a/b/c"]["new"].values, np.arange(3.0))
+
+
+# -- the root's zarr.json, and nodes read back ---------------------------------------------------
+def _consolidated(root) -> dict:
+    return json.loads((root / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
+def test_an_incremental_consolidation_equals_zarrs(tmp_path):
+    """After steps replace their nodes, the root's consolidated metadata is what a full
+    ``zarr.consolidate_metadata`` gives; root attributes written directly keep it."""
+    rng = np.random.default_rng(2)
+    x = np.maximum(rng.standard_normal((40, 2, 2, 3)), 0).astype(np.float32)
+    store = store_from_arrays(tmp_path / "s.zarr", {"conv": x, "dense": x[:, 0, 0]}, rng.choice(list("ab"), 40),
+                              chunks=16)
+    inntrospect.naps(store, std=True, persist=True)
+    inntrospect.contrastive_naps(store, persist=True)
+    inntrospect.naps(store, persist=True)  # replaces naps/ (no std now); contrast/ stays
+    ours = _consolidated(store)
+    assert "naps/conv/std" not in ours and "naps/conv/nap" in ours and "contrast/conv/q" in ours
+    assert not any(k.startswith(("naps.next", "naps.old")) for k in ours)
+    nodes.update_attrs(store, extra={"a": [1, 2]})
+    assert _consolidated(store) == ours
+    assert inntrospect.store.store_attrs(store)["extra"] == {"a": [1, 2]}
+    zarr.consolidate_metadata(str(store))
+    assert _consolidated(store) == ours
+    assert list(_consolidated(store)) == list(ours)  # Zarr's order too: it nests the entries in order
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
+def test_every_node_opens_through_the_consolidated_metadata_after_steps(tmp_path):
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.standard_normal((40, 2, 2, 3)), 0).astype(np.float32)
+    g = rng.standard_normal((40, 2, 2, 3)).astype(np.float32)
+    store = store_from_arrays(tmp_path / "s.zarr", {"conv": x, "dense": x[:, 0, 0]}, rng.choice(list("ab"), 40),
+                              grads={"conv": g}, chunks=16)
+    inntrospect.align(store, persist=True)  # aligned arrays join the layer nodes, after the other layer's
+    inntrospect.naps(store, aligned=True, persist=True)
+    root = zarr.open_group(str(store), mode="r")  # consolidated: no listing
+    assert root.metadata.consolidated_metadata is not None
+    for key in _consolidated(store):
+        assert root[key] is not None
+    assert {"layers/conv/acts", "layers/conv/aligned", "layers/dense/acts", "naps/conv/nap"} <= set(_consolidated(store))
+    assert not list(store.glob(".zarr.json.*"))  # the replacement file was renamed into place
+
+
+def test_nodes_read_back_straight_from_their_files_equal_zarrs(tmp_path):
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal((50, 3, 2, 4)), 0).astype(np.float32)
+    store = store_from_arrays(tmp_path / "s.zarr", {"conv": x}, rng.choice(list("abc"), 50), chunks=16)
+    inntrospect.naps(store, std=True, persist=True)
+    inntrospect.exemplars(store, k=2, persist=True)
+    for name in ("naps/conv", "exemplars/conv"):
+        arrays, attrs = localnode.read_local(str(store), name)
+        group = zarr.open_group(str(store), path=name, mode="r")
+        assert attrs == dict(group.attrs)
+        assert sorted(arrays) == sorted(k for k, _ in group.arrays())
+        for key, arr in group.arrays():
+            np.testing.assert_array_equal(arrays[key], arr[...])
+            assert arrays[key].dtype == arr[...].dtype or arrays[key].dtype == object
+    assert localnode.read_local(str(store), "naps/none") == ({}, None)
+    # a damaged chunk: not read here (None), so Zarr's read raises its error
+    chunk = store / "naps" / "conv" / "nap" / "c.0.0.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert localnode.read_local(str(store), "naps/conv") is None
+    assert localnode.read_array(str(store / "naps" / "conv" / "nap")) is None
+
+
+def test_the_group_codes_are_decoded_once_for_layers_with_the_same_table(tmp_path, monkeypatch):
+    from inntrospect.analysis import nap_kernels, profiles
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((30, 5)).astype(np.float32)
+    labels = rng.choice(list("xyz"), 30)
+    store = store_from_arrays(tmp_path / "s.zarr", {"a": x, "b": 2 * x, "c": 3 * x}, labels, chunks=8)
+    calls = []
+    real = nap_kernels.group_codes
+    monkeypatch.setattr(profiles, "group_codes", lambda v: calls.append(1) or real(v))
+    result = inntrospect.naps(store)
+    assert len(calls) == 1  # one table, three layers
+    for layer, scale in zip("abc", (1, 2, 3)):
+        for g in "xyz":
+            np.testing.assert_allclose(result[layer]["nap"].sel(group=g).values,
+                                       (scale * x[labels == g]).astype(np.float64).mean(0), rtol=1e-12)

@@ -118,7 +118,7 @@ def test_a_contrast_rerun_failing_part_way_keeps_the_previous_contrasts(path, mo
     calls = fail_on_call(monkeypatch, steps, "write_node", 3)  # a full disk at the third layer
     with pytest.raises(Injected):
         inntrospect.contrastive_naps(path, ["b", "c"], persist=True)
-    assert len(calls) == 3
+    assert len(calls) >= 3  # (nodes are written beside the next layer's computation: one more may start)
     assert_same(before, snapshot(path, "contrast"))
     assert_still_current(path, "contrast", record)
     monkeypatch.undo()
@@ -134,7 +134,7 @@ def test_a_layout_rerun_failing_part_way_keeps_the_previous_layout(path, monkeyp
     calls = fail_on_call(monkeypatch, steps, "write_node", 2)
     with pytest.raises(Injected):
         inntrospect.topomap_layout(path, method="random", source="naps", seed=1)
-    assert len(calls) == 2
+    assert len(calls) >= 2
     assert_same(before, snapshot(path, "layout"))
     assert_still_current(path, "layout", record)
 
@@ -253,7 +253,7 @@ def test_while_a_rerun_writes_the_previous_results_stay_readable_and_current(pat
 
     monkeypatch.setattr(steps, "write_node", write_and_look)
     inntrospect.naps(path, std=True, persist=True)
-    assert seen == [f"naps.next/{layer}" for layer in LAYERS]
+    assert sorted(seen) == sorted(f"naps.next/{layer}" for layer in LAYERS)  # written two at a time
     record = st.store_attrs(path)["steps"]["naps"]
     assert record["state"] == "complete" and record["params"]["std"] is True and record != old
     assert all("std" in ds and ds.attrs["id"] == record["id"]
