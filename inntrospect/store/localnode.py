@@ -1,20 +1,26 @@
-"""Writing a small in-memory Dataset as a Zarr v3 group straight into a local folder.
+"""Result nodes and the root's ``zarr.json`` of a local store, read and written straight from files.
 
-What ``Dataset.to_zarr(mode="w")`` writes for the result nodes (NAPs,
-contrasts, layouts, ...): the same ``zarr.json`` documents and the same
-chunk bytes, at a fraction of its cost. Through xarray and Zarr each array
-costs 4-8 ms of metadata round trips and codec set-up on Zarr's event loop,
-more than encoding its bytes; a contrast with its statistics is 27 arrays.
-Here each array is one JSON document and its chunk files, encoded by the
-codecs Zarr itself uses (numcodecs' zstd and vlen-utf8, the crc32c after
-them), the chunks compressed on two threads.
+Through xarray and Zarr each small array costs 4-8 ms of metadata round
+trips and codec set-up on Zarr's event loop, more than encoding its bytes (a
+contrast with its statistics is 27 arrays), and each root attribute update
+or consolidation reads the store's metadata again. Here, for a store on a
+local disk:
 
-Only what these nodes hold is written here: numeric, bool and text variables
-with at least one element and no non-index coordinates. (What a variable read
-from a store keeps in its ``encoding`` does not matter: ``write_node`` gives
-``to_zarr`` an encoding for every variable, which replaces it.) :func:`write_local` returns False for anything
-else, and the caller writes it through xarray. ``tests/store/test_localnode.py``
-checks file for file that both ways give the same documents and bytes.
+- :func:`write_local` writes a small in-memory Dataset as a group: what
+  ``Dataset.to_zarr(mode="w")`` writes, the same ``zarr.json`` documents and
+  chunk bytes (numcodecs' zstd and vlen-utf8 as Zarr's codecs use them, the
+  crc32c after them), the chunks encoded on two threads. Only numeric, bool
+  and text variables with at least one element and no non-index
+  coordinates; for anything else it returns False and the caller goes
+  through xarray. (A variable's ``encoding`` does not matter: ``write_node``
+  gives ``to_zarr`` one for every variable, which replaces it.)
+- :func:`update_root` merges root attributes and refreshes the consolidated
+  metadata of the nodes that changed, in one replacement of the file.
+- :func:`read_local` and :func:`read_array` read such nodes back, checking
+  each chunk's crc32c; anything unexpected gives None, and the caller reads
+  through Zarr (which raises its own errors).
+
+``tests/store/test_localnode.py`` compares each with Zarr, file for file.
 """
 
 from __future__ import annotations
