@@ -224,3 +224,22 @@ def test_the_group_codes_are_decoded_once_for_layers_with_the_same_table(tmp_pat
         for g in "xyz":
             np.testing.assert_allclose(result[layer]["nap"].sel(group=g).values,
                                        (scale * x[labels == g]).astype(np.float64).mean(0), rtol=1e-12)
+
+
+def test_nodes_of_older_stores_read_back_too(tmp_path):
+    """Written before 2026-11-28: zstd level 3, one group per chunk, chunk keys c/0/0."""
+    from inntrospect.store import zarr_codecs
+
+    ds = xr.Dataset({"nap": (("group", "unit"), np.arange(12.0).reshape(3, 4)), "count": ("group", [1, 0, 2])},
+                    coords={"group": np.array(["a", "b", "c"], dtype=object)}, attrs={"id": "x"})
+    encoding = {k: {"compressors": zarr_codecs({"name": "zstd", "level": 3})} for k in ds.variables}
+    encoding["nap"]["chunks"] = (1, 4)
+    zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    ds.to_zarr(str(tmp_path / "s.zarr"), group="naps/l", mode="w", zarr_format=3, consolidated=False,
+               encoding=encoding)
+    assert (tmp_path / "s.zarr" / "naps" / "l" / "nap" / "c" / "2" / "0").is_file()
+    arrays, attrs = localnode.read_local(str(tmp_path / "s.zarr"), "naps/l")
+    assert attrs == {"id": "x"}
+    np.testing.assert_array_equal(arrays["nap"], ds["nap"].values)
+    np.testing.assert_array_equal(arrays["count"], ds["count"].values)
+    assert list(arrays["group"]) == ["a", "b", "c"]
