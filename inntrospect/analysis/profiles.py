@@ -103,10 +103,14 @@ def _table_key(arr) -> tuple[str | None, tuple | None]:
         return None, None
     base = os.path.join(str(arr.store.root), *arr.path.split("/"))
     keys = [arr.metadata.encode_chunk_key((k,)) for k in range(-(-arr.shape[0] // arr.chunks[0]))]
+    contents = []
     try:
-        return base, (tuple(arr.shape), *(open(os.path.join(base, *k.split("/")), "rb").read() for k in keys))
+        for k in keys:
+            with open(os.path.join(base, *k.split("/")), "rb") as fh:
+                contents.append(fh.read())
     except OSError:  # a missing chunk: decoded (and refused) as Zarr reads it
         return None, None
+    return base, (tuple(arr.shape), *contents)
 
 
 def _checked(store, layer: str, data, grads):

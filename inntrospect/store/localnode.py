@@ -123,8 +123,7 @@ def write_local(folder: str, name: str, ds, encoding: dict) -> bool:
 def _write_chunk(job) -> None:
     """Encode and write one chunk as Zarr does: fill-padded at the array's edge, all-fill chunks left out."""
     folder, index, data, chunks, compressors, text, separator = job
-    box = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, data.shape))
-    part = data[box]
+    part = data[_box(index, chunks, data.shape)]
     if _all_fill(part, text):
         return
     if part.shape != chunks:
@@ -136,6 +135,11 @@ def _write_chunk(job) -> None:
     if separator == "/":  # c/0/0: a folder per axis (with ".", the chunk is in the array's own folder)
         os.makedirs(os.path.dirname(path), exist_ok=True)
     write_file(path, body)
+
+
+def _box(index: tuple, chunks: tuple, shape: tuple) -> tuple:
+    """The region of the chunk at grid ``index`` within an array of ``shape`` (cut at its edge)."""
+    return tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
 
 
 def _encode(part: np.ndarray, compressors, text: bool) -> bytes:
@@ -278,21 +282,9 @@ def read_local(folder: str, name: str) -> tuple[dict, dict] | None:
         return None
     arrays = {}
     for entry in sorted(os.scandir(node), key=lambda e: e.name):
-        if not entry.is_dir():
-            continue
-        try:
-            with open(os.path.join(entry.path, "zarr.json"), "rb") as fh:
-                meta = json.loads(fh.read())
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError):
-            return None
-        if meta.get("node_type") != "array":
-            return None
-        try:
-            data = _read_array(entry.path, meta)
-        except (ValueError, RuntimeError, KeyError):  # a chunk that does not decode, a bad document
-            return None
+        if not entry.is_dir() or not os.path.exists(os.path.join(entry.path, "zarr.json")):
+            continue  # not a node
+        data = read_array(entry.path)
         if data is None:
             return None
         arrays[entry.name] = data
@@ -307,11 +299,13 @@ def read_array(path: str) -> np.ndarray | None:
         with open(os.path.join(path, "zarr.json"), "rb") as fh:
             meta = json.loads(fh.read())
         return _read_array(path, meta) if meta.get("node_type") == "array" else None
-    except (OSError, ValueError, RuntimeError, KeyError):
+    except (OSError, ValueError, RuntimeError, KeyError):  # a chunk that does not decode, a bad document
         return None
 
 
 def _read_array(path: str, meta: dict) -> np.ndarray | None:
+    import numcodecs
+
     codecs = meta.get("codecs") or []
     first = codecs[0] if codecs else {}
     text = first.get("name") == "vlen-utf8"
@@ -345,15 +339,9 @@ def _read_array(path: str, meta: dict) -> np.ndarray | None:
             if len(stored) != 4 or checksum(np.frombuffer(body, np.uint8)).to_bytes(4, "little") != stored:
                 return None  # damaged: read through Zarr, which raises its error
         if "zstd" in rest:
-            import numcodecs
-
             body = numcodecs.Zstd().decode(body)
-        if text:
-            import numcodecs
-
-            part = numcodecs.VLenUTF8().decode(body).reshape(chunks)
-        else:
-            part = np.frombuffer(body, dtype).reshape(chunks)
-        box = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+        part = numcodecs.VLenUTF8().decode(body).reshape(chunks) if text else \
+            np.frombuffer(body, dtype).reshape(chunks)
+        box = _box(index, chunks, shape)
         out[box] = part[tuple(slice(0, b.stop - b.start) for b in box)]
     return out.astype(dtype.newbyteorder("="), copy=False) if not text else out

@@ -370,9 +370,9 @@ def _node_writer(store) -> Iterator:
         futures = []
 
         def write(name: str, ds) -> None:
-            failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
-            if failed is not None:  # an earlier node's write failed (a full disk): stop here
-                raise failed
+            for done in (f for f in futures if f.done()):
+                if done.exception() is not None:  # an earlier node's write failed (a full disk): stop here
+                    raise done.exception()
             futures.append(pool.submit(write_node, store, name, ds, consolidated=False))
 
         try:
