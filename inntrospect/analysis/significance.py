@@ -67,22 +67,41 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
     ``q`` the Benjamini–Hochberg q-values of each group across its units and
     positions, ``effect`` Hedges' g; all ``(group, *spatial, unit)`` float64.
     A group with fewer than two samples, or whose rest has fewer, gets NaN
-    (and stays out of the q-values' count).
+    (and stays out of the q-values' count). Arrays of :data:`_SPLIT` values
+    or more are computed on two threads, half of the groups each (every
+    statistic is a group's own: the results are the same).
     """
     count = np.asarray(count, dtype=np.float64)
     n_r, mean_r, m2_r = rest_moments(count, mean, m2)
     mean = np.asarray(mean, dtype=np.float64)
     m2 = np.asarray(m2, dtype=np.float64)
     ok = (count >= 2) & (n_r >= 2)
-    if ok.all():  # the usual case: no masked copies
-        t, _, p = welch(count, mean, m2, n_r, mean_r, m2_r)
-        effect = hedges_g(count, mean, m2, n_r, mean_r, m2_r)
+    out = {k: np.empty(mean.shape) for k in ("t", "p", "q", "effect")}
+
+    def groups(rows: slice, split: bool = False) -> None:
+        t, p, effect, good = out["t"][rows], out["p"][rows], out["effect"][rows], ok[rows]
+        moments = (count[rows], mean[rows], m2[rows], n_r[rows], mean_r[rows], m2_r[rows])
+        if good.all():  # the usual case: no masked copies
+            t[...], _, p[...] = _welch(*moments, split=split)
+            effect[...] = hedges_g(*moments)
+        else:
+            for a in (t, p, effect):
+                a[...] = np.nan
+            if good.any():
+                some = [a[good] for a in moments]
+                t[good], _, p[good] = _welch(*some, split=split)
+                effect[good] = hedges_g(*some)
+        out["q"][rows] = bh_qvalues(p)
+
+    G = len(count)
+    if mean.size < _SPLIT or G < 2:
+        groups(slice(0, G), split=True)  # the t distribution alone on two threads, if large
     else:
-        t, p, effect = (np.full(mean.shape, np.nan) for _ in range(3))
-        if ok.any():
-            t[ok], _, p[ok] = welch(count[ok], mean[ok], m2[ok], n_r[ok], mean_r[ok], m2_r[ok])
-            effect[ok] = hedges_g(count[ok], mean[ok], m2[ok], n_r[ok], mean_r[ok], m2_r[ok])
-    return {"t": t, "p": p, "q": bh_qvalues(p), "effect": effect, "rest_count": n_r.astype(np.int64)}
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(groups, (slice(0, G // 2), slice(G // 2, G))))
+    return {**out, "rest_count": n_r.astype(np.int64)}
 
 
 def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,6 +110,11 @@ def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray,
     Each set needs at least two samples. Where both variances are zero the t
     is NaN (equal means) or infinite, as ``scipy.stats.ttest_ind`` gives them.
     """
+    return _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split=True)
+
+
+def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split: bool):
+    """:func:`welch`; ``split``: the t distribution of large arrays evaluated on two threads."""
     n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
     if np.any(n_a < 2) or np.any(n_b < 2):
         raise ParameterError("Welch's t needs at least two samples in each set; a group (or the "
@@ -100,21 +124,21 @@ def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray,
         se2 = va + vb
         t = (mean_a - mean_b) / np.sqrt(se2)
         df = se2**2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
-        p = _two_sided(df, t)
+        p = _two_sided(df, t, split)
     return t, df, p
 
 
-#: below this many values the t distribution is evaluated on one thread
+#: below this many values the statistics (and the t distribution) are computed on one thread
 _SPLIT = 1 << 14
 
 
-def _two_sided(df: np.ndarray, t: np.ndarray) -> np.ndarray:
+def _two_sided(df: np.ndarray, t: np.ndarray, split: bool = True) -> np.ndarray:
     """``2 * stdtr(df, -|t|)``: Student's t distribution (``scipy.special``, exact to the last digits),
-    on two threads for large arrays (about 150 ns a value; it runs without the GIL)."""
+    on two threads for large arrays unless not ``split`` (about 150 ns a value; it runs without the GIL)."""
     from scipy.special import stdtr
 
     df, t = np.broadcast_arrays(df, t)
-    if df.size < _SPLIT:
+    if df.size < _SPLIT or not split:
         return 2 * stdtr(df, -np.abs(t))
     from concurrent.futures import ThreadPoolExecutor
 

@@ -85,6 +85,40 @@ def test_rest_moments_merge_the_other_groups_exactly():
         np.testing.assert_allclose(m2_r[k], ((rest - rest.mean(0)) ** 2).sum(0), rtol=1e-10)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 7), st.sampled_from([(5,), (3, 4)]), st.integers(0, 2**31 - 1), st.booleans())
+def test_statistics_on_two_threads_equal_those_on_one(n_groups, shape, seed, small_group):
+    """Large arrays are computed half of the groups per thread: the same values, bit for bit,
+    with a group too small to test (NaN, out of the q-values) in either half."""
+    from inntrospect.analysis import significance
+
+    rng = np.random.default_rng(seed)
+    count = rng.integers(2, 50, n_groups).astype(float)
+    if small_group:
+        count[rng.integers(n_groups)] = 1
+    mean = rng.normal(size=(n_groups, *shape))
+    m2 = rng.uniform(0, 5, size=(n_groups, *shape)) * (count.reshape(-1, *([1] * len(shape))) - 1)
+    one = significance.contrast_statistics(count, mean, m2)  # below _SPLIT: one thread
+    saved = significance._SPLIT
+    significance._SPLIT = 1
+    try:
+        two = significance.contrast_statistics(count, mean, m2)
+    finally:
+        significance._SPLIT = saved
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k])
+    n_r, mean_r, m2_r = rest_moments(count, mean, m2)
+    for g in np.flatnonzero((count >= 2) & (n_r >= 2)):  # each testable group as welch gives it alone
+        t, _, p = welch(count[g : g + 1], mean[g : g + 1], m2[g : g + 1], n_r[g : g + 1], mean_r[g : g + 1],
+                        m2_r[g : g + 1])
+        np.testing.assert_array_equal(two["t"][g], t[0])
+        np.testing.assert_array_equal(two["p"][g], p[0])
+        np.testing.assert_array_equal(two["q"][g], bh_qvalues(p)[0])
+    for g in np.flatnonzero((count < 2) | (n_r < 2)):
+        assert np.isnan(two["t"][g]).all() and np.isnan(two["q"][g]).all()
+
+
 def test_a_group_of_one_sample_is_refused():
     with pytest.raises(ParameterError, match="at least two samples"):
         welch(np.array([1.0]), np.zeros((1, 2)), np.zeros((1, 2)), np.array([5.0]), np.zeros((1, 2)),
