@@ -152,8 +152,9 @@ def top_bottom(x, index, start, value, sample, position, count, above, below, ke
     n, size, units = x.shape
     add = sums.shape[0] > 0
     best = np.empty(units, x.dtype)
-    at = np.zeros(units, np.int32)
-    enter = np.zeros(units, np.uint8)
+    words = (units + 7) // 8
+    enter = np.zeros(words * 8, np.uint8)  # padded to whole words, the padding never set
+    flags = enter.view(np.uint64)  # eight units at a time: the few that pass are found word by word
     m = 0
     for i in range(n):
         if add:  # as group_sums: one flat, vectorised loop
@@ -176,23 +177,25 @@ def top_bottom(x, index, start, value, sample, position, count, above, below, ke
             hits += enter[u]
         if hits == 0:
             continue
-        if size > 1:  # the first position of the maximum, for the units that may take it only
-            for u in range(units):
-                if enter[u]:
-                    p = 0
-                    while x[i, p, u] != best[u]:
-                        p += 1
-                    at[u] = p
         if m + hits > len(key):
             rank_queued(m, key, score, ident, where, value, sample, position, count, above, below)
             m = 0
-        for u in range(units):
-            if enter[u]:
-                key[m] = g * units + u
-                score[m] = best[u]
-                ident[m] = start + i
-                where[m] = at[u]
-                m += 1
+        # queued in unit order; a unit's flag is tested only in the words holding one (a test per
+        # unit mispredicts at every unit that passes: in a wide layer that was most of the time)
+        for w in range(words):
+            if flags[w] == 0:
+                continue
+            for u in range(8 * w, 8 * w + 8):
+                if enter[u]:
+                    p = 0
+                    if size > 1:  # the first position of the maximum, for the units that may take it only
+                        while x[i, p, u] != best[u]:
+                            p += 1
+                    key[m] = g * units + u
+                    score[m] = best[u]
+                    ident[m] = start + i
+                    where[m] = p
+                    m += 1
     rank_queued(m, key, score, ident, where, value, sample, position, count, above, below)
 
 
