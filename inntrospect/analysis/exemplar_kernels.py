@@ -480,13 +480,19 @@ class RunningExemplars:
         value, sample, position, count = self.state[:4]
         counts = count[0, :, 0].astype(np.int64)  # every unit of a group saw the same samples
         keep = (np.arange(self.k)[None, :] < counts[:, None]).reshape(-1)  # (group, rank), flattened
+        every = bool(keep.all())  # each group full (usual): one copy per array, no selection
 
-        def rows(a):  # (2, group, unit, k) -> (2, unit, rows of the groups one after the other)
-            return a.transpose(0, 2, 1, 3).reshape(2, a.shape[2], -1)[:, :, keep]
+        def rows(a, dtype=None):  # (2, group, unit, k) -> (2, unit, rows of the groups one after the other)
+            out = np.empty((2, a.shape[2], a.shape[1] * a.shape[3]), dtype or a.dtype)  # never a view
+            out.reshape(2, a.shape[2], a.shape[1], a.shape[3])[...] = a.transpose(0, 2, 1, 3)
+            return out if every else out[:, :, keep]
 
         first = self.start - self.offset if self.running else 0  # samples kept relative to it
-        return Exemplars(self.k, self.groups.astype(np.int64), counts, rows(value),
-                         rows(sample).astype(np.int64) + first, rows(position), ranked=True)
+        samples = rows(sample, np.int64)
+        if first:
+            samples += first
+        return Exemplars(self.k, self.groups.astype(np.int64), counts, rows(value), samples, rows(position),
+                         ranked=True)
 
 
 def merge_compiled(kernels, *parts: Exemplars) -> Exemplars:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .. import scheduler
 from .. import store as st
 from ..checks import check_bool
 from ..errors import (
@@ -224,6 +225,7 @@ def _passes(store, aligned: bool, std: bool, k: int | None, moments: bool = True
     if tree is None and direct is None:
         tree = handle.tree()
     out, known = {}, {}
+    threads = scheduler.threads() if direct is not None else 1
     for layer in steps.select_layers(attrs["layers"], layers, "the store"):
         if direct is not None:
             labels, dims, shape, files, gfiles, align_id, afiles = direct[layer]
@@ -231,13 +233,14 @@ def _passes(store, aligned: bool, std: bool, k: int | None, moments: bool = True
             n = len(names)
             mbase, ebase = _bases(prior, layer, names, k, shape[1:], moments)
             if k is not None and align_id is not None:  # the exemplars read the raw activations
-                arrays = stored_layer_pass(files, gfiles, n, codes, shape[1:], std, first=first, base=mbase)
+                arrays = stored_layer_pass(files, gfiles, n, codes, shape[1:], std, first=first, base=mbase,
+                                           threads=threads)
                 arrays.update(stored_layer_pass(afiles, None, n, codes, shape[1:], False, k, moments=False,
-                                                first=first, base=_pair(None, ebase)))
+                                                first=first, base=_pair(None, ebase), threads=threads))
             else:
                 arrays = stored_layer_pass(files if moments else afiles, gfiles if moments else None,
                                            n, codes, shape[1:], std, k, moments, first=first,
-                                           base=mbase if k is None else _pair(mbase, ebase))
+                                           base=mbase if k is None else _pair(mbase, ebase), threads=threads)
         else:
             node = tree[st.layer_path(layer)]
             names, codes = group_codes(node["group"].values)

@@ -286,3 +286,36 @@ def test_persist_needs_the_store_path_and_the_lock(small_store):
         inntrospect.naps(inntrospect.open_store(path), persist=True)
     with writer_lock(path), pytest.raises(StoreLockedError):
         inntrospect.naps(path, persist=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 200), st.integers(1, 40), st.integers(1, 20), st.integers(1, 16))
+def test_task_chunks_cover_the_chunks_evenly_and_round_to_the_threads(n_chunks, per_task_max, min_tasks, threads):
+    from inntrospect.analysis.nap_graph import task_chunks
+
+    codes = np.zeros(n_chunks * 4, np.int64)  # one group: the partial results stay small
+    bounds = np.arange(0, n_chunks * 4 + 1, 4)
+    tasks = task_chunks(codes, bounds, 1, min_tasks, per_task_max, threads=threads)
+    plain = task_chunks(codes, bounds, 1, min_tasks, per_task_max)
+    for got in (tasks, plain):
+        assert [a for a, _ in got] == ([0, *(b for _, b in got[:-1])] if got else [])  # consecutive
+        assert (got[-1][1] if got else 0) == n_chunks
+        sizes = [b - a for a, b in got]
+        assert all(s >= 1 for s in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)  # even
+        assert not sizes or max(sizes) <= max(1, min(per_task_max, n_chunks // min_tasks))
+    n = len(plain)
+    rounded = -(-n // threads) * threads
+    if threads > 1 and n > 1 and 2 * rounded <= 3 * n:
+        assert len(tasks) == min(rounded, n_chunks)  # a multiple of the threads, unless too few chunks
+    else:
+        assert tasks == plain
+
+
+def test_an_exemplar_pass_on_two_threads_makes_an_even_number_of_tasks_per_layer():
+    """157 chunks in tasks of up to 32 are 5 tasks, one thread finishing the layer alone: 6 on 2 threads."""
+    from inntrospect.analysis.nap_graph import task_chunks
+
+    codes, bounds = np.zeros(157, np.int64), np.arange(158)
+    assert [b - a for a, b in task_chunks(codes, bounds, 1, 2, 32)] == [31, 32, 31, 32, 31]
+    assert [b - a for a, b in task_chunks(codes, bounds, 1, 2, 32, threads=2)] == [26, 26, 26, 27, 26, 26]
+    assert len(task_chunks(codes, bounds, 1, 2, 32, threads=16)) == 5  # 16 would triple them: not rounded

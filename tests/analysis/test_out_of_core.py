@@ -144,7 +144,8 @@ def test_naps_and_exemplars_of_a_store_4x_the_worker_memory_on_a_local_cluster(t
     chunk_tasks = [t for t in stream.data if "naps-chunk" in str(t["key"])]
     assert len(chunk_tasks) == sum(len(nap_graph.task_chunks(codes, np.arange(0, n + 1, c), 1,
                                                              nap_graph.EXEMPLAR_MIN_TASKS,
-                                                             nap_graph.EXEMPLAR_CHUNKS_PER_TASK))
+                                                             nap_graph.EXEMPLAR_CHUNKS_PER_TASK,
+                                                             threads=2))  # the worker's
                                    for c in (chunk, 8192))
     # the same worker throughout: never killed, restarted or replaced
     assert list(after) == list(before)
