@@ -358,6 +358,16 @@ def finalize_exemplars(part: Exemplars, n_groups: int, k: int, spatial_shape: tu
             f"a position {part.position.max()} beyond spatial shape {spatial_shape}: pass the layer's "
             "spatial shape (activations' shape without the sample and unit axes)."
         )
+    if part.ranked and len(part.codes) == n_groups and (part.counts == k).all():
+        # every group full and in rank order (the compiled pass's usual result): rows are
+        # (group, rank) in order, so the arrays are reshaped, not scattered
+        def dense(a, dtype):  # (2, unit, group * k) -> (2, group, k, unit)
+            return a.reshape(2, n_units, n_groups, k).transpose(0, 2, 3, 1).astype(dtype)
+
+        flat = dense(part.position, np.int32)
+        position = np.stack(np.unravel_index(flat, spatial_shape), axis=-1).astype(np.int32, copy=False) \
+            if spatial_shape else np.empty((*flat.shape, 0), np.int32)
+        return dense(part.sample, np.int64), dense(part.value, np.float64), position
     group = np.repeat(part.codes, part.counts)
     slot = np.arange(len(group)) - np.repeat(np.cumsum(part.counts) - part.counts, part.counts)
     real = np.zeros((n_groups, k), bool)
