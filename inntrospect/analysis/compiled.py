@@ -164,16 +164,19 @@ def top_bottom(x, index, start, value, sample, position, count, above, below, ke
         g = index[i]
         if g < 0:
             continue
-        best[:] = x[i, 0]
-        for p in range(1, size):  # the spatial maximum, vectorised; where it is, below, if needed
-            row = x[i, p]
-            for u in range(units):
-                v = row[u]
-                best[u] = v if v > best[u] else best[u]  # as max(best[u], v); 20 % faster compiled
+        maxima = x[i, 0]  # no spatial axes: the activations themselves
+        if size > 1:
+            best[:] = x[i, 0]
+            for p in range(1, size):  # the spatial maximum, vectorised; where it is, below, if needed
+                row = x[i, p]
+                for u in range(units):
+                    v = row[u]
+                    best[u] = v if v > best[u] else best[u]  # as max(best[u], v); 20 % faster compiled
+            maxima = best
         top, bottom = above[g], below[g]
         hits = 0
         for u in range(units):  # branch-free, vectorised: which units may take this sample
-            enter[u] = (best[u] > top[u]) | (best[u] < bottom[u])
+            enter[u] = (maxima[u] > top[u]) | (maxima[u] < bottom[u])
             hits += enter[u]
         if hits == 0:
             continue
@@ -189,10 +192,10 @@ def top_bottom(x, index, start, value, sample, position, count, above, below, ke
                 if enter[u]:
                     p = 0
                     if size > 1:  # the first position of the maximum, for the units that may take it only
-                        while x[i, p, u] != best[u]:
+                        while x[i, p, u] != maxima[u]:
                             p += 1
                     key[m] = g * units + u
-                    score[m] = best[u]
+                    score[m] = maxima[u]
                     ident[m] = start + i
                     where[m] = p
                     m += 1
