@@ -111,6 +111,30 @@ def test_a_full_disk_during_extract_is_one_line_and_leaves_the_store_incomplete(
     assert attrs["extraction"]["state"] == "incomplete"  # never claims completion
 
 
+def test_a_full_disk_while_the_writer_makes_the_store_in_the_background(tmp_path, monkeypatch):
+    """The store is made on a thread of its own while the caller computes: its failure is raised by
+    the writer (translated), the lock is released, nothing claims completion, and the next writer
+    makes the store anew."""
+    from inntrospect.store import is_locked, store_attrs
+
+    path, groups = tmp_path / "w.zarr", ["a", "b"] * 100
+    x = np.arange(800, dtype=np.float32).reshape(200, 4)
+    fail_writes(monkeypatch, errno.ENOSPC, keys="layers/")
+    with pytest.raises(StoreAccessError, match="no space left"):
+        with inntrospect.open_writer(path, {"fc": (4,)}, groups, source={"name": "t"}) as writer:
+            for lo in range(0, 200, 50):
+                writer.write({"fc": x[lo : lo + 50]})
+    assert not is_locked(path)
+    assert not (path / "zarr.json").exists() or "extraction" not in store_attrs(path) \
+        or store_attrs(path)["extraction"]["state"] != "complete"
+    monkeypatch.undo()
+    with inntrospect.open_writer(path, {"fc": (4,)}, groups, source={"name": "t"}) as writer:
+        for lo in range(writer.next_sample, 200, 50):
+            writer.write({"fc": x[lo : lo + 50]})
+    assert writer.complete and store_attrs(path)["extraction"]["state"] == "complete"
+    np.testing.assert_array_equal(xr.open_zarr(path, group="layers/fc")["acts"].values, x)
+
+
 def test_a_read_only_store_is_one_line(store, tmp_path, capsys, monkeypatch):
     cfg = write_config(tmp_path, {"store": {"path": str(store)}})
     fail_writes(monkeypatch, errno.EROFS)

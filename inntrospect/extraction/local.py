@@ -80,6 +80,7 @@ def run_extraction(
         if here:
             write_blocks(ex, writer, todo)
         else:
+            writer.wait_made()  # the workers open it
             done = np.ones(ex.n_blocks, bool)
             done[todo] = False
             computed = extract_on_cluster(client, ex, todo, done, progress, on_block)

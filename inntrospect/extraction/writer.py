@@ -87,6 +87,7 @@ class _ArrayStream:
         self.buf = None
 
         def write():
+            self.writes.wait_ready()
             at = lo
             for rows, _, check in parts:
                 if check:
@@ -162,6 +163,12 @@ class _Writes:
         self.inflight: deque[tuple[Future, int]] = deque()
         self.bytes = 0
         self.block: list[Future] = []  # futures of the block being written
+        self.ready: Future | None = None  # the store being made in the background (StoreWriter._make)
+
+    def wait_ready(self) -> None:
+        """Wait until the store is made and its arrays open, if it is being made; re-raises its error."""
+        if self.ready is not None:
+            self.ready.result()
 
     def submit(self, fn, nbytes: int) -> None:
         if self.pool is None:
@@ -327,9 +334,7 @@ class StoreWriter:
                     writer._deferred = (new, table)
                 else:
                     chosen = codecs() if callable(codecs) else codecs
-                    st.create_store(path, {**new, "codecs": {k: dict(v) for k, v in chosen.items()}},
-                                    writer.layers, plan, table)
-                    writer._open_arrays()
+                    writer._make({**new, "codecs": {k: dict(v) for k, v in chosen.items()}}, table)
             else:
                 if append or st.growing(stored):
                     stored = writer._grow(stored, attrs, table, append, append_record)
@@ -416,6 +421,23 @@ class StoreWriter:
             stream.array = st.open_array(self.path, name, var, write=True)
         self._predictions = [st.open_array(self.path, spec.name, "prediction", write=True) for spec in self.layers]
         self._records = st.blocks_done(self.path, write=True)
+
+    def wait_made(self) -> None:
+        """Wait until the store exists with its arrays (a writer that creates it makes it in the
+        background); before other processes open it (a cluster's workers). Re-raises its error."""
+        self._writes.wait_ready()
+
+    def _make(self, attrs: dict, table) -> None:
+        """Create the store and open its arrays on a thread of their own, while the caller goes on to
+        compute (a small model's store takes ~0.1 s to make: its first batches). Every chunk write, the
+        first block record and :meth:`close` wait for it (:meth:`_Writes.wait_ready`), and see its error."""
+        def make() -> None:
+            st.create_store(self.path, attrs, self.layers, self.plan, table)
+            self._open_arrays()
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="inntrospect-create")
+        self._writes.ready = pool.submit(make)
+        pool.shutdown(wait=False)
 
     def _start(self, progress: bool, desc: str) -> None:
         B, n = self.plan.block, self.n_samples
@@ -765,9 +787,8 @@ class StoreWriter:
                     parts.append(batch[2][(spec.name, var)][: rows - got])
             a = np.ascontiguousarray(np.concatenate(parts) if parts else np.empty((0, *spec.shape)), np.float32)
             sizes.setdefault(spec.name, {})[var] = (a.nbytes, len(codec.encode(a)))
-        st.create_store(self.path, {**attrs, "codecs": st.choose_codecs(sizes)}, self.layers, self.plan, table)
+        self._make({**attrs, "codecs": st.choose_codecs(sizes)}, table)
         self._deferred, self._early = None, []
-        self._open_arrays()
         for start, k, arrays, modes, preds in batches:
             self._push(start, k, arrays, modes, preds)
 
@@ -821,6 +842,7 @@ class StoreWriter:
     def _record(self, wait_all: bool) -> None:
         """Record blocks whose writes have all finished, in order."""
         while self._pending and (wait_all or all(f.done() for f in self._pending[0][1])):
+            self._writes.wait_ready()  # its arrays open (done long before a block's writes, but for tiny ones)
             block, futures = self._pending.popleft()
             wait_writes(futures)
             if block.has_preds:
@@ -848,6 +870,7 @@ class StoreWriter:
         try:
             if self._deferred is not None:  # fewer rows than the codecs are chosen from: the store is made now
                 self._create(self._early)
+            self._writes.wait_ready()
             self._record(wait_all=True)
             self._writes.shutdown()  # and the writes of a block left part-written: never recorded
             if self._finish:
@@ -871,6 +894,8 @@ class StoreWriter:
         self._closed = True
         try:
             self._writes.shutdown(cancel=abort)
+            if self._writes.ready is not None:  # the store still being made: finished before the lock goes
+                wait([self._writes.ready])
         finally:
             if self._bar is not None:
                 self._bar.close()
