@@ -21,6 +21,9 @@ import json
 import logging
 import math
 import numbers
+import os
+import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -47,6 +50,9 @@ __all__ = ["open_writer", "StoreWriter", "write_blocks", "wait_writes", "check_f
 PROBE_ROWS = 128
 #: bytes of an array checked for NaN and infinity at a time
 _FINITE_SLICE = 4 << 20
+#: how much nicer the writer threads run than the model's (Linux): a small PyTorch model on 2 cores
+#: extracted 15 % faster (its thread no longer shares a core with compression at equal weight)
+WRITER_NICE = 10
 
 
 class _ArrayStream:
@@ -172,7 +178,8 @@ class _Writes:
 
     def submit(self, fn, nbytes: int) -> None:
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inntrospect-write")
+            self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="inntrospect-write",
+                                           initializer=_writer_priority)
         f = self.pool.submit(fn)
         self.inflight.append((f, nbytes))
         self.block.append(f)
@@ -193,6 +200,19 @@ class _Writes:
         """Wait for the writes running (and, unless ``cancel``, those queued); their errors stay in their futures."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def _writer_priority() -> None:
+    """Run this writer thread :data:`WRITER_NICE` steps nicer than the process (Linux: each thread has its
+    own): the model's threads get the cores first, the writes take what is left; when they fall
+    behind, the bound on the bytes in flight makes the model wait (:meth:`_Writes.throttle`)."""
+    if not sys.platform.startswith("linux") or not WRITER_NICE:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE))
+    except OSError:  # not allowed here: the writes then share the cores as they come
+        pass
 
 
 @dataclass
