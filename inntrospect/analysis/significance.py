@@ -67,7 +67,7 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
     ``q`` the Benjamini–Hochberg q-values of each group across its units and
     positions, ``effect`` Hedges' g; all ``(group, *spatial, unit)`` float64.
     A group with fewer than two samples, or whose rest has fewer, gets NaN
-    (and stays out of the q-values' count). Arrays of :data:`_SPLIT` values
+    (and stays out of the q-values' count). Arrays of :data:`SPLIT` values
     or more are computed on two threads, half of the groups each (every
     statistic is a group's own: the results are the same).
     """
@@ -94,7 +94,7 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
         out["q"][rows] = bh_qvalues(p)
 
     G = len(count)
-    if mean.size < _SPLIT or G < 2:
+    if mean.size < SPLIT or G < 2:
         groups(slice(0, G), split=True)  # the t distribution alone on two threads, if large
     else:
         from concurrent.futures import ThreadPoolExecutor
@@ -129,7 +129,7 @@ def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split: bool):
 
 
 #: below this many values the statistics (and the t distribution) are computed on one thread
-_SPLIT = 1 << 14
+SPLIT = 1 << 14
 
 
 def _two_sided(df: np.ndarray, t: np.ndarray, split: bool = True) -> np.ndarray:
@@ -138,7 +138,7 @@ def _two_sided(df: np.ndarray, t: np.ndarray, split: bool = True) -> np.ndarray:
     from scipy.special import stdtr
 
     df, t = np.broadcast_arrays(df, t)
-    if df.size < _SPLIT or not split:
+    if df.size < SPLIT or not split:
         return 2 * stdtr(df, -np.abs(t))
     from concurrent.futures import ThreadPoolExecutor
 

@@ -98,13 +98,13 @@ def test_statistics_on_two_threads_equal_those_on_one(n_groups, shape, seed, sma
         count[rng.integers(n_groups)] = 1
     mean = rng.normal(size=(n_groups, *shape))
     m2 = rng.uniform(0, 5, size=(n_groups, *shape)) * (count.reshape(-1, *([1] * len(shape))) - 1)
-    one = significance.contrast_statistics(count, mean, m2)  # below _SPLIT: one thread
-    saved = significance._SPLIT
-    significance._SPLIT = 1
+    one = significance.contrast_statistics(count, mean, m2)  # below SPLIT: one thread
+    saved = significance.SPLIT
+    significance.SPLIT = 1
     try:
         two = significance.contrast_statistics(count, mean, m2)
     finally:
-        significance._SPLIT = saved
+        significance.SPLIT = saved
     assert one.keys() == two.keys()
     for k in one:
         np.testing.assert_array_equal(one[k], two[k])
