@@ -890,7 +890,7 @@ class StoreWriter:
         try:
             if self._deferred is not None:  # fewer rows than the codecs are chosen from: the store is made now
                 self._create(self._early)
-            self._writes.wait_ready()
+            self.wait_made()
             self._record(wait_all=True)
             self._writes.shutdown()  # and the writes of a block left part-written: never recorded
             if self._finish:
