@@ -18,7 +18,8 @@ import numpy as np
 #: ``numba.prange`` once compiled (set by :class:`_Compiled`); a plain range for the Python definition
 prange = range
 
-__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "insert", "top_bottom", "rank_queued", "fill", "merge_ranked", "merge_sorted", "fr_displacement"]
+__all__ = ["kernels", "group_sums", "group_m2", "shifted_sums", "insert", "top_bottom", "rank_queued", "fill", "merge_ranked", "merge_sorted",
+           "merge_two", "fr_displacement"]
 
 
 def group_sums(x, index, sums):  # pragma: no cover - compiled by numba
@@ -379,6 +380,40 @@ def merge_sorted(cvalue, csample, cposition, starts, crow, value, sample, positi
                 count[end, g, u] = m
 
 
+def merge_two(av, asample, aposition, astart, acount, bv, bsample, bposition, bstart, bcount,
+              ostart, ocount, value, sample, position):  # pragma: no cover - compiled by numba
+    """Two ranked partial results ``(2, unit, row)`` merged into a third of the same layout.
+
+    For each of the merged groups ``j``, rows ``astart[j]`` (``acount[j]`` of
+    them) of a and ``bstart[j]`` of b hold its lists, best first; the best
+    ``ocount[j]`` of both go to rows ``ostart[j]`` of the output, ties to the
+    lower sample: what :func:`merge_sorted` gives merging b into a's state,
+    without the state (or the copies into and out of it).
+    """
+    units = value.shape[1]
+    for end in range(2):
+        for u in range(units):
+            for j in range(len(ostart)):
+                p, p_end = astart[j], astart[j] + acount[j]
+                q, q_end = bstart[j], bstart[j] + bcount[j]
+                o = ostart[j]
+                for m in range(ocount[j]):
+                    take = q < q_end
+                    if take and p < p_end:
+                        v, w = bv[end, u, q], av[end, u, p]
+                        take = (v > w if end == 0 else v < w) or (v == w and bsample[end, u, q] < asample[end, u, p])
+                    if take:
+                        value[end, u, o + m] = bv[end, u, q]
+                        sample[end, u, o + m] = bsample[end, u, q]
+                        position[end, u, o + m] = bposition[end, u, q]
+                        q += 1
+                    else:
+                        value[end, u, o + m] = av[end, u, p]
+                        sample[end, u, o + m] = asample[end, u, p]
+                        position[end, u, o + m] = aposition[end, u, p]
+                        p += 1
+
+
 KERNELS: list = []
 _KERNELS_LOCK = threading.Lock()
 
@@ -403,6 +438,7 @@ class _Compiled:
         self.top_bottom = jit(top_bottom)
         self.merge_ranked = jit(merge_ranked)
         self.merge_sorted = jit(merge_sorted)
+        self.merge_two = jit(merge_two)
         self.fill = jit(fill)
         globals()["prange"] = numba.prange
         try:

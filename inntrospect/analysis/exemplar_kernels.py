@@ -509,10 +509,38 @@ def merge_compiled(kernels, *parts: Exemplars) -> Exemplars:
     """:func:`merge_exemplars` by the compiled loops (the same result, in float64)."""
     if len(parts) == 1:
         return parts[0]
+    if all(p.ranked for p in parts):  # the usual case: a linear merge, two at a time
+        merged = parts[0]
+        for part in parts[1:]:
+            merged = _merge_two(kernels, merged, part)
+        return merged
     running = RunningExemplars(kernels, np.concatenate([p.codes for p in parts]), 0, parts[0].k)
     for part in parts:
         running.merge(part)
     return running.result()
+
+
+def _merge_two(kernels, a: Exemplars, b: Exemplars) -> Exemplars:
+    """Two ranked partials merged straight into the layout of the result (:func:`compiled.merge_two`)."""
+    if a.k != b.k:
+        raise ParameterError(f"a partial of k={b.k} merged into k={a.k}: merge partials of one k.")
+    codes = np.union1d(a.codes, b.codes)
+
+    def lists(part: Exemplars) -> tuple[np.ndarray, np.ndarray]:  # each merged group's rows in part
+        start, count = np.zeros(len(codes), np.intp), np.zeros(len(codes), np.intp)
+        at = np.searchsorted(codes, part.codes)
+        count[at] = part.counts
+        start[at] = np.concatenate(([0], np.cumsum(part.counts)[:-1]))
+        return start, count
+
+    (astart, acount), (bstart, bcount) = lists(a), lists(b)
+    counts = np.minimum(acount + bcount, a.k)
+    ostart = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.intp)
+    shape = (2, a.value.shape[1], int(counts.sum()))
+    out = (np.empty(shape, np.float64), np.empty(shape, np.int64), np.empty(shape, np.int32))
+    kernels.merge_two(a.value, a.sample, a.position, astart, acount, b.value, b.sample, b.position,
+                      bstart, bcount, ostart, counts, *out)
+    return Exemplars(a.k, codes.astype(np.int64), counts.astype(np.int64), *out, ranked=True)
 
 
 def _check_k(k) -> int:
