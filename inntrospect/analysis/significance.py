@@ -8,28 +8,38 @@ group's count, mean and M2 (sum of squared deviations from its mean), as
 rest's moments are merged exactly from the other groups' (Chan et al.'s
 pairwise update), never recomputed from samples.
 
-Pure numpy (and ``scipy.special`` for the t distribution, which the larger
-arrays evaluate on two threads): the kernels here
-take arrays ``(group, ...)`` and return arrays of the same shape.
+Pure numpy (and ``scipy.special`` where the t distribution's series does
+not apply, :func:`student_two_sided`): the kernels here take arrays
+``(group, ...)`` and return arrays of the same shape; large ones are
+computed on two threads.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from ..errors import ParameterError
 
-__all__ = ["merge_pair", "rest_moments", "welch", "hedges_g", "bh_qvalues", "contrast_statistics"]
+__all__ = ["merge_pair", "rest_moments", "welch", "student_two_sided", "hedges_g", "bh_qvalues",
+           "contrast_statistics"]
 
 
 def merge_pair(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Count, mean and M2 of two disjoint sets of samples from theirs (exact, order-free)."""
     n = n_a + n_b
-    with np.errstate(invalid="ignore", divide="ignore"):
-        delta = mean_b - mean_a
+    shape = np.broadcast_shapes(*(np.shape(x) for x in (n_a, mean_a, m2_a, n_b, mean_b, m2_b)))
+    with np.errstate(invalid="ignore", divide="ignore"):  # in place: three arrays, not seven
         frac = np.where(n > 0, n_b / np.where(n > 0, n, 1), 0.0)
-        mean = mean_a + delta * frac
-        m2 = m2_a + m2_b + delta**2 * n_a * frac
+        delta = np.subtract(mean_b, mean_a, out=np.empty(shape))
+        m2 = np.add(m2_a, m2_b, out=np.empty(shape))  # m2_a + m2_b + delta² n_a frac
+        spread = np.multiply(delta, delta, out=np.empty(shape))
+        spread *= n_a
+        spread *= frac
+        m2 += spread
+        mean = np.multiply(delta, frac, out=spread)  # mean_a + delta frac
+        mean += mean_a
     return n, mean, m2
 
 
@@ -81,9 +91,9 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
     def groups(rows: slice, split: bool = False) -> None:
         t, p, effect, good = out["t"][rows], out["p"][rows], out["effect"][rows], ok[rows]
         moments = (count[rows], mean[rows], m2[rows], n_r[rows], mean_r[rows], m2_r[rows])
-        if good.all():  # the usual case: no masked copies
-            t[...], _, p[...] = _welch(*moments, split=split)
-            effect[...] = hedges_g(*moments)
+        if good.all():  # the usual case: written straight into the outputs, no masked copies
+            _welch(*moments, split=split, out=(t, p))
+            hedges_g(*moments, out=effect)
         else:
             for a in (t, p, effect):
                 a[...] = np.nan
@@ -99,8 +109,10 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
     else:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(groups, (slice(0, G // 2), slice(G // 2, G))))
+        with ThreadPoolExecutor(1) as pool:  # half the groups on a thread, half on this one
+            first = pool.submit(groups, slice(0, G // 2))
+            groups(slice(G // 2, G))
+            first.result()
     return {**out, "rest_count": n_r.astype(np.int64)}
 
 
@@ -113,18 +125,31 @@ def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray,
     return _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split=True)
 
 
-def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split: bool):
-    """:func:`welch`; ``split``: the t distribution of large arrays evaluated on two threads."""
+def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split: bool, out: tuple | None = None):
+    """:func:`welch`; ``split``: the t distribution of large arrays evaluated on two threads; ``out``:
+    arrays ``(t, p)`` of the broadcast shape to write them into."""
     n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
     if np.any(n_a < 2) or np.any(n_b < 2):
         raise ParameterError("Welch's t needs at least two samples in each set; a group (or the "
                              "rest) has fewer. Leave such groups out of the contrast.")
+    shape = np.broadcast_shapes(*(np.shape(x) for x in (n_a, mean_a, m2_a, n_b, mean_b, m2_b)))
+    # in place, five arrays in all: fresh pages cost more than the arithmetic on these
     with np.errstate(invalid="ignore", divide="ignore"):
-        va, vb = m2_a / (n_a - 1) / n_a, m2_b / (n_b - 1) / n_b  # squared standard errors
+        va = np.divide(m2_a, n_a - 1, out=np.empty(shape))  # squared standard errors
+        va /= n_a
+        vb = np.divide(m2_b, n_b - 1, out=np.empty(shape))
+        vb /= n_b
         se2 = va + vb
-        t = (mean_a - mean_b) / np.sqrt(se2)
-        df = se2**2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
-        p = _two_sided(df, t, split)
+        t = np.subtract(mean_a, mean_b, out=np.empty(shape) if out is None else out[0])
+        t /= np.sqrt(se2)
+        df = np.multiply(se2, se2, out=se2)  # se2² / (va² / (n_a - 1) + vb² / (n_b - 1))
+        np.multiply(va, va, out=va)
+        va /= n_a - 1
+        np.multiply(vb, vb, out=vb)
+        vb /= n_b - 1
+        va += vb
+        df /= va
+        p = _two_sided(df, t, split, out=None if out is None else out[1])
     return t, df, p
 
 
@@ -132,35 +157,161 @@ def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split: bool):
 SPLIT = 1 << 14
 
 
-def _two_sided(df: np.ndarray, t: np.ndarray, split: bool = True) -> np.ndarray:
-    """``2 * stdtr(df, -|t|)``: Student's t distribution (``scipy.special``, exact to the last digits),
-    on two threads for large arrays unless not ``split`` (about 150 ns a value; it runs without the GIL)."""
-    from scipy.special import stdtr
-
-    df, t = np.broadcast_arrays(df, t)
+def _two_sided(df: np.ndarray, t: np.ndarray, split: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`student_two_sided` of ``df`` and ``t`` (into ``out``, if given), on two threads for large
+    arrays unless not ``split``."""
+    df, t = np.broadcast_arrays(np.asarray(df, dtype=np.float64), np.asarray(t, dtype=np.float64))
     if df.size < SPLIT or not split:
-        return 2 * stdtr(df, -np.abs(t))
+        return student_two_sided(df, t, out=out)
     from concurrent.futures import ThreadPoolExecutor
 
-    flat_df, flat_t = df.reshape(-1), t.reshape(-1)
-    out = np.empty(flat_t.shape)
-    half = len(out) // 2
+    work = out if out is not None and out.flags.c_contiguous else np.empty(t.shape)
+    flat_df, flat_t, flat = df.reshape(-1), t.reshape(-1), work.reshape(-1)
+    half = len(flat) // 2
+    with ThreadPoolExecutor(1) as pool:  # half on a thread, half on this one
+        first = pool.submit(student_two_sided, flat_df[:half], flat_t[:half], out=flat[:half])
+        student_two_sided(flat_df[half:], flat_t[half:], out=flat[half:])
+        first.result()
+    if out is not None and out is not work:
+        out[...] = work
+        return out
+    return work
 
-    def part(piece: slice) -> None:
-        out[piece] = 2 * stdtr(flat_df[piece], -np.abs(flat_t[piece]))
 
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(part, (slice(0, half), slice(half, None))))
-    return out.reshape(t.shape)
+def student_two_sided(df, t, out: np.ndarray | None = None) -> np.ndarray:
+    """Two-sided p-value of Student's t: ``2 P(T_df > |t|)``, as ``2 * scipy.special.stdtr(df, -|t|)``.
+
+    That is the regularized incomplete beta function ``I_x(df/2, 1/2)`` at
+    ``x = df / (df + t²)``. Where ``df >= 100`` and ``log(1 + t²/df) <= 1``
+    (every Welch test between groups of more than a few dozen samples) it is
+    summed from its expansion for large ``df/2`` (:func:`_student_series`, an
+    incomplete gamma series as in DiDonato & Morris's BGRAT, ACM TOMS 708,
+    1992), several times faster than ``stdtr`` and within 1e-12 of it
+    relative; there p-values below ``exp(-750)`` are 0 (below the smallest
+    double, as ``stdtr`` gives them). Elsewhere, ``stdtr`` itself. ``out``: a contiguous float64
+    array of the broadcast shape to write the p-values into.
+    """
+    from scipy.special import stdtr
+
+    df, t = np.broadcast_arrays(np.asarray(df, dtype=np.float64), np.asarray(t, dtype=np.float64))
+    if out is not None and not out.flags.c_contiguous:  # reshape would copy: write the result over
+        out[...] = student_two_sided(df, t)
+        return out
+    out = np.empty(t.shape) if out is None else out
+    flat_df, flat_t, flat = df.reshape(-1), t.reshape(-1), out.reshape(-1)
+    for lo in range(0, len(flat), _SERIES_BLOCK):  # blocks: the temporaries stay in cache
+        piece = slice(lo, lo + _SERIES_BLOCK)
+        d, x, p = flat_df[piece], flat_t[piece], flat[piece]
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            y = np.log1p(x * x / d)
+            half = 0.5 * d
+            u = (half - 0.25) * y
+            fast = (d >= _SERIES_DF) & (y <= _SERIES_Y)  # False for NaN
+            zero = fast & (u > _SERIES_ZERO)
+            series = fast & (u <= _SERIES_EXP)
+        if series.any():
+            at = np.flatnonzero(series)
+            p[at] = _student_series(half[at], u[at], y[at])
+        p[zero] = 0.0
+        rest = ~(series | zero)
+        if rest.any():
+            p[rest] = 2 * stdtr(d[rest], -np.abs(x[rest]))
+    return out
 
 
-def hedges_g(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> np.ndarray:
+#: values of :func:`student_two_sided` computed together (their temporaries fit in a core's cache)
+_SERIES_BLOCK = 1 << 14
+#: where the series of :func:`_student_series` is used: df at least this, log(1 + t²/df) at most that
+_SERIES_DF, _SERIES_Y = 100.0, 1.0
+#: the series' coefficients d_n: (sinh(w/2) / (w/2))^(-1/2) = sum d_n w^(2n); the tests derive them
+#: exactly, with fractions (sinh(z)/z = sum w^(2k) / (4^k (2k + 1)!) raised to the power -1/2)
+SERIES_COEFFICIENTS = (
+    1.0, -0.020833333333333332, 0.000390625, -7.879670965608466e-06, 1.6967665791721782e-07,
+    -3.805064191721906e-09, 8.748377596315407e-11, -2.044523359411974e-12, 4.833351797967704e-14,
+    -1.152434101767386e-15, 2.76605204359937e-17, -6.67428195089166e-19, 1.61745507718158e-20,
+    -3.93397792009138e-22, 9.597634062586047e-24, -2.347690291162632e-25)
+#: Gamma(a + 1/2) / (Gamma(a) sqrt(a)) = sum r_k a^-k for large a (7 terms: 2e-15 relative at a = 50)
+_SERIES_R = (1.0, -1 / 8, 1 / 128, 5 / 1024, -21 / 32768, -399 / 262144, 869 / 4194304)
+#: in the series' domain, u above the first gives p < exp(-u) < the smallest double (exp(-744.4)):
+#: 0; from the second on e^-u nears the subnormals, where stdtr rounds as it does
+_SERIES_ZERO, _SERIES_EXP = 750.0, 700.0
+#: terms are summed until the next is below this (the sum is about 1)
+_SERIES_TAIL = 1e-18
+
+
+def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``I_x(a, 1/2)`` by its expansion for large ``a``, at ``y = -log x``, ``u = (a - 1/4) y``.
+
+    With ``s = e^-w`` the integral of ``I_x`` is over ``w > y`` of
+    ``e^(-T w) w^(-1/2) g(w)``, ``T = a - 1/4`` and ``g(w) = (sinh(w/2) /
+    (w/2))^(-1/2) = sum d_n w^(2n)`` (:data:`SERIES_COEFFICIENTS`), so
+
+        I = sum_n d_n Gamma(1/2 + 2n, u) / (T^(1/2 + 2n) B(a, 1/2)).
+
+    ``Gamma(1/2, u) = sqrt(pi) e^-u erfcx(sqrt(u))`` and ``Gamma(s + 1, u) =
+    (s + h_s) Gamma(s, u)`` with ``h_s = u^s e^-u / Gamma(s, u) <= u``,
+    ``h_(s+1) = u h_s / (s + h_s)``: each term is a ratio to the first, with
+    no overflow. ``sqrt(pi) / B(a, 1/2) = Gamma(a + 1/2) / Gamma(a)`` comes
+    from its series in ``1/a`` (:data:`_SERIES_R`). The terms alternate and
+    each is at most ``(y + (2n - 1/2)/T)² |d_n / d_(n-1)|`` (under 0.07 for
+    ``y <= 1``, ``T > 49``) times the one before: the terms summed are those
+    that bound says the block needs.
+    """
+    from scipy.special import erfcx
+
+    coefficients = SERIES_COEFFICIENTS
+    T = a - 0.25
+    y_max, t_min, a_min = float(y.max()), float(T.min()), float(a.min())
+    size, terms = 1.0, 0
+    while terms + 1 < len(coefficients):
+        n = terms + 1
+        size *= (y_max + (2 * n - 0.5) / t_min) ** 2 * abs(coefficients[n] / coefficients[n - 1])
+        if size < _SERIES_TAIL:
+            break
+        terms = n
+    root = np.sqrt(u)
+    first = erfcx(root)
+    h = root / (math.sqrt(math.pi) * first)
+    inv_t = 1.0 / T
+    total = np.ones_like(u)
+    ratio = np.ones_like(u)
+    f = np.empty_like(u)
+    s = 0.5
+    for d in coefficients[1 : terms + 1]:
+        for _ in range(2):  # Gamma(s + 1, u) / Gamma(s, u) / T, twice a term
+            np.add(h, s, out=f)
+            ratio *= f
+            ratio *= inv_t
+            h *= u
+            h /= f
+            s += 1.0
+        total += ratio * d
+    r_terms = next((k for k in range(1, len(_SERIES_R)) if abs(_SERIES_R[k]) * a_min**-k < _SERIES_TAIL),
+                   len(_SERIES_R))
+    inv_a = 1.0 / a
+    gamma_ratio = np.full_like(u, _SERIES_R[r_terms - 1])
+    for r in _SERIES_R[r_terms - 2 :: -1]:
+        gamma_ratio *= inv_a
+        gamma_ratio += r
+    total *= first
+    total *= gamma_ratio
+    total *= np.sqrt(a * inv_t)
+    total *= np.exp(-u)
+    return np.minimum(total, 1.0)
+
+
+def hedges_g(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: np.ndarray | None = None) -> np.ndarray:
     """Hedges' g of set a against set b: Cohen's d with the pooled SD, times the small-sample
-    correction ``1 - 3 / (4 (n_a + n_b) - 9)``."""
+    correction ``1 - 3 / (4 (n_a + n_b) - 9)`` (into ``out``, an array of the broadcast shape, if given)."""
     n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
     with np.errstate(invalid="ignore", divide="ignore"):
         pooled = np.sqrt((m2_a + m2_b) / (n_a + n_b - 2))
-        return (mean_a - mean_b) / pooled * (1 - 3 / (4 * (n_a + n_b) - 9))
+        if out is None:
+            return (mean_a - mean_b) / pooled * (1 - 3 / (4 * (n_a + n_b) - 9))
+        np.subtract(mean_a, mean_b, out=out)
+        out /= pooled
+        out *= 1 - 3 / (4 * (n_a + n_b) - 9)
+        return out
 
 
 def bh_qvalues(p: np.ndarray, axis_from: int = 1) -> np.ndarray:

@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inntrospect.analysis.nap_kernels import chunk_moments, merge_moments
-from inntrospect.analysis.significance import bh_qvalues, hedges_g, rest_moments, welch
+from inntrospect.analysis.significance import (
+    SERIES_COEFFICIENTS,
+    bh_qvalues,
+    hedges_g,
+    rest_moments,
+    student_two_sided,
+    welch,
+)
 from inntrospect.errors import ParameterError
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -117,6 +124,97 @@ def test_statistics_on_two_threads_equal_those_on_one(n_groups, shape, seed, sma
         np.testing.assert_array_equal(two["q"][g], bh_qvalues(p)[0])
     for g in np.flatnonzero((count < 2) | (n_r < 2)):
         assert np.isnan(two["t"][g]).all() and np.isnan(two["q"][g]).all()
+
+
+def test_series_coefficients_are_those_of_the_expansion():
+    """d_n of (sinh(w/2) / (w/2))^(-1/2) = sum d_n w^(2n), derived exactly here by multiplying series."""
+    import math
+    from fractions import Fraction
+
+    n = len(SERIES_COEFFICIENTS)
+    c = [Fraction(1, 4**k * math.factorial(2 * k + 1)) for k in range(n)]  # sinh(z)/z in x = w²
+
+    def times(a, b):
+        return [sum(a[j] * b[k - j] for j in range(k + 1)) for k in range(n)]
+
+    d = [Fraction(x) for x in SERIES_COEFFICIENTS]
+    square = times(d, d)  # g² = 1 / (sinh(w/2) / (w/2)): g² times that series is 1
+    one = times(square, c)
+    assert abs(one[0] - 1) < Fraction(1, 10**15)
+    assert all(abs(x) < Fraction(1, 10**15) for x in one[1:])
+    assert all(a * b < 0 for a, b in zip(SERIES_COEFFICIENTS, SERIES_COEFFICIENTS[1:]))  # alternating
+
+
+def student_cases():
+    """(df, t) across the series' domain and its edges (df = 100, log(1 + t²/df) = 1, (df/2 - 1/4)
+    log(1 + t²/df) = 700 and 750) and outside it, with both signs, 0, NaN and infinities."""
+    rng = np.random.default_rng(7)
+    df = np.exp(rng.uniform(np.log(1.0), np.log(1e9), 20000))
+    t = rng.uniform(0, 1, 20000) ** 3 * np.sqrt(df) * 40 * rng.choice([-1, 1], 20000)
+    edge_df, edge_t = [], []
+    for nu in (99.999, 100.0, 100.001, 150.0, 1e3, 3e3, 1e5, 1e9, 1e12):
+        T = nu / 2 - 0.25
+        ts = [0.0, 1e-8, 0.5, 3.0, np.sqrt(nu * (np.e - 1)) * (1 - 1e-12), np.sqrt(nu * (np.e - 1)) * (1 + 1e-12)]
+        ts += [np.sqrt(nu * np.expm1(u / T)) for u in (699.999, 700.001, 744.0, 746.0, 749.999, 750.001)
+               if u / T < 50]
+        edge_df += [nu] * 2 * len(ts)
+        edge_t += ts + [-x for x in ts]
+    edge_df += [50.0, 1.0, 3.5, np.nan, 200.0, 200.0, 200.0, np.inf]
+    edge_t += [3.0, 2.0, 10.0, 1.0, np.nan, np.inf, -np.inf, 2.0]
+    return np.concatenate([df, edge_df]), np.concatenate([t, edge_t])
+
+
+def test_student_two_sided_equals_scipy_stdtr():
+    """The series where it applies, stdtr elsewhere: 1e-12 relative everywhere, the same zeros and
+    NaNs (the target is 1e-8 on p; stdtr itself is within ~5e-14 of the exact value there)."""
+    from scipy.special import stdtr
+
+    df, t = student_cases()
+    ref = 2 * stdtr(df, -np.abs(t))
+    p = student_two_sided(df, t)
+    np.testing.assert_array_equal(np.isnan(p), np.isnan(ref))
+    np.testing.assert_array_equal(p == 0, ref == 0)
+    np.testing.assert_allclose(p, ref, rtol=1e-12, atol=0)
+    assert (p[~np.isnan(p)] <= 1).all()
+    series = (df >= 100) & (np.log1p(t * t / df) <= 1) & (ref > 0)
+    assert series.sum() > 2000  # the series itself was checked, not only stdtr
+
+
+def test_student_two_sided_against_exact_values():
+    """mpmath's incomplete beta function at 40 digits, where the series applies."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    df = np.array([100.0, 120.5, 2000.0, 6780.4, 39998.0, 1e6, 3500.0, 18601.0])
+    t = np.array([1.5, -9.0, 30.0, 6.87, -2.359, 50.0, 39.0, -25.293])
+    p = student_two_sided(df, t)
+    for d, x, got in zip(df, t, p):
+        exact = mpmath.betainc(mpmath.mpf(d) / 2, mpmath.mpf(1) / 2, 0,
+                               mpmath.mpf(d) / (mpmath.mpf(d) + mpmath.mpf(x) ** 2), regularized=True)
+        assert abs(got - float(exact)) <= 1e-12 * float(exact), (d, x, got, exact)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40000), st.integers(0, 2**31 - 1), st.booleans())
+def test_student_two_sided_is_the_same_value_however_it_is_cut(n, seed, big):
+    """Whole arrays, pieces, single values, into ``out``: the same bits (each value's terms run
+    until the next is below the last bit, whichever block it falls in)."""
+    rng = np.random.default_rng(seed)
+    df = np.exp(rng.uniform(np.log(100 if big else 2), np.log(1e6), n))
+    t = rng.normal(0, 1, n) * rng.choice([1.0, 10.0, 40.0], n)
+    whole = student_two_sided(df, t)
+    cut = rng.integers(0, n + 1)
+    parts = np.concatenate([student_two_sided(df[:cut], t[:cut]), student_two_sided(df[cut:], t[cut:])])
+    np.testing.assert_array_equal(parts, whole)
+    some = rng.choice(n, size=min(n, 5), replace=False)
+    np.testing.assert_array_equal([student_two_sided(df[i], t[i]) for i in some], whole[some])
+    out = np.full((2, n), -1.0)
+    row = out[1]
+    assert student_two_sided(df, t, out=row) is row
+    np.testing.assert_array_equal(out[1], whole)
+    np.testing.assert_array_equal(out[0], -1.0)
+    strided = np.full(2 * n, -1.0)[::2]
+    student_two_sided(df, t, out=strided)
+    np.testing.assert_array_equal(strided, whole)
 
 
 def test_a_group_of_one_sample_is_refused():
