@@ -660,7 +660,11 @@ def _statistics(ds, chosen) -> dict:
     count = ds["count"].values
     position = {g: i for i, g in enumerate(np.asarray(ds.indexes["group"]).astype(str))}
     index = np.array([position[g] for g in chosen], dtype=np.intp)
-    m2 = ds["std"].data ** 2 * count.reshape(-1, *([1] * (ds["std"].ndim - 1)))
+    m2, per_group = ds["std"].data ** 2, count.reshape(-1, *([1] * (ds["std"].ndim - 1)))
+    if isinstance(m2, np.ndarray) and np.result_type(m2, per_group) == m2.dtype:
+        m2 *= per_group  # in place: a fresh array, as big as the layer's NAPs
+    else:
+        m2 = m2 * per_group
     dims = ds["nap"].dims
     out = {"rest_count": ("group", (count.sum() - count)[index])}
     if isinstance(ds["nap"].data, da.Array) or isinstance(m2, da.Array):

@@ -142,21 +142,24 @@ def _box(index: tuple, chunks: tuple, shape: tuple) -> tuple:
     return tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
 
 
-def _encode(part: np.ndarray, compressors, text: bool) -> bytes:
+def _encode(part: np.ndarray, compressors, text: bool) -> list:
+    """The chunk's bytes as Zarr encodes them, as a list of buffers to write one after the other
+    (the array itself when uncompressed, the checksum apart: no copies of the body)."""
     import numcodecs
 
     body = numcodecs.VLenUTF8().encode(np.asarray(part, dtype=object)) if text else \
-        np.ascontiguousarray(part).tobytes()
+        np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+    tail = []
     for codec in compressors:
         spec = codec.to_dict()
-        if spec["name"] == "zstd":
+        if spec["name"] == "zstd" and not tail:
             conf = spec["configuration"]
             body = numcodecs.Zstd(level=conf["level"], checksum=conf["checksum"]).encode(body)
-        elif spec["name"] == "crc32c":
-            body = bytes(body) + checksum(np.frombuffer(body, np.uint8)).to_bytes(4, "little")
-        else:  # not a codec the result nodes use: can_write's callers never pass one
+        elif spec["name"] == "crc32c" and not tail:
+            tail = [checksum(np.frombuffer(body, np.uint8)).to_bytes(4, "little")]
+        else:  # not a codec (or an order) the result nodes use: can_write's callers never pass one
             raise StoreError(f"codec {spec['name']!r} is not written here; write the node through xarray")
-    return bytes(body)
+    return [body, *tail]
 
 
 def _fill(dtype):
@@ -171,6 +174,9 @@ def _all_fill(part: np.ndarray, text: bool) -> bool:
     if text:
         return all(v == "" for v in part.reshape(-1))
     if part.dtype.kind == "f":
+        flat = part.reshape(-1)
+        if flat.size > 64 and not np.isnan(flat[:: flat.size // 64]).all():  # a glance settles most chunks
+            return False
         return bool(np.isnan(part).all())
     return not part.any()
 
@@ -189,13 +195,15 @@ def _plain(value):
 
 
 def _write_json(path: str, doc: dict) -> None:
-    write_file(path, json.dumps(doc, indent=2).encode())  # one write (json.dump writes piece by piece)
+    write_file(path, json.dumps(doc).encode())  # C encoder (indented is pure Python); one write
 
 
-def write_file(path: str, data: bytes) -> None:
-    """Write one file of a node whole (its metadata or a chunk), replacing any."""
+def write_file(path: str, data) -> None:
+    """Write one file of a node whole (its metadata or a chunk), replacing any: ``data`` is bytes, or
+    a list of buffers written one after the other."""
     with open(path, "wb") as fh:
-        fh.write(data)
+        for piece in data if isinstance(data, list) else (data,):
+            fh.write(piece)
 
 
 # -- the root's zarr.json: attributes and consolidated metadata, updated in place ------------------
