@@ -603,17 +603,14 @@ def contrastive_naps(store, groups: Sequence[str] | None = None, weight_by_group
         sub = ds.sel(group=chosen)
         counts = sub["count"].values
         weights = contrast_weights(counts, weight_by_group_size)
-        out = xr.Dataset(
-            {"nap": sub["nap"].copy(data=contrast(sub["nap"].data, counts, weight_by_group_size)),
-             "weight": ("group", weights), "count": ("group", counts)},
-            coords={"group": chosen},
-            attrs={"step": "contrast", "layer": layer, "params": params,
-                   "inputs": {"naps": ds.attrs.get("id")}},
-        )
+        attrs = {"step": "contrast", "layer": layer, "params": params, "inputs": {"naps": ds.attrs.get("id")}}
         if significance:
-            out.update(_statistics(ds, chosen))
-            out.attrs["statistics"] = dict(STATISTICS)
-        result[layer] = out
+            attrs["statistics"] = dict(STATISTICS)
+        result[layer] = xr.Dataset(  # one Dataset of every variable (an update aligns them again)
+            {"nap": sub["nap"].copy(data=contrast(sub["nap"].data, counts, weight_by_group_size)),
+             "weight": ("group", weights), "count": ("group", counts),
+             **(_statistics(ds, chosen) if significance else {})},
+            coords={"group": chosen}, attrs=attrs)
     return result
 
 
