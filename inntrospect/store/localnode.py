@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,7 +38,8 @@ import numpy as np
 from ..errors import StoreError
 from .checksum import checksum
 
-__all__ = ["write_local", "can_write", "write_file", "read_local", "read_array", "update_root"]
+__all__ = ["write_local", "can_write", "write_file", "read_local", "read_array", "update_root", "array_doc",
+           "create_nodes"]
 
 _GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
 
@@ -120,6 +122,55 @@ def write_local(folder: str, name: str, ds, encoding: dict) -> bool:
     return True
 
 
+def array_doc(shape: Sequence[int], dtype, chunks: Sequence[int], *, fill, compressors, dims: Sequence[str],
+              attrs: dict | None = None, separator: str = "/") -> dict:
+    """The ``zarr.json`` of an array as Zarr 3 writes it (``dtype`` ``str``: variable-length strings)."""
+    text = dtype is str or np.dtype(dtype).kind in "UOT"
+    dtype = None if text else np.dtype(dtype)
+    first = {"name": "vlen-utf8", "configuration": {}} if text else (
+        {"name": "bytes"} if dtype.itemsize == 1 else {"name": "bytes", "configuration": {"endian": "little"}})
+    if text:
+        fill_json = fill
+    elif dtype.kind == "f" and np.isnan(fill):
+        fill_json = "NaN"
+    else:
+        fill_json = _plain(dtype.type(fill))
+    return {
+        "shape": [int(n) for n in shape],
+        "data_type": "string" if text else dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [int(c) for c in chunks]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": separator}},
+        "fill_value": fill_json,
+        "codecs": [first, *(c.to_dict() for c in compressors)],
+        "attributes": _plain(attrs or {}),
+        "dimension_names": list(dims),
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def create_nodes(folder: str, groups: Mapping[str, dict], arrays: Mapping[str, tuple]) -> None:
+    """Write new groups (``{name: attributes}``) and arrays (``{name: (doc, data)}``: the doc from
+    :func:`array_doc`, ``data`` None for no chunks or the whole array as its one chunk, written even
+    when all fill) into the local store ``folder``, as Zarr creates them; parents first."""
+    for name, attrs in sorted(groups.items(), key=lambda kv: kv[0].count("/")):
+        os.makedirs(os.path.join(folder, *name.split("/")), exist_ok=True)
+        _write_json(os.path.join(folder, *name.split("/"), "zarr.json"), {**_GROUP, "attributes": _plain(attrs)})
+    for name, (doc, data) in arrays.items():
+        where = os.path.join(folder, *name.split("/"))
+        os.makedirs(where, exist_ok=True)
+        _write_json(os.path.join(where, "zarr.json"), doc)
+        if data is None or not np.size(data):
+            continue
+        text = doc["data_type"] == "string"
+        separator = doc["chunk_key_encoding"]["configuration"]["separator"]
+        path = os.path.join(where, *separator.join(["c", *("0" * len(doc["shape"]))]).split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        part = np.asarray(data) if text else np.ascontiguousarray(data, dtype=np.dtype(doc["data_type"]).newbyteorder("<"))
+        write_file(path, _encode(part, doc["codecs"][1:], text))
+
+
 def _write_chunk(job) -> None:
     """Encode and write one chunk as Zarr does: fill-padded at the array's edge, all-fill chunks left out."""
     folder, index, data, chunks, compressors, text, separator = job
@@ -150,8 +201,8 @@ def _encode(part: np.ndarray, compressors, text: bool) -> list:
     body = numcodecs.VLenUTF8().encode(np.asarray(part, dtype=object)) if text else \
         np.ascontiguousarray(part).reshape(-1).view(np.uint8)
     tail = []
-    for codec in compressors:
-        spec = codec.to_dict()
+    for codec in compressors:  # Zarr codec objects, or their dicts
+        spec = codec if isinstance(codec, dict) else codec.to_dict()
         if spec["name"] == "zstd" and not tail:
             conf = spec["configuration"]
             body = numcodecs.Zstd(level=conf["level"], checksum=conf["checksum"]).encode(body)

@@ -243,3 +243,47 @@ def test_nodes_of_older_stores_read_back_too(tmp_path):
     np.testing.assert_array_equal(arrays["nap"], ds["nap"].values)
     np.testing.assert_array_equal(arrays["count"], ds["count"].values)
     assert list(arrays["group"]) == ["a", "b", "c"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hs.integers(0, 30), hs.lists(hs.sampled_from([(1,), (3,), (2, 3), (2, 2, 3)]), min_size=1, max_size=3),
+       hs.booleans(), hs.sampled_from([None, {"name": "zstd", "level": 1}]), hs.integers(1, 8))
+def test_a_new_store_is_written_as_zarr_writes_it(tmp_path, n, shapes, grads, codec, chunk):
+    """``create_store`` on a local disk writes every file itself: the same files, ``zarr.json``
+    documents and sample-table chunks as through Zarr (object storage's path), and both open alike."""
+    import shutil
+
+    from inntrospect import store as st
+
+    rng = np.random.default_rng(n)
+    layers = [st.LayerSpec(f"block{i % 2}/layer{i}" if i else "layer0", shape, grads)
+              for i, shape in enumerate(shapes)]
+    plan = st.ChunkPlan({s.name: chunk for s in layers}, chunk, 0.0)
+    attrs = st.new_extraction(st.root_attrs(
+        model={"framework": "arrays", "path": None, "sha256": None},
+        corpus={"path": None, "n_samples": n, "n_files": 0}, layers=layers, plan=plan, n_samples=n,
+        gradient_target=None,
+        codecs={s.name: {v: codec for v in (("acts", "grads") if grads else ("acts",))} for s in layers}))
+    table = {"group": rng.choice(["cat", "dog", "é"], n), "file": np.array([f"f{i % 3}.npy" if i % 4 else ""
+                                                                            for i in range(n)]),
+             "index_in_file": np.arange(n), "target": rng.integers(-1, 3, n)}
+    a, b = tmp_path / "zarr.zarr", tmp_path / "direct.zarr"
+    for root in (a, b):
+        shutil.rmtree(root, ignore_errors=True)
+    st.create_store(a, attrs, layers, plan, table, via_zarr=True)
+    b.mkdir()
+    (b / "leftover").write_text("replaced, as Zarr's mode 'w' replaces it")
+    st.create_store(b, attrs, layers, plan, table)
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for key in fa:
+        if key.endswith("zarr.json"):
+            assert json.loads(fa[key]) == json.loads(fb[key]), key
+        else:
+            assert fa[key] == fb[key], key
+    for layer in layers:
+        for var in ("group", "file", "prediction", "acts"):
+            za, zb = st.open_array(a, layer.name, var), st.open_array(b, layer.name, var)
+            np.testing.assert_array_equal(za[...], zb[...])
+    xr.testing.assert_identical(xr.open_zarr(b, group=f"layers/{layers[0].name}").load(),
+                                xr.open_zarr(a, group=f"layers/{layers[0].name}").load())
