@@ -7,9 +7,10 @@ API); :func:`inntrospect.extract` feeds one the model's outputs
 ``import-legacy`` (:mod:`.legacy`) feeds one the reference toolbox's batch files.
 
 Each array's rows are kept as views of the caller's arrays (or, with
-``copy``, copied into a chunk buffer) until they fill a chunk; a small writer
-pool writes each chunk as one chunk-aligned region while the caller computes
-the next batches (the bytes in flight are bounded). A block of ``plan.block``
+``copy``, copied into a chunk buffer) until they fill a chunk; a writer thread
+writes each chunk as one chunk-aligned region while the caller computes the
+next batches (the bytes in flight are bounded; when the caller would wait for
+the writes, it writes the next queued chunk itself). A block of ``plan.block``
 samples is recorded in ``extraction/block_done`` only after every write of it
 has finished, so a writer stopped at any point (an exception, ``kill -9``)
 leaves a store that the next writer resumes at the first block not recorded.
