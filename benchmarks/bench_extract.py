@@ -209,12 +209,15 @@ def instrumented_run(ex, run_extraction) -> tuple[float, Timers]:
     cm = importlib.import_module("inntrospect.extraction.corpus")
     timers = Timers()
     saved = [
-        (xm, "wait_writes", xm.wait_writes), (xm, "check_finite", xm.check_finite),
+        (xm._Writes, "wait", xm._Writes.wait), (xm._Writes, "shutdown", xm._Writes.shutdown),
+        (xm, "check_finite", xm.check_finite),
         (sm, "create_store", sm.create_store), (sm, "consolidate", sm.consolidate),
         (cm.Corpus, "read", cm.Corpus.read),
     ]
     compute = ex.model.compute
-    xm.wait_writes = timers.wrap("wait for writes (wait_writes)", xm.wait_writes)
+    # the caller's waits for the writes, in which it writes queued chunks itself
+    xm._Writes.wait = timers.wrap("wait for writes, writing queued chunks", xm._Writes.wait)
+    xm._Writes.shutdown = timers.wrap("close: the last writes, writing queued chunks", xm._Writes.shutdown)
     xm.check_finite = timers.wrap("check_finite", xm.check_finite)
     sm.create_store = timers.wrap("store.create_store", sm.create_store)
     st_pkg = importlib.import_module("inntrospect.store")

@@ -45,7 +45,7 @@ from ..errors import (
 )
 from .prepare import MAX_CHUNK_MIB, Extraction, batch_targets
 
-__all__ = ["open_writer", "StoreWriter", "write_blocks", "wait_writes", "check_finite", "PROBE_ROWS"]
+__all__ = ["open_writer", "StoreWriter", "write_blocks", "check_finite", "PROBE_ROWS"]
 
 #: rows of each array (at most a chunk) compressed to choose its codec, when the store is made by the writer
 PROBE_ROWS = 128
@@ -1030,12 +1030,6 @@ def write_blocks(ex: Extraction, writer: StoreWriter, todo: Sequence[int]) -> No
                          {name: grads[i][skip:] for i, name in with_grads}, pred[skip:],
                          start=start + skip, copy=False)
             del acts, grads
-
-
-def wait_writes(futures: list[Future]) -> None:
-    wait(futures)
-    for f in futures:
-        f.result()  # re-raise a failed write
 
 
 def check_finite(ex: Extraction, a: np.ndarray, start: int, what: str) -> None:
