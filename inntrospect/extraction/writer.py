@@ -233,10 +233,9 @@ class _Writes:
     def throttle(self) -> None:
         """Wait for the oldest writes until the bytes in flight are within the bound (writing meanwhile)."""
         while self.inflight and (self.bytes > self.max_bytes or self.inflight[0][0].done()):
-            f, nbytes = self.inflight[0]
-            self.wait([f])
-            self.inflight.popleft()
+            f, nbytes = self.inflight.popleft()
             self.bytes -= nbytes
+            self.wait([f])  # re-raises a failed write
 
     def end_block(self) -> list[Future]:
         futures, self.block = self.block, []
