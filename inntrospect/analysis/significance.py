@@ -188,8 +188,8 @@ def student_two_sided(df, t, out: np.ndarray | None = None) -> np.ndarray:
     incomplete gamma series as in DiDonato & Morris's BGRAT, ACM TOMS 708,
     1992), several times faster than ``stdtr`` and within 1e-12 of it
     relative; there p-values below ``exp(-750)`` are 0 (below the smallest
-    double, as ``stdtr`` gives them). Elsewhere, ``stdtr`` itself. ``out``: a contiguous float64
-    array of the broadcast shape to write the p-values into.
+    double, as ``stdtr`` gives them). Elsewhere, ``stdtr`` itself. ``out``: a
+    float64 array of the broadcast shape to write the p-values into.
     """
     from scipy.special import stdtr
 

@@ -91,22 +91,8 @@ def write_local(folder: str, name: str, ds, encoding: dict) -> bool:
         attrs = _plain(var.attrs)
         if data.dtype.kind == "f":
             attrs["_FillValue"] = base64.standard_b64encode(struct.pack("<d", np.nan)).decode()
-        first = {"name": "vlen-utf8", "configuration": {}} if text else (
-            {"name": "bytes"} if data.dtype.itemsize == 1 else
-            {"name": "bytes", "configuration": {"endian": "little"}})
-        meta = {
-            "shape": list(data.shape),
-            "data_type": "string" if text else data.dtype.name,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-            "chunk_key_encoding": {"name": "default", "configuration": {"separator": separator}},
-            "fill_value": "" if text else _fill_json(data.dtype),
-            "codecs": [first, *(c.to_dict() for c in compressors)],
-            "attributes": attrs,
-            "dimension_names": list(var.dims),
-            "zarr_format": 3,
-            "node_type": "array",
-            "storage_transformers": [],
-        }
+        meta = array_doc(data.shape, data.dtype, chunks, fill="" if text else _fill(data.dtype),
+                         compressors=compressors, dims=var.dims, attrs=attrs, separator=separator)
         folder_of = os.path.join(node, key)
         os.makedirs(folder_of)
         _write_json(os.path.join(folder_of, "zarr.json"), meta)
@@ -215,10 +201,6 @@ def _encode(part: np.ndarray, compressors, text: bool) -> list:
 
 def _fill(dtype):
     return np.nan if dtype.kind == "f" else (False if dtype.kind == "b" else 0)
-
-
-def _fill_json(dtype):
-    return "NaN" if dtype.kind == "f" else (False if dtype.kind == "b" else 0)
 
 
 def _all_fill(part: np.ndarray, text: bool) -> bool:
