@@ -59,12 +59,13 @@ WRITER_NICE = 10
 class _ArrayStream:
     """Collects one array's rows into chunk-aligned region writes on a writer pool.
 
-    Rows are kept as views of the caller's arrays until they fill a chunk; the
-    writer thread joins them into a reused buffer and writes it, so the
-    caller's thread copies nothing and goes straight back to its model (views
+    Rows are kept as views of the caller's arrays until they fill a chunk; a
+    writer thread writes them as the chunk, one after the other (a local
+    store's chunk files compress them as one stream: nothing is joined), so
+    the caller's thread copies nothing and goes straight back to its model (views
     pushed with ``check`` are passed to ``check(rows, first sample)`` there
-    first, which may raise). With ``copy`` they are copied into that buffer at
-    once instead (the caller may reuse its arrays). ``array`` may be set after
+    first, which may raise). With ``copy`` they are copied at once into a
+    chunk buffer of the stream instead (the caller may reuse its arrays). ``array`` may be set after
     rows came, before the first write is submitted.
     """
 
@@ -100,36 +101,40 @@ class _ArrayStream:
                 if check:
                     self.check(rows, at)
                 at += len(rows)
-            if own is None and len(parts) == 1:
-                self._write(lo, parts[0][0])
+            if own is None:  # views: written as they are, the parts of a chunk one after the other
+                self._write(lo, [rows for rows, _, _ in parts])
                 return
-            buf = own if own is not None else self._buffer()
             at = 0
             for rows, copied, _ in parts:
                 if not copied:
-                    buf[at : at + len(rows)] = rows
+                    own[at : at + len(rows)] = rows
                 at += len(rows)
-            self._write(lo, buf[:n])
-            self.free.append(buf)
+            self._write(lo, [own[:n]])
+            self.free.append(own)
 
         self.writes.submit(write, n * int(np.prod(self.row_shape)) * 4)
         self.pos += n
         self.writes.throttle()  # copies are made chunk by chunk: bounded here, not per batch
 
-    def _write(self, lo: int, rows: np.ndarray) -> None:
-        """Rows ``lo ..`` (whole chunks from a chunk's start, the array's last maybe partial) into the
-        store: straight to their chunk files where :func:`~inntrospect.store.chunkio.chunk_files`
-        lists them (a local store: the same bytes at about half Zarr's cost), else through Zarr."""
+    def _write(self, lo: int, parts: list[np.ndarray]) -> None:
+        """Rows ``lo ..`` (``parts``, following each other: whole chunks from a chunk's start, the array's
+        last maybe partial) into the store: straight to their chunk files where
+        :func:`~inntrospect.store.chunkio.chunk_files` lists them (a local store: each chunk's parts
+        compressed as a stream, never joined), else joined and written through Zarr."""
         from ..store import chunkio
 
         if self.files is None:
             self.files = chunkio.chunk_files(self.array) or []
-        c = self.chunk
-        if lo % c or not self.files or (lo + len(rows) - 1) // c >= len(self.files):
-            self.array[lo : lo + len(rows)] = rows
+        c, n = self.chunk, sum(len(p) for p in parts)
+        if lo % c or not self.files or (lo + n - 1) // c >= len(self.files):
+            self.array[lo : lo + n] = parts[0] if len(parts) == 1 else np.concatenate(parts)
             return
-        for j in range(0, len(rows), c):
-            chunkio.write_chunk(chunkio.ChunkFile(*self.files[(lo + j) // c]), rows[j : j + c])
+        if len(parts) == 1 and n > c:  # whole chunks straight from one batch
+            parts = [parts[0][j : j + c] for j in range(0, n, c)]
+            for j, rows in enumerate(parts):
+                chunkio.write_chunk(chunkio.ChunkFile(*self.files[lo // c + j]), rows)
+            return
+        chunkio.write_chunk(chunkio.ChunkFile(*self.files[lo // c]), parts)
 
     def push(self, data: np.ndarray, copy: bool = False, check: bool = False) -> None:
         i, n, c = 0, len(data), self.chunk
