@@ -4,7 +4,15 @@ The public API is flat. Nothing here imports TensorFlow; :func:`extract`
 imports it when called.
 """
 
-from .analysis.alignment import align
+import os as _os
+
+# OpenBLAS (numpy's and scipy's: two libraries) starts a thread per core that spins for about 0.1 s
+# before it sleeps, at load and after each call: 0.2 s of CPU per process on 2 cores, taken from
+# the work beside it. Idle threads sleep at once instead (results are the same; a value the user
+# set is kept). Set before numpy is first imported, or it has no effect.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from .analysis.alignment import align  # noqa: E402
 from .analysis.profiles import (
     contrast_significance,
     contrastive_naps,
