@@ -43,6 +43,23 @@ def merge_pair(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2
 
 
+def _merge_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b, mean_out, m2_out, work) -> float:
+    """:func:`merge_pair` of two sets with scalar counts into ``mean_out`` and ``m2_out`` (which may be
+    either set's arrays), the same arithmetic in the same order (the same bits); ``work``: two scratch
+    arrays of their shape. Returns the count."""
+    n = n_a + n_b
+    frac = n_b / n if n > 0 else 0.0
+    delta = np.subtract(mean_b, mean_a, out=work[0])
+    np.add(m2_a, m2_b, out=m2_out)
+    spread = np.multiply(delta, delta, out=work[1])
+    spread *= n_a
+    spread *= frac
+    m2_out += spread
+    np.multiply(delta, frac, out=spread)
+    np.add(spread, mean_a, out=mean_out)
+    return n
+
+
 def rest_moments(count, mean, m2):
     """For each group, the moments of all the other groups' samples pooled.
 
@@ -54,19 +71,23 @@ def rest_moments(count, mean, m2):
     if count.ndim != 1 or mean.shape[0] != len(count) or m2.shape != mean.shape:
         raise ParameterError(f"expected count (group,) and mean, m2 (group, ...) of one shape; got "
                              f"{count.shape}, {mean.shape} and {m2.shape}.")
-    # prefix[g] pools groups < g, suffix[g] groups > g: O(groups) exact merges, no subtraction
-    shape = mean.shape[1:]
+    # prefix pools groups < g, suffix[g] groups > g: O(groups) exact merges, no subtraction; in place,
+    # each suffix in the row of the output it becomes part of (4 arrays of a group's size besides)
     G = len(count)
-    suffix = [(0.0, np.zeros(shape), np.zeros(shape))]
-    for g in range(G - 1, 0, -1):
-        suffix.append(merge_pair(count[g], mean[g], m2[g], *suffix[-1]))
-    suffix.reverse()  # suffix[g]: the groups after g
-    n_r, mean_r, m2_r = np.empty(G), np.empty_like(mean), np.empty_like(m2)
-    prefix = (0.0, np.zeros(shape), np.zeros(shape))
+    size = int(np.prod(mean.shape[1:], dtype=np.int64))
+    flat_mean, flat_m2 = mean.reshape(G, size), m2.reshape(G, size)  # rows of arrays, also for (group,)
+    shape = flat_mean.shape[1:]
+    n_r, mean_r, m2_r = np.empty(G), np.zeros((G, *shape)), np.zeros((G, *shape))
+    work = (np.empty(shape), np.empty(shape))
+    n_s = np.zeros(G)
+    for g in range(G - 2, -1, -1):  # mean_r[g], m2_r[g]: the groups after g
+        n_s[g] = _merge_into(count[g + 1], flat_mean[g + 1], flat_m2[g + 1], n_s[g + 1], mean_r[g + 1],
+                             m2_r[g + 1], mean_r[g], m2_r[g], work)
+    n_p, mean_p, m2_p = 0.0, np.zeros(shape), np.zeros(shape)
     for g in range(G):
-        n_r[g], mean_r[g], m2_r[g] = merge_pair(*prefix, *suffix[g])
-        prefix = merge_pair(*prefix, count[g], mean[g], m2[g])
-    return n_r, mean_r, m2_r
+        n_r[g] = _merge_into(n_p, mean_p, m2_p, n_s[g], mean_r[g], m2_r[g], mean_r[g], m2_r[g], work)
+        n_p = _merge_into(n_p, mean_p, m2_p, count[g], flat_mean[g], flat_m2[g], mean_p, m2_p, work)
+    return n_r, mean_r.reshape(mean.shape), m2_r.reshape(m2.shape)
 
 
 def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
@@ -254,14 +275,15 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
     no overflow. ``sqrt(pi) / B(a, 1/2) = Gamma(a + 1/2) / Gamma(a)`` comes
     from its series in ``1/a`` (:data:`_SERIES_R`). The terms alternate and
     each is at most ``(y + (2n - 1/2)/T)² |d_n / d_(n-1)|`` (under 0.07 for
-    ``y <= 1``, ``T > 49``) times the one before: the terms summed are those
-    that bound says the block needs.
+    ``y <= 1``, ``T > 49``) times the one before: each value sums the terms
+    its own bound says its last bit needs (the block's worst bound ends the
+    loop), so it gets the same bits in any block.
     """
     from scipy.special import erfcx
 
     coefficients = SERIES_COEFFICIENTS
     T = a - 0.25
-    y_max, t_min, a_min = float(y.max()), float(T.min()), float(a.min())
+    y_max, t_min = float(y.max()), float(T.min())
     size, terms = 1.0, 0
     while terms + 1 < len(coefficients):
         n = terms + 1
@@ -275,9 +297,9 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
     inv_t = 1.0 / T
     total = np.ones_like(u)
     ratio = np.ones_like(u)
-    f = np.empty_like(u)
+    f, bound, term = np.empty_like(u), np.ones_like(u), np.empty_like(u)
     s = 0.5
-    for d in coefficients[1 : terms + 1]:
+    for n in range(1, terms + 1):
         for _ in range(2):  # Gamma(s + 1, u) / Gamma(s, u) / T, twice a term
             np.add(h, s, out=f)
             ratio *= f
@@ -285,12 +307,19 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
             h *= u
             h /= f
             s += 1.0
-        total += ratio * d
-    r_terms = next((k for k in range(1, len(_SERIES_R)) if abs(_SERIES_R[k]) * a_min**-k < _SERIES_TAIL),
-                   len(_SERIES_R))
+        # each value's own bound on this term: added only where it says the last bit needs it, so
+        # a value sums the same terms whichever block it is in (the block's bound only ends the loop)
+        np.multiply(inv_t, 2 * n - 0.5, out=term)
+        term += y
+        term *= term
+        term *= abs(coefficients[n] / coefficients[n - 1])
+        bound *= term
+        np.multiply(ratio, coefficients[n], out=term)
+        term[bound < _SERIES_TAIL] = 0.0
+        total += term
     inv_a = 1.0 / a
-    gamma_ratio = np.full_like(u, _SERIES_R[r_terms - 1])
-    for r in _SERIES_R[r_terms - 2 :: -1]:
+    gamma_ratio = np.full_like(u, _SERIES_R[-1])  # every term for every value: the same bits however cut
+    for r in _SERIES_R[-2::-1]:
         gamma_ratio *= inv_a
         gamma_ratio += r
     total *= first

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from inntrospect.analysis.nap_kernels import chunk_moments, merge_moments
 from inntrospect.analysis.significance import (
+    merge_pair,
     SERIES_COEFFICIENTS,
     bh_qvalues,
     hedges_g,
@@ -90,6 +91,32 @@ def test_rest_moments_merge_the_other_groups_exactly():
         assert n_r[k] == len(rest)
         np.testing.assert_allclose(mean_r[k], rest.mean(0), rtol=1e-12)
         np.testing.assert_allclose(m2_r[k], ((rest - rest.mean(0)) ** 2).sum(0), rtol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 7), st.sampled_from([(), (5,), (3, 4)]), st.integers(0, 2**31 - 1))
+def test_rest_moments_are_the_merges_of_prefix_and_suffix_bit_for_bit(n_groups, shape, seed):
+    """rest_moments merges in place; the same bits as the chains of merge_pair it stands for: the
+    groups after g pooled from the last one down, merged into the groups before g pooled in order."""
+    rng = np.random.default_rng(seed)
+    count = rng.integers(0, 50, n_groups).astype(float)
+    mean = rng.normal(size=(n_groups, *shape)) * rng.uniform(0.1, 1e3)
+    m2 = rng.uniform(0, 5, size=(n_groups, *shape)) * np.maximum(count.reshape(-1, *([1] * len(shape))) - 1, 0)
+    zero = (0.0, np.zeros(shape), np.zeros(shape))
+    suffix = [zero]
+    for g in range(n_groups - 1, 0, -1):
+        suffix.append(merge_pair(count[g], mean[g], m2[g], *suffix[-1]))
+    suffix.reverse()
+    prefix, want = zero, []
+    for g in range(n_groups):
+        want.append(merge_pair(*prefix, *suffix[g]))
+        prefix = merge_pair(*prefix, count[g], mean[g], m2[g])
+    n_r, mean_r, m2_r = rest_moments(count, mean, m2)
+    assert n_r.shape == (n_groups,) and mean_r.shape == m2_r.shape == mean.shape
+    for g, (n, mu, sq) in enumerate(want):
+        assert n_r[g] == n
+        np.testing.assert_array_equal(mean_r[g], mu)
+        np.testing.assert_array_equal(m2_r[g], sq)
 
 
 @settings(max_examples=40, deadline=None)
