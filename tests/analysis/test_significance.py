@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from inntrospect.analysis.nap_kernels import chunk_moments, merge_moments
 from inntrospect.analysis.significance import (
-    merge_pair,
     SERIES_COEFFICIENTS,
     bh_qvalues,
     hedges_g,
+    merge_pair,
     rest_moments,
     student_two_sided,
     welch,
