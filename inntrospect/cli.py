@@ -240,6 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def console() -> int:
+    """The ``inntrospect`` command (and ``python -m inntrospect``): :func:`main`, then an exit that
+    does not walk the command's objects.
+
+    At exit Python collects the cycles among every object left, those of the
+    ~1,300 modules a command imports included: 0.17 s of a 0.9 s command here.
+    The process ends anyway and the operating system takes its memory back at
+    once, so the objects are frozen out of the collector first (finalizers
+    still run as references drop; only garbage cycles are not searched for).
+    """
+    import gc
+
+    code = main()
+    gc.freeze()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     import gc
 
