@@ -40,7 +40,7 @@ __all__ = ["ChunkFile", "chunk_files", "read_chunk", "write_chunk", "buffer"]
 class ChunkFile:
     """A chunk file to read (or write) directly: its path, samples, chunk shape, codec and fill value,
     whether a crc32c follows the encoded bytes, the store and array it belongs to (for messages),
-    and the zstd level (for writing)."""
+    the zstd level (for writing) and the array's dtype."""
 
     file: str
     n: int
@@ -51,6 +51,7 @@ class ChunkFile:
     store: str = ""
     array: str = ""
     level: int = 0
+    dtype: str = "float32"
 
 
 _local = threading.local()
@@ -77,13 +78,14 @@ def buffer(slot: str, size: int, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype)
 
 
-def chunk_files(arr):
+def chunk_files(arr, dtype="float32"):
     """Per chunk along ``sample`` of a Zarr array: ``(file, samples, chunk shape, zstd?, fill value,
-    crc32c?, store, array, zstd level)`` (the fields of :class:`ChunkFile`).
+    crc32c?, store, array, zstd level, dtype)`` (the fields of :class:`ChunkFile`).
 
     None unless its chunk files can be read directly: a local Zarr v3 array
-    of float32, chunked along its first axis only, each chunk encoded as bytes
-    in native order, then at most zstd, then at most a crc32c checksum.
+    of ``dtype`` (float32: what the readers decode into), chunked along its
+    first axis only, each chunk encoded as bytes in native order, then at most
+    zstd, then at most a crc32c checksum.
     """
     from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
     from zarr.storage import LocalStore
@@ -94,7 +96,7 @@ def chunk_files(arr):
     if crc:
         codecs = codecs[:-1]
     if getattr(meta, "zarr_format", None) != 3 or not isinstance(arr.store, LocalStore) \
-            or np.dtype(arr.dtype) != np.float32 or arr.ndim < 1 \
+            or np.dtype(arr.dtype) != np.dtype(dtype) or arr.ndim < 1 \
             or tuple(arr.chunks[1:]) != tuple(arr.shape[1:]) or not 1 <= len(codecs) <= 2 \
             or not isinstance(codecs[0], BytesCodec) \
             or (codecs[0].endian is not None and codecs[0].endian.value != sys.byteorder) \
@@ -107,9 +109,10 @@ def chunk_files(arr):
     c, n = arr.chunks[0], arr.shape[0]
     fill = float(arr.fill_value) if arr.fill_value is not None else np.nan
     zeros = (0,) * (arr.ndim - 1)
+    kind = str(np.dtype(dtype))
     return [
         (os.path.join(root, *meta.encode_chunk_key((k, *zeros)).split("/")), min(c, n - k * c),
-         tuple(arr.chunks), zstd, fill, crc, store, arr.path, level)
+         tuple(arr.chunks), zstd, fill, crc, store, arr.path, level, kind)
         for k in range(-(-n // c))
     ]
 
@@ -121,20 +124,20 @@ def write_chunk(rec, data) -> None:
     arrays whose rows follow each other (the batches that filled the chunk,
     written without being joined first): all of the chunk's samples but for
     the array's last chunk, which is padded with the fill value to the
-    chunk's shape. Encoded as :func:`read_chunk` decodes: native-order float32
-    bytes, then one zstd frame at the array's level declaring its content
+    chunk's shape. Encoded as :func:`read_chunk` decodes: native-order bytes
+    of the array's dtype (``rec.dtype``), then one zstd frame at the array's level declaring its content
     size (compressed as a stream, piece by piece, into a small reused buffer),
     then the crc32c of the encoded bytes, little-endian. The file is written
     whole, replacing any; always, even when every value is the fill value
     (Zarr would leave such a chunk out, which a resume takes for a missing chunk).
     """
-    shape = tuple(rec.shape)
+    shape, dtype = tuple(rec.shape), np.dtype(rec.dtype)
     parts = [data] if isinstance(data, np.ndarray) else list(data)
-    parts = [np.ascontiguousarray(p, np.float32).reshape(-1, *shape[1:]) for p in parts]
+    parts = [np.ascontiguousarray(p, dtype).reshape(-1, *shape[1:]) for p in parts]
     n = sum(len(p) for p in parts)
     assert n <= shape[0], (n, shape)
     if n < shape[0]:
-        parts.append(np.full((shape[0] - n, *shape[1:]), rec.fill, np.float32))
+        parts.append(np.full((shape[0] - n, *shape[1:]), rec.fill, dtype))
     os.makedirs(os.path.dirname(rec.file), exist_ok=True)
     with open(rec.file, "wb") as fh:
         sink = _Sink(fh, rec.crc)
@@ -195,7 +198,7 @@ def read_chunk(rec, slot: str) -> np.ndarray:
     import numcodecs
 
     size = int(np.prod(rec.shape, dtype=np.int64))
-    out = buffer(slot, size, np.float32)
+    out = buffer(slot, size, rec.dtype)
     tail = 4 if rec.crc else 0
     try:
         fh = open(rec.file, "rb", buffering=0)

@@ -355,3 +355,25 @@ def test_write_chunk_writes_chunks_zarr_reads_as_its_own(tmp_path, codec, checks
         reopened = zarr.open_array(str(tmp_path / f"{name}.zarr"), mode="r")
         np.testing.assert_array_equal(reopened[:], x)
 
+
+def test_write_chunk_writes_integer_arrays_of_their_dtype(tmp_path):
+    """The predictions' chunks (int64, fill -1, zstd-3 and the checksum, one chunk per block) are
+    written directly too: Zarr reads back the values, the last chunk's padding is the fill value;
+    ``chunk_files`` lists an array only for the dtype asked (float32 unless told)."""
+    from inntrospect.store.nodes import zarr_codecs
+
+    arr = zarr.create_array(str(tmp_path / "p.zarr"), shape=(10,), chunks=(4,), dtype="int64", fill_value=-1,
+                            compressors=zarr_codecs({"name": "zstd", "level": 3}))
+    assert chunkio.chunk_files(arr) is None
+    files = chunkio.chunk_files(arr, dtype="int64")
+    values = np.arange(10, dtype=np.int64) * 7 - 3
+    for k, rec in enumerate(files):
+        chunkio.write_chunk(chunkio.ChunkFile(*rec), [values[4 * k : 4 * k + 1], values[4 * k + 1 : 4 * (k + 1)]])
+    reopened = zarr.open_array(str(tmp_path / "p.zarr"), mode="r")
+    np.testing.assert_array_equal(reopened[:], values)
+    assert reopened.dtype == np.int64
+    import numcodecs
+
+    last = open(files[2][0], "rb").read()[:-4]  # the checksum apart
+    assert np.frombuffer(numcodecs.Zstd().decode(last), np.int64).tolist() == [53, 60, -1, -1]
+
