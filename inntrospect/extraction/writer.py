@@ -65,8 +65,8 @@ class _ArrayStream:
     the caller's thread copies nothing and goes straight back to its model (views
     pushed with ``check`` are passed to ``check(rows, first sample)`` there
     first, which may raise). With ``copy`` they are copied at once into a
-    chunk buffer of the stream instead (the caller may reuse its arrays). ``array`` may be set after
-    rows came, before the first write is submitted.
+    chunk buffer of the stream instead (the caller may reuse its arrays).
+    ``array`` may be set after rows came, before the first write is submitted.
     """
 
     def __init__(self, array, chunk: int, row_shape: tuple[int, ...], writes: _Writes,
@@ -130,9 +130,8 @@ class _ArrayStream:
             self.array[lo : lo + n] = parts[0] if len(parts) == 1 else np.concatenate(parts)
             return
         if len(parts) == 1 and n > c:  # whole chunks straight from one batch
-            parts = [parts[0][j : j + c] for j in range(0, n, c)]
-            for j, rows in enumerate(parts):
-                chunkio.write_chunk(chunkio.ChunkFile(*self.files[lo // c + j]), rows)
+            for j in range(0, n, c):
+                chunkio.write_chunk(chunkio.ChunkFile(*self.files[(lo + j) // c]), parts[0][j : j + c])
             return
         chunkio.write_chunk(chunkio.ChunkFile(*self.files[lo // c]), parts)
 

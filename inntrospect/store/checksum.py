@@ -14,10 +14,11 @@ import numpy as np
 __all__ = ["crc32c", "crc32c_extend", "checksum"]
 
 
-def checksum(data: np.ndarray) -> int:
-    """The crc32c of the bytes of ``data`` (a contiguous uint8 array), without the GIL when it can."""
+def checksum(data: np.ndarray, crc: int = 0) -> int:
+    """The crc32c of the bytes of ``data`` (a contiguous uint8 array), ``crc`` extended over them if
+    given (a checksum computed piece by piece), without the GIL when it can."""
     extend = crc32c_extend()
-    return int(extend(0, data.ctypes.data, data.nbytes)) if extend else int(crc32c(0, data))
+    return int(extend(crc, data.ctypes.data, data.nbytes)) if extend else int(crc32c(crc, data))
 
 
 def crc32c(crc: int, data: np.ndarray) -> int:

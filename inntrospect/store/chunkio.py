@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DamagedStoreError
-from .checksum import crc32c, crc32c_extend
+from .checksum import checksum, crc32c, crc32c_extend
 
 __all__ = ["ChunkFile", "chunk_files", "read_chunk", "write_chunk", "buffer"]
 
@@ -125,11 +125,12 @@ def write_chunk(rec, data) -> None:
     written without being joined first): all of the chunk's samples but for
     the array's last chunk, which is padded with the fill value to the
     chunk's shape. Encoded as :func:`read_chunk` decodes: native-order bytes
-    of the array's dtype (``rec.dtype``), then one zstd frame at the array's level declaring its content
-    size (compressed as a stream, piece by piece, into a small reused buffer),
-    then the crc32c of the encoded bytes, little-endian. The file is written
-    whole, replacing any; always, even when every value is the fill value
-    (Zarr would leave such a chunk out, which a resume takes for a missing chunk).
+    of the array's dtype (``rec.dtype``), then one zstd frame at the array's
+    level declaring its content size (compressed as a stream, piece by piece,
+    into a small reused buffer), then the crc32c of the encoded bytes,
+    little-endian. The file is written whole, replacing any; always, even
+    when every value is the fill value (Zarr would leave such a chunk out,
+    which a resume takes for a missing chunk).
     """
     shape, dtype = tuple(rec.shape), np.dtype(rec.dtype)
     parts = [data] if isinstance(data, np.ndarray) else list(data)
@@ -159,16 +160,12 @@ class _Sink:
     """A chunk file being written piece by piece, the crc32c extended over each piece while it is in cache."""
 
     def __init__(self, fh, crc: bool):
-        self.fh, self.crc = fh, 0
-        self.extend = crc32c_extend() if crc else None
-        self.check = crc
+        self.fh, self.checked, self.crc = fh, crc, 0
 
     def write(self, piece) -> int:
         self.fh.write(piece)
-        if self.check:
-            arr = np.frombuffer(piece, np.uint8)
-            self.crc = int(self.extend(self.crc, arr.ctypes.data, arr.nbytes)) if self.extend \
-                else int(crc32c(self.crc, arr))
+        if self.checked:
+            self.crc = checksum(np.frombuffer(piece, np.uint8), self.crc)
         return len(piece)
 
 
