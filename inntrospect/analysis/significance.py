@@ -10,8 +10,8 @@ pairwise update), never recomputed from samples.
 
 Pure numpy (and ``scipy.special`` where the t distribution's series does
 not apply, :func:`student_two_sided`): the kernels here take arrays
-``(group, ...)`` and return arrays of the same shape; large ones are
-computed on two threads.
+``(group, ...)`` and return arrays of the same shape, computed in blocks
+that stay in cache.
 """
 
 from __future__ import annotations
@@ -98,43 +98,48 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
     ``q`` the Benjamini–Hochberg q-values of each group across its units and
     positions, ``effect`` Hedges' g; all ``(group, *spatial, unit)`` float64.
     A group with fewer than two samples, or whose rest has fewer, gets NaN
-    (and stays out of the q-values' count). Arrays of :data:`SPLIT` values
-    or more are computed on two threads, half of the groups each (every
-    statistic is a group's own: the results are the same).
+    (and stays out of the q-values' count). Computed in blocks of
+    :data:`BLOCK` values, on this thread: the temporaries stay in cache and
+    are reused (on two threads, half of the groups each, the two only waited
+    for each other's calls into numpy, and each thread's own memory was given
+    back and faulted in again: slower here).
     """
     count = np.asarray(count, dtype=np.float64)
     n_r, mean_r, m2_r = rest_moments(count, mean, m2)
-    mean = np.asarray(mean, dtype=np.float64)
-    m2 = np.asarray(m2, dtype=np.float64)
-    ok = (count >= 2) & (n_r >= 2)
-    out = {k: np.empty(mean.shape) for k in ("t", "p", "q", "effect")}
-
-    def groups(rows: slice, split: bool = False) -> None:
-        t, p, effect, good = out["t"][rows], out["p"][rows], out["effect"][rows], ok[rows]
-        moments = (count[rows], mean[rows], m2[rows], n_r[rows], mean_r[rows], m2_r[rows])
-        if good.all():  # the usual case: written straight into the outputs, no masked copies
-            _welch(*moments, split=split, out=(t, p))
-            hedges_g(*moments, out=effect)
-        else:
-            for a in (t, p, effect):
-                a[...] = np.nan
-            if good.any():
-                some = [a[good] for a in moments]
-                t[good], _, p[good] = _welch(*some, split=split)
-                effect[good] = hedges_g(*some)
-        out["q"][rows] = bh_qvalues(p)
-
+    shape = mean_r.shape
     G = len(count)
-    if mean.size < SPLIT or G < 2:
-        groups(slice(0, G), split=True)  # the t distribution alone on two threads, if large
-    else:
-        from concurrent.futures import ThreadPoolExecutor
+    size = int(np.prod(shape[1:], dtype=np.int64))
+    flat_mean = np.asarray(mean, dtype=np.float64).reshape(G, size)
+    flat_m2 = np.asarray(m2, dtype=np.float64).reshape(G, size)
+    mean_r, m2_r = mean_r.reshape(G, size), m2_r.reshape(G, size)
+    ok = (count >= 2) & (n_r >= 2)
+    out = {k: np.empty((G, size)) for k in ("t", "p", "q", "effect")}
+    good = np.flatnonzero(ok)
+    if len(good) < G:  # untestable groups: NaN, out of the q-values
+        for k in out:
+            out[k][~ok] = np.nan
+    for run in np.split(good, np.flatnonzero(np.diff(good) > 1) + 1) if len(good) else []:
+        rows = slice(run[0], run[-1] + 1)  # consecutive testable groups: row slices, no copies
+        _tested(count[rows], flat_mean[rows], flat_m2[rows], n_r[rows], mean_r[rows], m2_r[rows],
+                *(out[k][rows] for k in ("t", "p", "effect")))
+    bh_qvalues(out["p"], out=out["q"])
+    return {**{k: v.reshape(shape) for k, v in out.items()}, "rest_count": n_r.astype(np.int64)}
 
-        with ThreadPoolExecutor(1) as pool:  # half the groups on a thread, half on this one
-            first = pool.submit(groups, slice(0, G // 2))
-            groups(slice(G // 2, G))
-            first.result()
-    return {**out, "rest_count": n_r.astype(np.int64)}
+
+def _tested(n_a, mean_a, m2_a, n_b, mean_b, m2_b, t, p, effect) -> None:
+    """Welch's ``t`` and ``p`` and Hedges' g of groups that can be tested, into ``t``, ``p`` and
+    ``effect``; each ``(group, values)`` C-contiguous (counts ``(group,)``), block by block: a block
+    of whole rows if they are short, else a piece of one row."""
+    G, size = mean_a.shape
+    per_row = max(1, BLOCK // max(size, 1))
+    width = size if size <= BLOCK else BLOCK
+    for r in range(0, G, per_row):
+        g = slice(r, r + per_row)
+        for c in range(0, size, width):
+            v = slice(c, c + width)
+            moments = (n_a[g], mean_a[g, v], m2_a[g, v], n_b[g], mean_b[g, v], m2_b[g, v])
+            _welch(*moments, out=(t[g, v], p[g, v]))
+            hedges_g(*moments, out=effect[g, v])
 
 
 def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -143,12 +148,11 @@ def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray,
     Each set needs at least two samples. Where both variances are zero the t
     is NaN (equal means) or infinite, as ``scipy.stats.ttest_ind`` gives them.
     """
-    return _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split=True)
+    return _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
 
 
-def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split: bool, out: tuple | None = None):
-    """:func:`welch`; ``split``: the t distribution of large arrays evaluated on two threads; ``out``:
-    arrays ``(t, p)`` of the broadcast shape to write them into."""
+def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: tuple | None = None):
+    """:func:`welch`; ``out``: arrays ``(t, p)`` of the broadcast shape to write them into."""
     n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
     if np.any(n_a < 2) or np.any(n_b < 2):
         raise ParameterError("Welch's t needs at least two samples in each set; a group (or the "
@@ -170,33 +174,12 @@ def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, split: bool, out: tuple | None 
         vb /= n_b - 1
         va += vb
         df /= va
-        p = _two_sided(df, t, split, out=None if out is None else out[1])
+        p = student_two_sided(df, t, out=None if out is None else out[1])
     return t, df, p
 
 
-#: below this many values the statistics (and the t distribution) are computed on one thread
-SPLIT = 1 << 14
-
-
-def _two_sided(df: np.ndarray, t: np.ndarray, split: bool = True, out: np.ndarray | None = None) -> np.ndarray:
-    """:func:`student_two_sided` of ``df`` and ``t`` (into ``out``, if given), on two threads for large
-    arrays unless not ``split``."""
-    df, t = np.broadcast_arrays(np.asarray(df, dtype=np.float64), np.asarray(t, dtype=np.float64))
-    if df.size < SPLIT or not split:
-        return student_two_sided(df, t, out=out)
-    from concurrent.futures import ThreadPoolExecutor
-
-    work = out if out is not None and out.flags.c_contiguous else np.empty(t.shape)
-    flat_df, flat_t, flat = df.reshape(-1), t.reshape(-1), work.reshape(-1)
-    half = len(flat) // 2
-    with ThreadPoolExecutor(1) as pool:  # half on a thread, half on this one
-        first = pool.submit(student_two_sided, flat_df[:half], flat_t[:half], out=flat[:half])
-        student_two_sided(flat_df[half:], flat_t[half:], out=flat[half:])
-        first.result()
-    if out is not None and out is not work:
-        out[...] = work
-        return out
-    return work
+#: values of the statistics computed together: each temporary 512 KiB (fewer calls into numpy; larger blocks gain nothing)
+BLOCK = 1 << 16
 
 
 def student_two_sided(df, t, out: np.ndarray | None = None) -> np.ndarray:
@@ -224,18 +207,25 @@ def student_two_sided(df, t, out: np.ndarray | None = None) -> np.ndarray:
         piece = slice(lo, lo + _SERIES_BLOCK)
         d, x, p = flat_df[piece], flat_t[piece], flat[piece]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            y = np.log1p(x * x / d)
+            y = np.multiply(x, x)
+            y /= d
+            np.log1p(y, out=y)  # NaN where t or df is (an untestable unit): p is NaN there
             half = 0.5 * d
-            u = (half - 0.25) * y
-            fast = (d >= _SERIES_DF) & (y <= _SERIES_Y)  # False for NaN
-            zero = fast & (u > _SERIES_ZERO)
+            u = half - 0.25
+            u *= y
+            fast = np.greater_equal(d, _SERIES_DF)
+            fast &= y <= _SERIES_Y  # False for NaN
             series = fast & (u <= _SERIES_EXP)
-        if series.any():
-            at = np.flatnonzero(series)
+            zero = fast & (u > _SERIES_ZERO)
+        at = np.flatnonzero(series)
+        if len(at):
             p[at] = _student_series(half[at], u[at], y[at])
         p[zero] = 0.0
-        rest = ~(series | zero)
-        if rest.any():
+        missing = np.isnan(x)  # an untestable unit (both variances zero): NaN, as stdtr gives it
+        missing |= np.isnan(d)
+        p[missing] = np.nan
+        rest = np.flatnonzero(~(series | zero | missing))
+        if len(rest):
             p[rest] = 2 * stdtr(d[rest], -np.abs(x[rest]))
     return out
 
@@ -274,49 +264,47 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
     ``h_(s+1) = u h_s / (s + h_s)``: each term is a ratio to the first, with
     no overflow. ``sqrt(pi) / B(a, 1/2) = Gamma(a + 1/2) / Gamma(a)`` comes
     from its series in ``1/a`` (:data:`_SERIES_R`). The terms alternate and
-    each is at most ``(y + (2n - 1/2)/T)² |d_n / d_(n-1)|`` (under 0.07 for
-    ``y <= 1``, ``T > 49``) times the one before: each value sums the terms
-    its own bound says its last bit needs (the block's worst bound ends the
-    loop), so it gets the same bits in any block.
+    the n-th is at most ``|d_n| prod_(k<=n) (y + (2k - 1/2)/T)²`` (each
+    factor under 0.07 for ``y <= 1``, ``T > 49``) times the first: each value
+    sums the terms its own bound says its last bit needs (the block's worst
+    bound, never below any value's, ends the loop), so it gets the same bits
+    in any block.
     """
     from scipy.special import erfcx
 
     coefficients = SERIES_COEFFICIENTS
     T = a - 0.25
-    y_max, t_min = float(y.max()), float(T.min())
-    size, terms = 1.0, 0
+    inv_t = 1.0 / T
+    # the block's worst bound, as each value's is computed (rounding is monotone: never below theirs)
+    y_max, inv_t_max = float(y.max()), float(inv_t.max())
+    worst, terms = 1.0, 0
     while terms + 1 < len(coefficients):
         n = terms + 1
-        size *= (y_max + (2 * n - 0.5) / t_min) ** 2 * abs(coefficients[n] / coefficients[n - 1])
-        if size < _SERIES_TAIL:
+        worst *= inv_t_max * (2 * n - 0.5) + y_max
+        if worst < _SERIES_LAST[n]:
             break
         terms = n
     root = np.sqrt(u)
     first = erfcx(root)
     h = root / (math.sqrt(math.pi) * first)
-    inv_t = 1.0 / T
+    inv_t2 = inv_t * inv_t
     total = np.ones_like(u)
     ratio = np.ones_like(u)
-    f, bound, term = np.empty_like(u), np.ones_like(u), np.empty_like(u)
+    f, bound, step = np.empty_like(u), np.ones_like(u), np.empty_like(u)
     s = 0.5
     for n in range(1, terms + 1):
-        for _ in range(2):  # Gamma(s + 1, u) / Gamma(s, u) / T, twice a term
+        for _ in range(2):  # Gamma(s + 1, u) / Gamma(s, u), twice a term (and / T² once)
             np.add(h, s, out=f)
             ratio *= f
-            ratio *= inv_t
             h *= u
             h /= f
             s += 1.0
-        # each value's own bound on this term: added only where it says the last bit needs it, so
-        # a value sums the same terms whichever block it is in (the block's bound only ends the loop)
-        np.multiply(inv_t, 2 * n - 0.5, out=term)
-        term += y
-        term *= term
-        term *= abs(coefficients[n] / coefficients[n - 1])
-        bound *= term
-        np.multiply(ratio, coefficients[n], out=term)
-        term[bound < _SERIES_TAIL] = 0.0
-        total += term
+        ratio *= inv_t2
+        np.multiply(inv_t, 2 * n - 0.5, out=step)  # this value's own bound: added only where it
+        step += y  # says the last bit needs the term, so each value sums the same terms in any block
+        bound *= step
+        np.multiply(ratio, coefficients[n], out=step)
+        np.add(total, step, out=total, where=bound >= _SERIES_LAST[n])
     inv_a = 1.0 / a
     gamma_ratio = np.full_like(u, _SERIES_R[-1])  # every term for every value: the same bits however cut
     for r in _SERIES_R[-2::-1]:
@@ -327,6 +315,11 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
     total *= np.sqrt(a * inv_t)
     total *= np.exp(-u)
     return np.minimum(total, 1.0)
+
+
+#: the n-th term is added where ``prod_(k<=n) (y + (2k - 1/2)/T)`` is at least ``sqrt(tail / |d_n|)``
+#: (its bound ``|d_n| prod (...)²`` at least the tail)
+_SERIES_LAST = (0.0, *(math.sqrt(_SERIES_TAIL / abs(d)) for d in SERIES_COEFFICIENTS[1:]))
 
 
 def hedges_g(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: np.ndarray | None = None) -> np.ndarray:
@@ -343,34 +336,44 @@ def hedges_g(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: np.ndarray | None = None
         return out
 
 
-def bh_qvalues(p: np.ndarray, axis_from: int = 1) -> np.ndarray:
+def bh_qvalues(p: np.ndarray, axis_from: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """Benjamini–Hochberg q-values, each index of the leading axes separately, across the rest.
 
     ``p`` is ``(group, *spatial, unit)``: q-values per group across the layer's
     units and positions (``axis_from=1``). NaN p-values are left out of the
     count and stay NaN, as ``scipy.stats.false_discovery_control`` would not
-    take them at all.
+    take them at all. ``out``: a float64 array of ``p``'s shape to write them into.
     """
     p = np.asarray(p, dtype=np.float64)
-    lead = p.shape[:axis_from]
-    flat = p.reshape(int(np.prod(lead, dtype=np.int64)), -1)
-    if flat.size == 0:
-        return np.full(p.shape, np.nan)
-    missing = np.isnan(flat)
-    m = (~missing).sum(axis=1, keepdims=True)  # each row's count of p-values
-    # NaN sorted last as inf (numpy sorts NaN 4x slower); the order of tied p-values does not change q
-    rows = np.arange(len(flat))[:, None] * flat.shape[1]
-    order = (np.argsort(np.where(missing, np.inf, flat), axis=1) + rows).reshape(-1)
-    ranked = flat.reshape(-1)[order].reshape(flat.shape)
-    rank = np.arange(1, flat.shape[1] + 1)
-    with np.errstate(invalid="ignore"):
-        ranked = ranked * m / rank
-    ranked[rank > m] = np.inf  # the NaN tail: out of the running minimum
-    q_sorted = np.minimum(np.minimum.accumulate(ranked[:, ::-1], axis=1)[:, ::-1], 1.0)
-    q_sorted[rank > m] = np.nan
-    q = np.empty(flat.size)
-    q[order] = q_sorted.reshape(-1)
-    return q.reshape(p.shape)
+    q = np.empty(p.shape) if out is None else out
+    lead = int(np.prod(p.shape[:axis_from], dtype=np.int64))
+    if p.size == 0:
+        return q
+    flat = p.reshape(lead, -1)
+    into = q.reshape(lead, -1)  # a view where it can be (out is contiguous), else written back below
+    size = flat.shape[1]
+    rank = np.arange(1, size + 1, dtype=np.float64)
+    ranked = np.empty(size)
+    for row, q_row in zip(flat, into):  # one row at a time: a few arrays of a row's size, reused
+        missing = np.isnan(row)
+        m = size - int(np.count_nonzero(missing))
+        if m == 0:
+            q_row[...] = np.nan
+            continue
+        # NaN sorted last as inf (numpy sorts NaN 4x slower); the order of tied p-values does not change q
+        order = np.argsort(np.where(missing, np.inf, row) if m < size else row)
+        np.take(row, order, out=ranked)
+        ranked *= m
+        ranked /= rank
+        ranked[m:] = np.inf  # the NaN tail: out of the running minimum
+        backwards = ranked[::-1]
+        np.minimum.accumulate(backwards, out=backwards)
+        np.minimum(ranked, 1.0, out=ranked)
+        ranked[m:] = np.nan
+        q_row[order] = ranked
+    if not np.shares_memory(into, q):
+        q[...] = into.reshape(q.shape)
+    return q
 
 
 def _counts(n, mean) -> np.ndarray:

@@ -120,10 +120,12 @@ def test_rest_moments_are_the_merges_of_prefix_and_suffix_bit_for_bit(n_groups, 
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 7), st.sampled_from([(5,), (3, 4)]), st.integers(0, 2**31 - 1), st.booleans())
-def test_statistics_on_two_threads_equal_those_on_one(n_groups, shape, seed, small_group):
-    """Large arrays are computed half of the groups per thread: the same values, bit for bit,
-    with a group too small to test (NaN, out of the q-values) in either half."""
+@given(st.integers(1, 7), st.sampled_from([(5,), (3, 4), (40, 50)]), st.integers(0, 2**31 - 1), st.booleans(),
+       st.sampled_from([7, 64, 1 << 14]))
+def test_statistics_are_each_groups_own_in_any_blocks(n_groups, shape, seed, small_group, block):
+    """Each group's statistics, bit for bit, as welch and bh_qvalues give them for that group alone,
+    whatever the blocks they are computed in (a block of whole rows, or pieces of one), with a
+    group too small to test (NaN, out of the q-values) anywhere."""
     from inntrospect.analysis import significance
 
     rng = np.random.default_rng(seed)
@@ -132,25 +134,24 @@ def test_statistics_on_two_threads_equal_those_on_one(n_groups, shape, seed, sma
         count[rng.integers(n_groups)] = 1
     mean = rng.normal(size=(n_groups, *shape))
     m2 = rng.uniform(0, 5, size=(n_groups, *shape)) * (count.reshape(-1, *([1] * len(shape))) - 1)
-    one = significance.contrast_statistics(count, mean, m2)  # below SPLIT: one thread
-    saved = significance.SPLIT
-    significance.SPLIT = 1
+    saved = significance.BLOCK
+    significance.BLOCK = block
     try:
-        two = significance.contrast_statistics(count, mean, m2)
+        got = significance.contrast_statistics(count, mean, m2)
     finally:
-        significance.SPLIT = saved
-    assert one.keys() == two.keys()
-    for k in one:
-        np.testing.assert_array_equal(one[k], two[k])
+        significance.BLOCK = saved
     n_r, mean_r, m2_r = rest_moments(count, mean, m2)
+    np.testing.assert_array_equal(got["rest_count"], n_r)
     for g in np.flatnonzero((count >= 2) & (n_r >= 2)):  # each testable group as welch gives it alone
         t, _, p = welch(count[g : g + 1], mean[g : g + 1], m2[g : g + 1], n_r[g : g + 1], mean_r[g : g + 1],
                         m2_r[g : g + 1])
-        np.testing.assert_array_equal(two["t"][g], t[0])
-        np.testing.assert_array_equal(two["p"][g], p[0])
-        np.testing.assert_array_equal(two["q"][g], bh_qvalues(p)[0])
+        np.testing.assert_array_equal(got["t"][g], t[0])
+        np.testing.assert_array_equal(got["p"][g], p[0])
+        np.testing.assert_array_equal(got["q"][g], bh_qvalues(p)[0])
+        np.testing.assert_array_equal(got["effect"][g], hedges_g(count[g], mean[g], m2[g], n_r[g], mean_r[g],
+                                                                 m2_r[g]))
     for g in np.flatnonzero((count < 2) | (n_r < 2)):
-        assert np.isnan(two["t"][g]).all() and np.isnan(two["q"][g]).all()
+        assert all(np.isnan(got[k][g]).all() for k in ("t", "p", "q", "effect"))
 
 
 def test_series_coefficients_are_those_of_the_expansion():
