@@ -697,8 +697,34 @@ def _persist_contrast(store, groups, weight_by_group_size, significance, progres
     store = steps.writable(store, "contrastive_naps(persist=True)")
     with store.writing():
         source = steps.load(store, "naps", lazy=False)  # small: in memory, no task graph to build
-        lazy = contrastive_naps(store, groups, weight_by_group_size, significance=significance,
-                                naps=source)
+        if significance is None:
+            significance = all("std" in ds for ds in source.values())
+
+        def layer(name: str):
+            return contrastive_naps(store, groups, weight_by_group_size, significance=significance,
+                                    naps={name: source[name]})[name]
+
+        lazy = _OnDemand(source, layer)  # each layer's statistics computed while the one before is written
         params = next(iter(lazy.values())).attrs["params"] if lazy else {}
         return steps.persist(store, "contrast", params, {"naps": store.records["naps"]["id"]}, lazy,
                              progress=progress)
+
+
+class _OnDemand(Mapping):
+    """``{key: make(key)}`` for the keys given, each made when first looked up (and kept)."""
+
+    def __init__(self, keys, make) -> None:
+        self._keys, self._make, self._made = list(keys), make, {}
+
+    def __getitem__(self, key):
+        if key not in self._made:
+            if key not in self._keys:
+                raise KeyError(key)
+            self._made[key] = self._make(key)
+        return self._made[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
