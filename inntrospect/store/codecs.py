@@ -22,9 +22,9 @@ CODEC = {"name": "zstd", "level": 1}
 MIN_RATIO = 1.25
 #: codec of the small per-sample arrays (the sample table, predictions)
 CODEC_TABLE = {"name": "zstd", "level": 3}
-#: codec of the steps' result nodes (NAPs, contrasts, layouts, ...): their float64 arrays compress
-#: as well at level 1 as at 3 (to about 0.6), in half the time
-CODEC_RESULT = {"name": "zstd", "level": 1}
+#: codec of the steps' result nodes (NAPs, contrasts, layouts, ...): level -3 compresses their
+#: float64 arrays to 0.64 of their size, level 1 to 0.61 in twice the time (benchmarks/README.md)
+CODEC_RESULT = {"name": "zstd", "level": -3}
 #: the checksum of every chunk written (Zarr v3's ``crc32c`` codec, the last bytes-to-bytes
 #: codec: 4 bytes after the encoded chunk); None writes none (benchmarks compare the two)
 CHECKSUM: str | None = "crc32c"

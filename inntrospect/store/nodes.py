@@ -234,8 +234,8 @@ def _chunks(var) -> tuple:
 
 
 def result_encoding(ds) -> dict:
-    """Every variable of a result node: zstd-1 and the checksum, chunked as :func:`_chunks` says,
-    chunk keys ``c.0.0`` (one file in the array's folder, not a folder per axis)."""
+    """Every variable of a result node: zstd (:data:`CODEC_RESULT`) and the checksum, chunked as
+    :func:`_chunks` says, chunk keys ``c.0.0`` (one file in the array's folder, not a folder per axis)."""
     return {k: {"chunks": _chunks(v), "compressors": zarr_codecs(CODEC_RESULT),
                 "chunk_key_encoding": {"name": "default", "separator": "."}}
             for k, v in ds.variables.items()}
