@@ -711,15 +711,14 @@ def _persist_contrast(store, groups, weight_by_group_size, significance, progres
 
 
 class _OnDemand(Mapping):
-    """``{key: make(key)}`` for the keys given, each made when first looked up (and kept)."""
+    """``{key: make(key)}`` for the keys given, each made when first looked up (and kept); ``make``
+    raises KeyError for any other key."""
 
     def __init__(self, keys, make) -> None:
         self._keys, self._make, self._made = list(keys), make, {}
 
     def __getitem__(self, key):
         if key not in self._made:
-            if key not in self._keys:
-                raise KeyError(key)
             self._made[key] = self._make(key)
         return self._made[key]
 
