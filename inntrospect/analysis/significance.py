@@ -178,7 +178,8 @@ def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: tuple | None = None):
     return t, df, p
 
 
-#: values of the statistics computed together: each temporary 512 KiB (fewer calls into numpy; larger blocks gain nothing)
+#: values of the statistics computed together: temporaries of 512 KiB, reused block after block
+#: (smaller blocks make more calls into numpy; larger ones gained nothing here)
 BLOCK = 1 << 16
 
 
