@@ -132,7 +132,7 @@ def _tested(n_a, mean_a, m2_a, n_b, mean_b, m2_b, t, p, effect) -> None:
     of whole rows if they are short, else a piece of one row."""
     G, size = mean_a.shape
     per_row = max(1, BLOCK // max(size, 1))
-    width = size if size <= BLOCK else BLOCK
+    width = min(max(size, 1), BLOCK)
     for r in range(0, G, per_row):
         g = slice(r, r + per_row)
         for c in range(0, size, width):

@@ -11,6 +11,7 @@ from inntrospect.analysis.nap_kernels import chunk_moments, merge_moments
 from inntrospect.analysis.significance import (
     SERIES_COEFFICIENTS,
     bh_qvalues,
+    contrast_statistics,
     hedges_g,
     merge_pair,
     rest_moments,
@@ -152,6 +153,12 @@ def test_statistics_are_each_groups_own_in_any_blocks(n_groups, shape, seed, sma
                                                                  m2_r[g]))
     for g in np.flatnonzero((count < 2) | (n_r < 2)):
         assert all(np.isnan(got[k][g]).all() for k in ("t", "p", "q", "effect"))
+
+
+def test_statistics_of_a_layer_without_values_are_empty():
+    got = contrast_statistics(np.array([5.0, 6.0]), np.zeros((2, 0)), np.zeros((2, 0)))
+    assert all(got[k].shape == (2, 0) for k in ("t", "p", "q", "effect"))
+    np.testing.assert_array_equal(got["rest_count"], [6, 5])
 
 
 def test_series_coefficients_are_those_of_the_expansion():
