@@ -8,8 +8,8 @@ group's count, mean and M2 (sum of squared deviations from its mean), as
 rest's moments are merged exactly from the other groups' (Chan et al.'s
 pairwise update), never recomputed from samples.
 
-Pure numpy (and ``scipy.special`` where the t distribution's series does
-not apply, :func:`student_two_sided`): the kernels here take arrays
+Pure numpy and ``scipy.special`` (``erfc`` in the t distribution's series,
+``stdtr`` where the series does not apply, :func:`student_two_sided`): the kernels here take arrays
 ``(group, ...)`` and return arrays of the same shape, computed in blocks
 that stay in cache.
 """
@@ -66,18 +66,32 @@ def rest_moments(count, mean, m2):
     ``count`` is ``(group,)``; ``mean`` and ``m2`` are ``(group, ...)``. Returns
     ``(count, mean, m2)`` of the same shapes.
     """
+    count, flat_mean, flat_m2 = _moments(count, mean, m2)
+    n_r, mean_r, m2_r = _rest_moments(count, flat_mean, flat_m2, np.empty(flat_mean.shape), np.empty(flat_mean.shape))
+    return n_r, mean_r.reshape(np.shape(mean)), m2_r.reshape(np.shape(m2))
+
+
+def _moments(count, mean, m2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` ``(group,)``, ``mean`` and ``m2`` as float64 rows ``(group, values)``, checked."""
     count = np.asarray(count, dtype=np.float64)
     mean, m2 = np.asarray(mean, dtype=np.float64), np.asarray(m2, dtype=np.float64)
-    if count.ndim != 1 or mean.shape[0] != len(count) or m2.shape != mean.shape:
+    if count.ndim != 1 or mean.ndim < 1 or mean.shape[0] != len(count) or m2.shape != mean.shape:
         raise ParameterError(f"expected count (group,) and mean, m2 (group, ...) of one shape; got "
                              f"{count.shape}, {mean.shape} and {m2.shape}.")
+    size = int(np.prod(mean.shape[1:], dtype=np.int64))
+    return count, mean.reshape(len(count), size), m2.reshape(len(count), size)  # also for (group,)
+
+
+def _rest_moments(count, flat_mean, flat_m2, mean_r, m2_r):
+    """:func:`rest_moments` of rows ``(group, values)``, into ``mean_r`` and ``m2_r`` (C-contiguous)."""
     # prefix pools groups < g, suffix[g] groups > g: O(groups) exact merges, no subtraction; in place,
     # each suffix in the row of the output it becomes part of (4 arrays of a group's size besides)
-    G = len(count)
-    size = int(np.prod(mean.shape[1:], dtype=np.int64))
-    flat_mean, flat_m2 = mean.reshape(G, size), m2.reshape(G, size)  # rows of arrays, also for (group,)
-    shape = flat_mean.shape[1:]
-    n_r, mean_r, m2_r = np.empty(G), np.zeros((G, *shape)), np.zeros((G, *shape))
+    G, size = flat_mean.shape
+    shape = (size,)
+    n_r = np.empty(G)
+    if G:
+        mean_r[-1] = 0.0  # no group after the last
+        m2_r[-1] = 0.0
     work = (np.empty(shape), np.empty(shape))
     n_s = np.zeros(G)
     for g in range(G - 2, -1, -1):  # mean_r[g], m2_r[g]: the groups after g
@@ -87,7 +101,7 @@ def rest_moments(count, mean, m2):
     for g in range(G):
         n_r[g] = _merge_into(n_p, mean_p, m2_p, n_s[g], mean_r[g], m2_r[g], mean_r[g], m2_r[g], work)
         n_p = _merge_into(n_p, mean_p, m2_p, count[g], flat_mean[g], flat_m2[g], mean_p, m2_p, work)
-    return n_r, mean_r.reshape(mean.shape), m2_r.reshape(m2.shape)
+    return n_r, mean_r, m2_r
 
 
 def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
@@ -104,16 +118,16 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
     for each other's calls into numpy, and each thread's own memory was given
     back and faulted in again: slower here).
     """
-    count = np.asarray(count, dtype=np.float64)
-    n_r, mean_r, m2_r = rest_moments(count, mean, m2)
-    shape = mean_r.shape
-    G = len(count)
-    size = int(np.prod(shape[1:], dtype=np.int64))
-    flat_mean = np.asarray(mean, dtype=np.float64).reshape(G, size)
-    flat_m2 = np.asarray(m2, dtype=np.float64).reshape(G, size)
-    mean_r, m2_r = mean_r.reshape(G, size), m2_r.reshape(G, size)
+    count, flat_mean, flat_m2 = _moments(count, mean, m2)
+    G, size = flat_mean.shape
+    # the four results in one allocation (numpy advises huge pages from 4 MiB: far fewer page faults
+    # in a fresh process, where fresh memory costs more than the arithmetic); the rest's moments are
+    # written where q and effect go: effect replaces them block by block (each block's m2 is read
+    # before its effect is written over it), q once every block is done
+    t, p, q, effect = np.empty((4, G, size))
+    n_r, mean_r, m2_r = _rest_moments(count, flat_mean, flat_m2, q, effect)
     ok = (count >= 2) & (n_r >= 2)
-    out = {k: np.empty((G, size)) for k in ("t", "p", "q", "effect")}
+    out = {"t": t, "p": p, "effect": effect}
     good = np.flatnonzero(ok)
     if len(good) < G:  # untestable groups: NaN, out of the q-values
         for k in out:
@@ -122,24 +136,30 @@ def contrast_statistics(count, mean, m2) -> dict[str, np.ndarray]:
         rows = slice(run[0], run[-1] + 1)  # consecutive testable groups: row slices, no copies
         _tested(count[rows], flat_mean[rows], flat_m2[rows], n_r[rows], mean_r[rows], m2_r[rows],
                 *(out[k][rows] for k in ("t", "p", "effect")))
-    bh_qvalues(out["p"], out=out["q"])
+    out["q"] = bh_qvalues(p, out=q)
+    shape = np.shape(mean)
     return {**{k: v.reshape(shape) for k, v in out.items()}, "rest_count": n_r.astype(np.int64)}
 
 
 def _tested(n_a, mean_a, m2_a, n_b, mean_b, m2_b, t, p, effect) -> None:
     """Welch's ``t`` and ``p`` and Hedges' g of groups that can be tested, into ``t``, ``p`` and
     ``effect``; each ``(group, values)`` C-contiguous (counts ``(group,)``), block by block: a block
-    of whole rows if they are short, else a piece of one row."""
+    of whole rows if they are short, else a piece of one row. ``effect`` may be ``m2_b``."""
     G, size = mean_a.shape
     per_row = max(1, BLOCK // max(size, 1))
     width = min(max(size, 1), BLOCK)
+    # the blocks' temporaries, allocated once: freed after each block, the heap shrank and the next
+    # block faulted the same pages in again
+    work = np.empty((3, min(G, per_row) * width))
     for r in range(0, G, per_row):
         g = slice(r, r + per_row)
         for c in range(0, size, width):
             v = slice(c, c + width)
             moments = (n_a[g], mean_a[g, v], m2_a[g, v], n_b[g], mean_b[g, v], m2_b[g, v])
-            _welch(*moments, out=(t[g, v], p[g, v]))
-            hedges_g(*moments, out=effect[g, v])
+            shape = t[g, v].shape
+            temps = tuple(w[:shape[0] * shape[1]].reshape(shape) for w in work)
+            _welch(*moments, out=(t[g, v], p[g, v]), work=temps)
+            _hedges(*moments, out=effect[g, v], pooled=temps[0])
 
 
 def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,8 +171,9 @@ def welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> tuple[np.ndarray, np.ndarray,
     return _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
 
 
-def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: tuple | None = None):
-    """:func:`welch`; ``out``: arrays ``(t, p)`` of the broadcast shape to write them into."""
+def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: tuple | None = None, work: tuple | None = None):
+    """:func:`welch`; ``out``: arrays ``(t, p)`` of the broadcast shape to write them into; ``work``:
+    three such arrays for the temporaries (the degrees of freedom are returned in the third)."""
     n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
     if np.any(n_a < 2) or np.any(n_b < 2):
         raise ParameterError("Welch's t needs at least two samples in each set; a group (or the "
@@ -160,11 +181,12 @@ def _welch(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: tuple | None = None):
     shape = np.broadcast_shapes(*(np.shape(x) for x in (n_a, mean_a, m2_a, n_b, mean_b, m2_b)))
     # in place, five arrays in all: fresh pages cost more than the arithmetic on these
     with np.errstate(invalid="ignore", divide="ignore"):
-        va = np.divide(m2_a, n_a - 1, out=np.empty(shape))  # squared standard errors
+        va, vb, se2 = work if work is not None else (np.empty(shape) for _ in range(3))
+        np.divide(m2_a, n_a - 1, out=va)  # squared standard errors
         va /= n_a
-        vb = np.divide(m2_b, n_b - 1, out=np.empty(shape))
+        np.divide(m2_b, n_b - 1, out=vb)
         vb /= n_b
-        se2 = va + vb
+        np.add(va, vb, out=se2)
         t = np.subtract(mean_a, mean_b, out=np.empty(shape) if out is None else out[0])
         t /= np.sqrt(se2)
         df = np.multiply(se2, se2, out=se2)  # se2² / (va² / (n_a - 1) + vb² / (n_b - 1))
@@ -221,10 +243,10 @@ def student_two_sided(df, t, out: np.ndarray | None = None) -> np.ndarray:
         at = np.flatnonzero(series)
         if len(at):
             p[at] = _student_series(half[at], u[at], y[at])
-        p[zero] = 0.0
+        np.putmask(p, zero, 0.0)  # (putmask: a third of the time of p[zero] = 0.0)
         missing = np.isnan(x)  # an untestable unit (both variances zero): NaN, as stdtr gives it
         missing |= np.isnan(d)
-        p[missing] = np.nan
+        np.putmask(p, missing, np.nan)
         rest = np.flatnonzero(~(series | zero | missing))
         if len(rest):
             p[rest] = 2 * stdtr(d[rest], -np.abs(x[rest]))
@@ -260,7 +282,7 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
 
         I = sum_n d_n Gamma(1/2 + 2n, u) / (T^(1/2 + 2n) B(a, 1/2)).
 
-    ``Gamma(1/2, u) = sqrt(pi) e^-u erfcx(sqrt(u))`` and ``Gamma(s + 1, u) =
+    ``Gamma(1/2, u) = sqrt(pi) erfc(sqrt(u))`` and ``Gamma(s + 1, u) =
     (s + h_s) Gamma(s, u)`` with ``h_s = u^s e^-u / Gamma(s, u) <= u``,
     ``h_(s+1) = u h_s / (s + h_s)``: each term is a ratio to the first, with
     no overflow. ``sqrt(pi) / B(a, 1/2) = Gamma(a + 1/2) / Gamma(a)`` comes
@@ -271,7 +293,7 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
     bound, never below any value's, ends the loop), so it gets the same bits
     in any block.
     """
-    from scipy.special import erfcx
+    from scipy.special import erfc
 
     coefficients = SERIES_COEFFICIENTS
     T = a - 0.25
@@ -286,12 +308,15 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
             break
         terms = n
     root = np.sqrt(u)
-    first = erfcx(root)
-    h = root / (math.sqrt(math.pi) * first)
+    first = erfc(root)  # (not below the smallest double: u <= _SERIES_EXP)
+    decay = np.exp(-u)
+    h = root * decay
+    h /= math.sqrt(math.pi) * first
     inv_t2 = inv_t * inv_t
     total = np.ones_like(u)
     ratio = np.ones_like(u)
     f, bound, step = np.empty_like(u), np.ones_like(u), np.empty_like(u)
+    needed = np.empty(u.shape, dtype=bool)
     s = 0.5
     for n in range(1, terms + 1):
         for _ in range(2):  # Gamma(s + 1, u) / Gamma(s, u), twice a term (and / T² once)
@@ -304,8 +329,10 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
         np.multiply(inv_t, 2 * n - 0.5, out=step)  # this value's own bound: added only where it
         step += y  # says the last bit needs the term, so each value sums the same terms in any block
         bound *= step
+        np.greater_equal(bound, _SERIES_LAST[n], out=needed)
         np.multiply(ratio, coefficients[n], out=step)
-        np.add(total, step, out=total, where=bound >= _SERIES_LAST[n])
+        step *= needed  # 0 where not needed: total + 0 is total (a masked add takes 3x as long)
+        total += step
     inv_a = 1.0 / a
     gamma_ratio = np.full_like(u, _SERIES_R[-1])  # every term for every value: the same bits however cut
     for r in _SERIES_R[-2::-1]:
@@ -314,7 +341,6 @@ def _student_series(a: np.ndarray, u: np.ndarray, y: np.ndarray) -> np.ndarray:
     total *= first
     total *= gamma_ratio
     total *= np.sqrt(a * inv_t)
-    total *= np.exp(-u)
     return np.minimum(total, 1.0)
 
 
@@ -326,11 +352,19 @@ _SERIES_LAST = (0.0, *(math.sqrt(_SERIES_TAIL / abs(d)) for d in SERIES_COEFFICI
 def hedges_g(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out: np.ndarray | None = None) -> np.ndarray:
     """Hedges' g of set a against set b: Cohen's d with the pooled SD, times the small-sample
     correction ``1 - 3 / (4 (n_a + n_b) - 9)`` (into ``out``, an array of the broadcast shape, if given)."""
+    return _hedges(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out)
+
+
+def _hedges(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out=None, pooled=None) -> np.ndarray:
+    """:func:`hedges_g`; ``pooled``: an array of the broadcast shape for the pooled SD. ``out`` may be
+    ``m2_b`` itself (read before ``out`` is written)."""
     n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
     with np.errstate(invalid="ignore", divide="ignore"):
-        pooled = np.sqrt((m2_a + m2_b) / (n_a + n_b - 2))
         if out is None:
-            return (mean_a - mean_b) / pooled * (1 - 3 / (4 * (n_a + n_b) - 9))
+            return (mean_a - mean_b) / np.sqrt((m2_a + m2_b) / (n_a + n_b - 2)) * (1 - 3 / (4 * (n_a + n_b) - 9))
+        pooled = np.add(m2_a, m2_b, out=pooled)
+        pooled /= n_a + n_b - 2
+        np.sqrt(pooled, out=pooled)
         np.subtract(mean_a, mean_b, out=out)
         out /= pooled
         out *= 1 - 3 / (4 * (n_a + n_b) - 9)
@@ -351,27 +385,29 @@ def bh_qvalues(p: np.ndarray, axis_from: int = 1, out: np.ndarray | None = None)
     if p.size == 0:
         return q
     flat = p.reshape(lead, -1)
+    if np.any(flat < 0):
+        raise ParameterError("p-values cannot be negative; check what was passed (NaN stands for none).")
     into = q.reshape(lead, -1)  # a view where it can be (out is contiguous), else written back below
     size = flat.shape[1]
     rank = np.arange(1, size + 1, dtype=np.float64)
-    ranked = np.empty(size)
-    for row, q_row in zip(flat, into):  # one row at a time: a few arrays of a row's size, reused
-        missing = np.isnan(row)
-        m = size - int(np.count_nonzero(missing))
-        if m == 0:
-            q_row[...] = np.nan
-            continue
-        # NaN sorted last as inf (numpy sorts NaN 4x slower); the order of tied p-values does not change q
-        order = np.argsort(np.where(missing, np.inf, row) if m < size else row)
-        np.take(row, order, out=ranked)
+    for row, q_row in zip(flat, into):  # one row at a time: a few arrays of a row's size at most
+        # only positive p-values are sorted: NaN is out of the count and p = 0 gets q = 0 at any rank
+        # (0 * m / rank); the order of tied p-values does not change q
+        positive = np.flatnonzero(row > 0)
+        zeros = row == 0
+        z = int(np.count_nonzero(zeros))
+        m = z + len(positive)
+        values = row[positive]
+        order = np.argsort(values)
+        ranked = values[order]
         ranked *= m
-        ranked /= rank
-        ranked[m:] = np.inf  # the NaN tail: out of the running minimum
+        ranked /= rank[z:m]
         backwards = ranked[::-1]
         np.minimum.accumulate(backwards, out=backwards)
         np.minimum(ranked, 1.0, out=ranked)
-        ranked[m:] = np.nan
-        q_row[order] = ranked
+        q_row.fill(np.nan)
+        np.putmask(q_row, zeros, 0.0)
+        q_row[positive[order]] = ranked
     if not np.shares_memory(into, q):
         q[...] = into.reshape(q.shape)
     return q

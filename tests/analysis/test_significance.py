@@ -81,6 +81,23 @@ def test_nan_p_values_stay_out_of_the_count():
     np.testing.assert_allclose(q, [[0.02, np.nan, 0.04]])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([0.0, 0.5, 1.0, np.nan]), st.floats(0, 1)), min_size=1, max_size=40))
+def test_bh_qvalues_with_zeros_ties_and_nan_equal_scipy_on_the_rest(ps):
+    p = np.array(ps)[None, :]
+    q = bh_qvalues(p)
+    kept = ~np.isnan(p[0])
+    assert np.isnan(q[0][~kept]).all()
+    if kept.any():
+        np.testing.assert_allclose(q[0][kept], scipy_stats.false_discovery_control(p[0][kept]), rtol=1e-12, atol=0)
+    assert (q[0][p[0] == 0] == 0).all()
+
+
+def test_negative_p_values_are_refused():
+    with pytest.raises(ParameterError, match="cannot be negative"):
+        bh_qvalues(np.array([[0.01, -0.2]]))
+
+
 def test_rest_moments_merge_the_other_groups_exactly():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 5))
