@@ -234,11 +234,19 @@ def _chunks(var) -> tuple:
 
 
 def result_encoding(ds) -> dict:
-    """Every variable of a result node: zstd (:data:`CODEC_RESULT`) and the checksum, chunked as
-    :func:`_chunks` says, chunk keys ``c.0.0`` (one file in the array's folder, not a folder per axis)."""
-    return {k: {"chunks": _chunks(v), "compressors": zarr_codecs(CODEC_RESULT),
+    """Every variable of a result node: zstd (:data:`CODEC_RESULT`) and the checksum, or the checksum
+    alone where the variable's own encoding says ``compressors=None`` (what ``to_zarr`` reads it as:
+    the step that makes it knows zstd would barely shrink it); chunked as :func:`_chunks` says, chunk
+    keys ``c.0.0`` (one file in the array's folder, not a folder per axis)."""
+    return {k: {"chunks": _chunks(v), "compressors": zarr_codecs(None if _uncompressed(v) else CODEC_RESULT),
                 "chunk_key_encoding": {"name": "default", "separator": "."}}
             for k, v in ds.variables.items()}
+
+
+def _uncompressed(var) -> bool:
+    """Whether ``var`` asks to be stored without compression (``encoding["compressors"]`` is None;
+    arrays read from a store carry their codecs there, never None)."""
+    return "compressors" in var.encoding and var.encoding["compressors"] is None
 
 
 def remove_store(path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -324,6 +327,10 @@ def test_persisted_contrast_statistics_equal_scipy_on_the_raw_arrays(case):
         inntrospect.naps(path, std=True, persist=True)
         result = inntrospect.contrastive_naps(path, chosen, persist=True)["a"]
         stored = inntrospect.load(path, "contrast")["a"].compute()
+        codecs = {var: [c["name"] for c in json.loads((Path(path) / "contrast" / "a" / var / "zarr.json").read_text())
+                        ["codecs"]] for var in ("nap", "t", "p", "q", "effect")}
+    assert codecs == {"nap": ["bytes", "zstd", "crc32c"],  # the statistics without compression, checksummed
+                      **{var: ["bytes", "crc32c"] for var in ("t", "p", "q", "effect")}}
     assert list(result.group.values) == sorted(chosen)
     assert_statistics(result, x, labels)
     for var in ("t", "p", "q", "effect", "rest_count"):

@@ -83,7 +83,8 @@ def datasets(draw):
         data = draw(hnp.arrays(dtype, shape, elements=elements))
         if draw(hs.booleans()):  # a group all fill: Zarr leaves such chunks out
             data[0] = np.nan if np.dtype(dtype).kind == "f" else 0
-        variables[f"v{i}"] = (dims, data)
+        raw = {"compressors": None} if draw(hs.booleans()) else {}  # stored without zstd, as the statistics
+        variables[f"v{i}"] = (dims, data, {}, raw)
     variables["count"] = ("group", draw(hnp.arrays(np.int64, groups)))
     labels = draw(hs.lists(hs.text(hs.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=3),
                            min_size=groups, max_size=groups, unique=True))
