@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -16,6 +17,21 @@ def evict(path: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def mirror_store(src: Path, dst: Path) -> Path:
+    """``src`` copied to ``dst`` but for its layers' arrays, which are linked: the same activations,
+    with the results written on ``dst``'s file system (e.g. a journaled ext4 or tmpfs beside a disk)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    layers = src / "layers"
+    shutil.copytree(src, dst, symlinks=True,
+                    ignore=lambda folder, names: names if Path(folder).parent == layers else [])
+    for layer in (p for p in layers.iterdir() if p.is_dir()):
+        for entry in layer.iterdir():
+            (dst / "layers" / layer.name / entry.name).symlink_to(entry.resolve())
+    return dst
 
 
 def print_store_size(c_alloc: int, c_apparent: int, raw: float) -> None:
