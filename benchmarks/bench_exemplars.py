@@ -46,6 +46,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import subprocess
@@ -165,13 +166,16 @@ def contrast_step(store: Path, threads: int, repeats: int, cli_repeats: int) -> 
             configs[sig].write_text(f'[store]\npath = "{store}"\n'
                                     f"[contrast]\nsignificance = {str(sig).lower()}\n")
         command = [str(Path(sys.executable).with_name("inntrospect")), "contrast"]
-        subprocess.run([*command, str(configs[True])], check=True, capture_output=True)  # caches warm
+        # as a user's install runs it: Python's bytecode of the package cached (an environment that sets
+        # PYTHONDONTWRITEBYTECODE would compile every module of an editable install on every run)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        subprocess.run([*command, str(configs[True])], check=True, capture_output=True, env=env)  # caches warm
         for i in range(cli_repeats):
             done = {}
             for sig in ((False, True) if i % 2 == 0 else (True, False)):  # alternating which goes first
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t0 = time.perf_counter()
-                subprocess.run([*command, str(configs[sig])], check=True, capture_output=True)
+                subprocess.run([*command, str(configs[sig])], check=True, capture_output=True, env=env)
                 wall = time.perf_counter() - t0
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 done[sig] = (wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
