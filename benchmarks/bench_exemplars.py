@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_naps import SOURCE, STORE, STORE_QUICK, arrays, get_store, timed  # beside this script
+from common import mirror_store  # beside this script
 
 
 def main(argv=None) -> None:
@@ -134,8 +135,6 @@ def results_store(store: Path, folder: Path | None) -> Path:
     """The store (c) and (c') run on: ``store``, or its mirror in ``folder`` (:func:`common.mirror_store`)."""
     if folder is None:
         return store
-    from common import mirror_store  # beside this script
-
     mirror = mirror_store(store, folder / store.name)
     print(f"(c) and (c') on {mirror}: the store's results copied there, its layers linked")
     return mirror

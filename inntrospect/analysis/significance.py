@@ -359,16 +359,18 @@ def _hedges(n_a, mean_a, m2_a, n_b, mean_b, m2_b, out=None, pooled=None) -> np.n
     """:func:`hedges_g`; ``pooled``: an array of the broadcast shape for the pooled SD. ``out`` may be
     ``m2_b`` itself (read before ``out`` is written)."""
     n_a, n_b = _counts(n_a, mean_a), _counts(n_b, mean_b)
+    shape = np.broadcast_shapes(*(np.shape(x) for x in (n_a, mean_a, m2_a, n_b, mean_b, m2_b)))
+    given = out is not None
+    out = out if given else np.empty(shape)
+    pooled = np.empty(shape) if pooled is None else pooled
     with np.errstate(invalid="ignore", divide="ignore"):
-        if out is None:
-            return (mean_a - mean_b) / np.sqrt((m2_a + m2_b) / (n_a + n_b - 2)) * (1 - 3 / (4 * (n_a + n_b) - 9))
         pooled = np.add(m2_a, m2_b, out=pooled)
         pooled /= n_a + n_b - 2
         np.sqrt(pooled, out=pooled)
         np.subtract(mean_a, mean_b, out=out)
         out /= pooled
         out *= 1 - 3 / (4 * (n_a + n_b) - 9)
-        return out
+    return out if given else out[()]  # a scalar for scalars, as the arithmetic gives it
 
 
 def bh_qvalues(p: np.ndarray, axis_from: int = 1, out: np.ndarray | None = None) -> np.ndarray:
